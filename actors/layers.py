@@ -1,0 +1,207 @@
+"""The layer catalog: every capturable layer of a CNN, by kind, in execution order.
+
+Built on torch.fx (torchvision's NodePathTracer, with timm's leaf modules), so a
+layer is a graph node and a functional ``F.relu`` or a ReLU module applied three
+times counts once per application, as the papers count them (ResNet-50: 49
+activations, Inception-v3: 94, VGG-16: 15).
+
+Kinds:
+- ``activations``: every ReLU/ReLU6/SiLU/GELU/Hardswish application;
+- ``concat``: every channel concatenation (Inception's "mixed" outputs);
+- ``blocks``: outputs of residual / inverted-residual / Inception blocks;
+- ``pool``: global pooled features outside the blocks (the classifier's input);
+- ``logits``: the model's output;
+- or explicit node names (``layer1.0.relu_2``) or module names (``layer1.0``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import timm.layers
+import timm.models._efficientnet_blocks as timm_blocks
+import timm.models.resnet as timm_resnet
+import torch
+import torchvision
+import torchvision.models.efficientnet as tv_efficientnet
+import torchvision.models.inception as tv_inception
+import torchvision.models.mobilenetv2 as tv_mobilenetv2
+import torchvision.models.mobilenetv3 as tv_mobilenetv3
+import torchvision.models.resnet as tv_resnet
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn import functional as F
+from torchvision.models.feature_extraction import NodePathTracer
+
+from analysis.errors import InputError
+from analysis.similarity import zscore_rows
+
+LAYER_KINDS = ("activations", "concat", "blocks", "pool", "logits")
+
+ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
+ACTIVATION_FUNCTIONS = {
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu, F.elu, F.mish,
+}
+ACTIVATION_METHODS = {"relu", "relu_"}
+CONCAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, timm.layers.SelectAdaptivePool2d)
+POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, torch.mean}
+POOL_METHODS = {"mean"}
+BLOCK_MODULES = (
+    tv_resnet.BasicBlock, tv_resnet.Bottleneck,
+    tv_mobilenetv2.InvertedResidual, tv_mobilenetv3.InvertedResidual,
+    tv_efficientnet.MBConv, tv_efficientnet.FusedMBConv,
+    tv_inception.InceptionA, tv_inception.InceptionB, tv_inception.InceptionC, tv_inception.InceptionD, tv_inception.InceptionE,
+    timm_resnet.BasicBlock, timm_resnet.Bottleneck,
+    timm_blocks.DepthwiseSeparableConv, timm_blocks.InvertedResidual, timm_blocks.EdgeResidual, timm_blocks.CondConvResidual,
+)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One capturable layer: its node name, position among the chosen layers, kind and per-image shape."""
+
+    name: str
+    layer_index: int
+    kind: str
+    shape: tuple[int, ...]
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.shape)
+
+
+def _tracer() -> NodePathTracer:
+    leaves = [m for _, m in vars(torchvision.ops).items() if isinstance(m, type) and issubclass(m, nn.Module)]
+    return NodePathTracer(
+        autowrap_modules=(math, torchvision.ops),
+        autowrap_functions=tuple(f for f in timm.layers.get_notrace_functions() if callable(f)),
+        leaf_modules=leaves + list(timm.layers.get_notrace_modules()),
+    )
+
+
+def _is_activation_module(m: nn.Module) -> bool:
+    # timm's norm+act layers are traced as one leaf: their output is the activation's.
+    return isinstance(m, ACTIVATION_MODULES) or isinstance(getattr(m, "act", None), ACTIVATION_MODULES)
+
+
+class LayerCatalog:
+    """All capturable layers of a model, found by tracing it once in eval mode.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Put in eval mode; not otherwise changed.
+    input_size : int
+        Side of the square RGB input, used to record each layer's output shape.
+    """
+
+    def __init__(self, model: nn.Module, input_size: int):
+        model.eval()
+        tracer = _tracer()
+        graph = tracer.trace(model)
+        self.module = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+        self._qualname = {node: tracer.node_to_qualname[node] for node in graph.nodes if node in tracer.node_to_qualname}
+        self._node = {q: n for n, q in self._qualname.items()}
+        with torch.no_grad():
+            ShapeProp(self.module).propagate(torch.zeros(1, 3, input_size, input_size))
+        self.kinds = self._classify(model)
+
+    def _shape(self, node: fx.Node) -> tuple[int, ...] | None:
+        meta = node.meta.get("tensor_meta")
+        return tuple(meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else None
+
+    def _classify(self, model: nn.Module) -> dict[str, list[str]]:
+        modules = dict(model.named_modules())
+        blocks = [path for path, m in modules.items() if isinstance(m, BLOCK_MODULES)]
+        kinds: dict[str, list[str]] = {k: [] for k in LAYER_KINDS}
+        block_outputs = {self._module_output(path) for path in blocks}
+        for node, qual in self._qualname.items():
+            shape = self._shape(node)
+            if shape is None:
+                continue
+            target = node.target
+            if node.op == "call_module":
+                m = modules[target]
+                is_act, is_pool = _is_activation_module(m), isinstance(m, POOL_MODULES)
+            elif node.op == "call_function":
+                is_act, is_pool = target in ACTIVATION_FUNCTIONS, target in POOL_FUNCTIONS
+            elif node.op == "call_method":
+                is_act, is_pool = target in ACTIVATION_METHODS, target in POOL_METHODS
+            else:
+                continue
+            if is_act:
+                kinds["activations"].append(qual)
+            if node.op == "call_function" and target in CONCAT_FUNCTIONS:
+                kinds["concat"].append(qual)
+            if is_pool and math.prod(shape) == shape[0] and not any(qual.startswith(b + ".") for b in blocks):
+                kinds["pool"].append(qual)
+            if qual in block_outputs:
+                kinds["blocks"].append(qual)
+        output = next(n for n in self.module.graph.nodes if n.op == "output")
+        kinds["logits"] = [self._qualname[_first_node(output.args[0])]]
+        return kinds
+
+    def _module_output(self, path: str) -> str | None:
+        """The last node executed inside a module: its output."""
+        inside = [q for q in self._qualname.values() if q == path or q.startswith(path + ".")]
+        return inside[-1] if inside else None
+
+    def names(self) -> list[str]:
+        """Every node name, in execution order."""
+        return list(self._qualname.values())
+
+    def select(self, spec: str | Sequence[str]) -> list[Layer]:
+        """Resolve a layer spec: comma-separated kinds and/or node or module names.
+
+        Returns the union in execution order, numbered ``layer_index`` 0..n-1.
+        """
+        items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+        chosen: dict[str, str] = {}
+        for item in filter(None, items):
+            if item in self.kinds:
+                chosen.update((q, item) for q in self.kinds[item] if q not in chosen)
+            elif item in self._node and self._shape(self._node[item]) is not None:
+                chosen.setdefault(item, "node")
+            elif (out := self._module_output(item)) is not None and self._shape(self._node[out]) is not None:
+                chosen.setdefault(out, "node")
+            else:
+                near = difflib.get_close_matches(item, self.names(), n=3)
+                hint = f"; did you mean {', '.join(near)}?" if near else ""
+                raise InputError(f"unknown layer '{item}': choose kinds {', '.join(LAYER_KINDS)} or a node name{hint}")
+        if not chosen:
+            raise InputError(f"layer spec '{spec}' selects no layers: choose kinds {', '.join(LAYER_KINDS)} or node names")
+        order = {q: i for i, q in enumerate(self._qualname.values())}
+        names = sorted(chosen, key=order.__getitem__)
+        return [Layer(q, i, chosen[q], self._shape(self._node[q])) for i, q in enumerate(names)]
+
+    def capture_module(self, layers: Sequence[Layer], dtype: torch.dtype = torch.float32) -> fx.GraphModule:
+        """A copy of the traced model whose forward returns ``(logits, [z-scored rows per layer])``.
+
+        Each chosen node's output is z-scored into a fresh (batch, dim) tensor right
+        after the node runs, before any later in-place op (ReLU(inplace=True), ``+=``)
+        can overwrite it.
+        """
+        graph = fx.Graph()
+        copied: dict[fx.Node, fx.Node] = {}
+        logits = _first_node(graph.graph_copy(self.module.graph, copied))
+        captures = []
+        for layer in layers:
+            node = copied[self._node[layer.name]]
+            with graph.inserting_after(node):
+                captures.append(graph.call_function(zscore_rows, (node,), {"out_dtype": dtype}))
+        graph.output((logits, tuple(captures)))
+        graph.lint()
+        return fx.GraphModule(self.module, graph, self.module.__class__.__name__)
+
+
+def _first_node(arg) -> fx.Node:
+    """The first tensor node in a (possibly nested) output structure."""
+    if isinstance(arg, fx.Node):
+        return arg
+    values = arg.values() if isinstance(arg, dict) else arg
+    return next(_first_node(v) for v in values if v is not None)
+

@@ -1,0 +1,1 @@
+"""Pure math on numpy/torch arrays: no Ray, no I/O."""

@@ -1,0 +1,1 @@
+"""Where inputs come from and what they look like as Arrow tables."""

@@ -1,0 +1,58 @@
+"""Reading and decoding images into the fixed geometry a model expects.
+
+Runs in CPU tasks ahead of the model actors. Grayscale, palette, CMYK and alpha
+images are converted to RGB; anything PIL cannot decode raises ImageError, which
+the job records and skips.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from datasets.images import filesystem
+
+_INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+class ImageError(Exception):
+    """An image that cannot be read or decoded; ``stage`` says which."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+def read_bytes(uri: str) -> bytes:
+    """The raw bytes at a local path or ``s3://`` / ``gs://`` URI."""
+    try:
+        fs, path = filesystem(uri)
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except Exception as err:  # any filesystem failure is this image's failure, not the job's
+        raise ImageError("read", f"{type(err).__name__}: {err}") from None
+
+
+def decode_image(data: bytes, size: int, resize_size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Decode, resize the shorter side to ``resize_size``, centre-crop ``size`` x ``size``.
+
+    Returns
+    -------
+    ndarray, (size, size, 3) uint8, RGB
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # PIL is lazy; a truncated file only fails here
+            rgb = im.convert("RGB")
+    except Exception as err:
+        raise ImageError("decode", f"{type(err).__name__}: {err}") from None
+    w, h = rgb.size
+    scale = resize_size / min(w, h)
+    # torchvision's Resize(int): the shorter side becomes resize_size, the other is truncated.
+    new_w, new_h = (resize_size, int(resize_size * h / w)) if w <= h else (int(resize_size * w / h), resize_size)
+    if scale != 1:
+        rgb = rgb.resize((new_w, new_h), _INTERPOLATION[interpolation])
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)

@@ -1,0 +1,162 @@
+"""Image sources: one string names where the images are.
+
+- ``DIR`` or ``s3://bucket/DIR`` / ``gs://...``: ImageFolder layout, ``<class>/<file>``,
+  where ``<class>`` is an ImageNet wnid, a CIFAR-100 label name, or any name;
+- ``sample:imagenet`` / ``sample:cifar100``: the sample images inside ``foolbox``;
+- ``FILE.parquet``: a manifest with columns image_id, uri, label (an ImageNet
+  index, a wnid, a CIFAR-100 name or any class name).
+
+Each resolves to an :class:`ImageSource`: a table of images and the classes they
+belong to. Nothing is decoded here; see :mod:`datasets.decode`.
+"""
+
+from __future__ import annotations
+
+import functools
+import posixpath
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from analysis.errors import InputError
+from datasets.classes import CLASS_SPACES, ClassInfo, cifar100_classes, imagenet_classes
+
+IMAGE_SOURCE_CHOICES = "a directory in ImageFolder layout (local, s3://, gs://), a manifest .parquet, sample:imagenet, sample:cifar100"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+# The foolbox sample files are named <set>_<NN>_<class index>.<ext>.
+_SAMPLES = {"imagenet": re.compile(r"imagenet_(\d+)_(\d+)\.jpg"), "cifar100": re.compile(r"cifar100_(\d+)_(\d+)\.png")}
+
+IMAGE_TABLE = pa.schema(
+    [("image_id", pa.string()), ("uri", pa.string()), ("concept_id", pa.string()), ("class_index", pa.int32())]
+)
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Images with their classes.
+
+    ``images`` has the columns of :data:`IMAGE_TABLE`, sorted by image_id;
+    ``classes`` lists every class that has at least one image, in class order.
+    """
+
+    name: str
+    class_space: str  # imagenet | cifar100 | folder
+    classes: tuple[ClassInfo, ...]
+    images: pa.Table
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and in-filesystem path of a local path or URI."""
+    if "://" not in uri:
+        return _local(), posixpath.abspath(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"cannot open {uri}: {err}") from None
+
+
+@functools.cache
+def _local() -> pafs.LocalFileSystem:
+    return pafs.LocalFileSystem()
+
+
+def resolve_images(name: str) -> ImageSource:
+    """Resolve an image-source string; raise InputError naming it when it is not one."""
+    if name.startswith("sample:"):
+        return _sample_source(name)
+    fs, path = filesystem(name)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"image source not found: {name} (choose {IMAGE_SOURCE_CHOICES})")
+    if info.type == pafs.FileType.Directory:
+        return _folder_source(name, fs, path)
+    if path.endswith(".parquet"):
+        return _manifest_source(name, fs, path)
+    raise InputError(f"image source {name} is a file but not a .parquet manifest (choose {IMAGE_SOURCE_CHOICES})")
+
+
+def _sample_source(name: str) -> ImageSource:
+    kind = name.removeprefix("sample:")
+    if kind not in _SAMPLES:
+        raise InputError(f"unknown sample set '{name}': choose one of sample:imagenet, sample:cifar100")
+    folder = resources.files("foolbox").joinpath("data")
+    rows = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        match = _SAMPLES[kind].fullmatch(entry.name)
+        if match:
+            rows.append((entry.name, str(entry), int(match.group(2))))
+    space = CLASS_SPACES[kind]()
+    return _build(name, kind, [(i, u, space[c]) for i, u, c in rows])
+
+
+def _folder_source(name: str, fs: pafs.FileSystem, root: str) -> ImageSource:
+    entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = []
+    for e in entries:
+        rel = posixpath.relpath(e.path, root)
+        parts = rel.split("/")
+        if e.type == pafs.FileType.File and len(parts) == 2 and rel.lower().endswith(IMAGE_SUFFIXES):
+            files.append((rel, parts[0]))
+    if not files:
+        raise InputError(f"no images in {name}: expected ImageFolder layout <class>/<file> with suffixes {', '.join(IMAGE_SUFFIXES)}")
+    prefix = name.rstrip("/")
+    space, classes = _class_space(sorted({c for _, c in files}))
+    return _build(name, space, [(rel, f"{prefix}/{rel}", classes[c]) for rel, c in files])
+
+
+def _manifest_source(name: str, fs: pafs.FileSystem, path: str) -> ImageSource:
+    try:
+        table = pq.read_table(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"cannot read manifest {name}: {err}") from None
+    missing = {"image_id", "uri", "label"} - set(table.column_names)
+    if missing:
+        raise InputError(f"manifest {name} lacks column(s) {', '.join(sorted(missing))}: it needs image_id, uri, label")
+    base = name.rsplit("/", 1)[0] if "/" in name else "."
+    uris = [u if "://" in u or u.startswith("/") else f"{base}/{u}" for u in table["uri"].to_pylist()]
+    labels = table["label"]
+    if pa.types.is_integer(labels.type):
+        if pc.max(labels).as_py() >= 1000 or pc.min(labels).as_py() < 0:
+            raise InputError(f"manifest {name}: integer labels must be ImageNet indices 0..999")
+        space, by_label = "imagenet", {c.class_index: c for c in imagenet_classes()}
+    else:
+        space, by_label = _class_space(sorted(set(labels.to_pylist())))
+    rows = list(zip(table["image_id"].to_pylist(), uris, (by_label[v] for v in labels.to_pylist())))
+    return _build(name, space, rows)
+
+
+def _class_space(labels: list[str]) -> tuple[str, dict[str, ClassInfo]]:
+    """Name the class space that holds every label: ImageNet wnids, CIFAR-100 names, or plain names."""
+    for space, classes in CLASS_SPACES.items():
+        by_id = {c.concept_id: c for c in classes()}
+        if all(label in by_id for label in labels):
+            return space, {label: by_id[label] for label in labels}
+    return "folder", {
+        label: ClassInfo(label, i, None, (label.replace("_", " "),)) for i, label in enumerate(labels)
+    }
+
+
+def _build(name: str, space: str, rows: list[tuple[str, str, ClassInfo]]) -> ImageSource:
+    rows = sorted(rows, key=lambda r: r[0])
+    ids = [r[0] for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, j in zip(ids, ids[1:]) if i == j)
+        raise InputError(f"image source {name} has duplicate image_id '{dup}'")
+    table = pa.table(
+        {
+            "image_id": ids,
+            "uri": [r[1] for r in rows],
+            "concept_id": [r[2].concept_id for r in rows],
+            "class_index": pa.array([r[2].class_index for r in rows], pa.int32()),
+        },
+        schema=IMAGE_TABLE,
+    )
+    present = {r[2].concept_id: r[2] for r in rows}
+    classes = tuple(sorted(present.values(), key=lambda c: (c.class_index is None, c.class_index, c.concept_id)))
+    return ImageSource(name, space, classes, table)

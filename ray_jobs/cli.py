@@ -1,0 +1,66 @@
+"""The ``semprobe`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from analysis.errors import InputError
+
+
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON file of options; flags override it")
+    p.add_argument("--images", help="image source: DIR, s3://..., manifest .parquet, sample:imagenet, sample:cifar100")
+    p.add_argument("--model", help="efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH")
+    p.add_argument("--layers", help="kinds (activations, concat, blocks, pool, logits) and/or node names, comma-separated")
+    p.add_argument("--words", action="append", help="word model (repeatable): glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH")
+    p.add_argument("--sets", type=int, help="draw K disjoint image sets, one image per concept each")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--shard-size", type=int, dest="shard_size", help="images per unit of work and per output file")
+    p.add_argument("--dtype", help="float16 or float32")
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
+    p.add_argument("--gpus-per-actor", type=float, dest="gpus_per_actor")
+    p.add_argument("--out", help="output folder or s3:// / gs:// URI")
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from ray_jobs.config import ExtractConfig, load_config
+    from ray_jobs.extract import run_extract
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "bench")}
+    run_extract(load_config(ExtractConfig, args.config, overrides), log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ray_jobs.bench import BENCHMARKS
+
+    return BENCHMARKS[args.bench](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # foolbox imports GitPython; git may be absent
+    parser = argparse.ArgumentParser(prog="semprobe", description="What do CNN layers know? Held against word embeddings, on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("extract", help="capture every chosen layer of a CNN into Parquet")
+    _extract_args(p)
+    p.set_defaults(func=_extract)
+    b = sub.add_parser("bench", help="benchmarks, each beside its floor")
+    b.add_argument("bench", choices=["extract"])
+    b.add_argument("--images", default="sample:imagenet")
+    b.add_argument("--model", default="efficientnet_lite0")
+    b.add_argument("--batch-size", type=int, default=32, dest="batch_size")
+    b.add_argument("--out", help="where to write the benchmark's extraction (default: a temporary folder)")
+    b.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as err:
+        print(f"semprobe: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""``semprobe extract``: images -> one CNN -> every chosen layer, z-scored, into Parquet.
+
+Ray Data pipeline over shards of the manifest (the unit of work, retry, resume
+and output file): CPU ``map_batches`` decode -> ``map_batches(ExtractShards,
+compute=ActorPoolStrategy)`` on the model's devices. Each actor streams the
+shard's layers straight into their files, so the activations (megabytes per
+image) never travel through the object store.
+
+Layout under OUT::
+
+    config.json                          the resolved config of the last run
+    concepts.parquet                     concept matching (with --words)
+    manifest.parquet                     every image taken, with set_index and shard
+    layers.parquet                       the chosen layers: name, layer_index, kind, shape
+    activations/<model>/<layer>/shard-NNNNN.parquet
+    predictions/<model>/shard-NNNNN.parquet
+    shards/<model>/shard-NNNNN.json      a shard's completion record, written last
+    errors.parquet                       images skipped, with stage and message
+    summary.json
+
+A shard whose record exists is complete; a rerun skips it and recomputes the
+rest, so an interrupted job resumes and ends with the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from actors.extractor import ActivationExtractor
+from actors.layers import Layer, LayerCatalog
+from actors.zoo import Preprocess, load_model
+from analysis.errors import InputError
+from datasets import schema
+from datasets.concepts import ConceptMatch, match_concepts
+from datasets.decode import ImageError, decode_image, read_bytes
+from datasets.image_sets import draw_image_sets
+from datasets.images import ImageSource, resolve_images
+from datasets.words import load_word_model
+from ray_jobs.config import ExtractConfig
+from ray_jobs.progress import Progress
+from ray_jobs.storage import PARQUET_OPTIONS, Output
+
+
+def model_key(name: str) -> str:
+    """A folder name for a model string (which may hold ':' and a checkpoint path)."""
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
+
+
+def shard_file(shard: int, suffix: str = ".parquet") -> str:
+    return f"shard-{shard:05d}{suffix}"
+
+
+@dataclass
+class ExtractionPlan:
+    """Everything resolved from the config before any output is written."""
+
+    config: ExtractConfig
+    source: ImageSource
+    concepts: ConceptMatch | None
+    dropped_for_sets: dict[str, int]
+    manifest: pa.Table  # schema.MANIFEST, sorted by image_id
+    model: str
+    preprocess: Preprocess
+    layers: list[Layer]
+
+    @property
+    def model_key(self) -> str:
+        return model_key(self.model)
+
+    def shards(self) -> pa.Table:
+        """One row per shard: shard, image_ids, uris, and the per-image rows as JSON."""
+        m = self.manifest
+        groups: dict[int, list[int]] = {}
+        for row, shard in enumerate(m["shard"].to_pylist()):
+            groups.setdefault(shard, []).append(row)
+        cols = {c: m[c].to_pylist() for c in ("image_id", "uri", "concept_id", "set_index")}
+        return pa.table(
+            {
+                "shard": pa.array(list(groups), pa.int32()),
+                "images": [json.dumps([[cols[c][r] for c in cols] for r in rows]) for rows in groups.values()],
+                "n": pa.array([len(rows) for rows in groups.values()], pa.int32()),
+            }
+        )
+
+
+def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
+    """Resolve images, words, concepts, sets, model and layers; raise InputError on bad input."""
+    source = resolve_images(cfg.images)
+    images, concepts = source.images, None
+    if cfg.words:
+        concepts = match_concepts(source.classes, source.class_space, [load_word_model(w) for w in cfg.words])
+        images = images.filter(pc.is_in(images["concept_id"], pa.array(concepts.concept_ids, pa.string())))
+    dropped: dict[str, int] = {}
+    if cfg.sets:
+        drawn = draw_image_sets(images, cfg.sets, cfg.seed)
+        images, dropped = drawn.images, drawn.dropped
+    else:
+        images = images.append_column("set_index", pa.nulls(images.num_rows, pa.int32()))
+    if images.num_rows == 0:
+        raise InputError(f"no images left to extract from {cfg.images} after concept matching and set drawing")
+    shard = pa.array(np.arange(images.num_rows) // cfg.shard_size, pa.int32())
+    manifest = images.append_column("shard", shard).select(schema.MANIFEST.names).cast(schema.MANIFEST)
+    loaded = load_model(cfg.model)
+    layers = LayerCatalog(loaded.module, loaded.preprocess.size).select(cfg.layers)
+    return ExtractionPlan(cfg, source, concepts, dropped, manifest, loaded.name, loaded.preprocess, layers)
+
+
+# --- the two Ray stages -------------------------------------------------------------------------
+
+
+def decode_shard(batch: pa.Table, size: int, resize_size: int, interpolation: str) -> dict[str, np.ndarray]:
+    """CPU stage: read and decode one shard's images; failures become error records."""
+    (shard,), (images,) = batch["shard"].to_pylist(), batch["images"].to_pylist()
+    kept, pixels, errors = [], [], []
+    for image_id, uri, concept_id, set_index in json.loads(images):
+        try:
+            pixels.append(decode_image(read_bytes(uri), size, resize_size, interpolation))
+            kept.append([image_id, concept_id, set_index])
+        except ImageError as err:
+            errors.append({"image_id": image_id, "uri": uri, "stage": err.stage, "message": str(err)})
+    stacked = np.stack(pixels) if pixels else np.zeros((1, size, size, 3), np.uint8)  # Ray tensors need a row
+    return {
+        "shard": np.array([shard], np.int32),
+        "images": np.array([json.dumps(kept)]),
+        "errors": np.array([json.dumps(errors)]),
+        "pixels": stacked[None],
+    }
+
+
+class ShardWriter:
+    """Streams one shard's layers into their files, one row group per model batch.
+
+    Writing runs on a background thread so the next batch's forward pass overlaps
+    it; nothing lands under its final name until :meth:`commit`.
+    """
+
+    def __init__(self, output: Output, model: str, key: str, layers: list[Layer], dtype: str, compression: str, shard: int):
+        self.model, self.layers, self.shard = model, layers, shard
+        self.schemas = [schema.activations(layer.dim, dtype) for layer in layers]
+        self.files = [output.open_atomic("activations", key, layer.name, shard_file(shard)) for layer in layers]
+        self.writers = [
+            pq.ParquetWriter(f.stream, s, compression=compression, **PARQUET_OPTIONS) for f, s in zip(self.files, self.schemas)
+        ]
+        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.pending: list[Any] = []
+
+    def write(self, rows: list[list[Any]], captured: dict[str, np.ndarray]) -> None:
+        ids, concepts, sets = (list(col) for col in zip(*rows))
+        for layer, s, writer in zip(self.layers, self.schemas, self.writers):
+            values = pa.FixedShapeTensorArray.from_numpy_ndarray(captured[layer.name])
+            n = len(ids)
+            table = pa.table(
+                [
+                    pa.array(ids, pa.string()), pa.array(concepts, pa.string()), pa.array(sets, pa.int32()),
+                    pa.repeat(self.model, n), pa.repeat(layer.name, n), pa.repeat(pa.scalar(layer.layer_index, pa.int32()), n),
+                    pa.array([list(layer.shape)] * n, pa.list_(pa.int32())), values,
+                ],
+                schema=s,
+            )
+            self.pending.append(self.pool.submit(writer.write_table, table))
+
+    def commit(self) -> None:
+        try:
+            for f in self.pending:
+                f.result()
+            for writer, f in zip(self.writers, self.files):
+                writer.close()
+                f.commit()
+        finally:
+            self.pool.shutdown()
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for writer, f in zip(self.writers, self.files):
+            writer.close()
+            f.abort()
+
+
+class ExtractShards:
+    """Actor stage: run the extractor over a shard in model batches and store the results."""
+
+    def __init__(self, out: str, model: str, layers: str, dtype: str, compression: str, batch_size: int,
+                 gpus: float, torch_threads: int | None):
+        if torch_threads is None and not gpus:
+            # Ray pins OMP_NUM_THREADS to the actor's CPU request; a CPU-only forward pass wants the node.
+            torch_threads = len(os.sched_getaffinity(0))
+        self.extractor = ActivationExtractor(model, layers, dtype=dtype, threads=torch_threads)
+        self.output = Output(out)
+        self.key = model_key(self.extractor.model_name)
+        self.dtype, self.compression, self.batch_size = dtype, compression, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        done = {"shard": [], "n_images": [], "n_errors": []}
+        for shard, images, errors, pixels in zip(batch["shard"], batch["images"], batch["errors"], batch["pixels"]):
+            rows, errors = json.loads(str(images)), json.loads(str(errors))
+            self._extract(int(shard), rows, errors, pixels[: len(rows)])
+            done["shard"].append(int(shard))
+            done["n_images"].append(len(rows))
+            done["n_errors"].append(len(errors))
+        return {k: np.array(v, np.int64) for k, v in done.items()}
+
+    def _extract(self, shard: int, rows: list, errors: list, pixels: np.ndarray) -> None:
+        m = self.extractor
+        predictions = []
+        if rows:
+            writer = ShardWriter(self.output, m.model_name, self.key, m.layers, self.dtype, self.compression, shard)
+            try:
+                for start in range(0, len(rows), self.batch_size):
+                    part = rows[start:start + self.batch_size]
+                    out = m({"pixels": pixels[start:start + self.batch_size]})
+                    writer.write(part, out)
+                    predictions.extend(zip(out["predicted_index"].tolist(), out["predicted_prob"].tolist()))
+            except BaseException:
+                writer.abort()
+                raise
+            writer.commit()
+            ids, concepts, sets = (list(col) for col in zip(*rows))
+            table = pa.table(
+                {
+                    "image_id": ids, "concept_id": concepts, "set_index": pa.array(sets, pa.int32()),
+                    "model": [m.model_name] * len(rows),
+                    "predicted_index": pa.array([p for p, _ in predictions], pa.int32()),
+                    "predicted_prob": pa.array([q for _, q in predictions], pa.float32()),
+                },
+            )
+            self.output.write_table(table, "predictions", self.key, shard_file(shard))
+        record = {"shard": shard, "n_images": len(rows), "errors": errors, "layers": [layer.name for layer in m.layers]}
+        self.output.write_json(record, "shards", self.key, shard_file(shard, ".json"))
+
+
+# --- the driver ------------------------------------------------------------------------------------
+
+
+def _resources(cfg: ExtractConfig) -> dict[str, Any]:
+    cluster = ray.cluster_resources()
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if cluster.get("GPU", 0) >= 1 else 0)
+    actors = cfg.actors or (max(1, int(cluster.get("GPU", 0) // gpus)) if gpus else 1)
+    return {"actors": actors, "gpus_per_actor": gpus, "cpus_per_actor": cfg.cpus_per_actor,
+            "torch_threads": cfg.torch_threads, "decode_cpus": cfg.decode_cpus}
+
+
+def _check_same_experiment(output: Output, cfg: ExtractConfig) -> None:
+    if not output.exists("config.json"):
+        return
+    before = output.read_json("config.json").get("identity", {})
+    differ = [k for k, v in cfg.identity().items() if before.get(k) != v]
+    if differ:
+        raise InputError(
+            f"{output.uri} holds another extraction (it differs in {', '.join(differ)}): use a new --out or the same options"
+        )
+
+
+def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any]) -> None:
+    cfg, exp = plan.config, plan.config.experiment_id()
+    resolved = {
+        "identity": cfg.identity(), "config": cfg.to_dict(), "experiment_id": exp,
+        "schema_version": schema.SCHEMA_VERSION, "model": plan.model, "model_key": plan.model_key,
+        "preprocess": vars(plan.preprocess), "resources": resources,
+        "layers": [layer.name for layer in plan.layers], "class_space": plan.source.class_space,
+    }
+    output.write_json(resolved, "config.json")
+    if plan.concepts is not None:
+        output.write_table(schema.stamp(plan.concepts.table, exp), "concepts.parquet")
+    output.write_table(schema.stamp(plan.manifest, exp), "manifest.parquet")
+    layers = pa.table(
+        {
+            "model": [plan.model] * len(plan.layers),
+            "layer": [layer.name for layer in plan.layers],
+            "layer_index": pa.array([layer.layer_index for layer in plan.layers], pa.int32()),
+            "kind": [layer.kind for layer in plan.layers],
+            "shape": pa.array([list(layer.shape) for layer in plan.layers], pa.list_(pa.int32())),
+            "dim": pa.array([layer.dim for layer in plan.layers], pa.int64()),
+        }
+    )
+    output.write_table(schema.stamp(layers, exp), "layers.parquet")
+
+
+def run_extract(cfg: ExtractConfig, log=print) -> dict[str, Any]:
+    """Run (or resume) an extraction; returns the summary it also writes to OUT/summary.json."""
+    plan = plan_extraction(cfg)
+    output = Output(cfg.out)
+    _check_same_experiment(output, cfg)
+    if plan.concepts is not None:
+        log(plan.concepts.summary(len(plan.source.classes)))
+    for cid, n in sorted(plan.dropped_for_sets.items()):
+        log(f"  dropped {cid}: {n} image(s), fewer than --sets {cfg.sets}")
+    if not ray.is_initialized():
+        ray.init()  # honours RAY_ADDRESS, so `ray job submit` runs this on the cluster
+    resources = _resources(cfg)
+    try:
+        write_plan(output, plan, resources)
+    except OSError as err:
+        raise InputError(f"cannot write to {cfg.out}: {err}") from None
+
+    shards = plan.shards()
+    done = {int(name[6:11]) for name in output.list("shards", plan.model_key, suffix=".json")}
+    pending = shards.filter(pc.invert(pc.is_in(shards["shard"], pa.array(sorted(done), pa.int32()))))
+    total = plan.manifest.num_rows
+    progress = Progress(total, "images", f"extract {plan.model}")
+    progress.done = total - sum(pending["n"].to_pylist())
+    if done:
+        log(f"resuming: {len(done)} of {shards.num_rows} shards already complete, {pending.num_rows} to go")
+    started = time.monotonic()
+    if pending.num_rows:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        pre = plan.preprocess
+        ds = ray.data.from_arrow([pending.slice(i, 1) for i in range(pending.num_rows)])
+        ds = ds.map_batches(
+            decode_shard, batch_size=1, batch_format="pyarrow", num_cpus=resources["decode_cpus"],
+            fn_kwargs={"size": pre.size, "resize_size": pre.resize_size, "interpolation": pre.interpolation},
+        )
+        ds = ds.map_batches(
+            ExtractShards, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
+            num_gpus=resources["gpus_per_actor"], num_cpus=resources["cpus_per_actor"],
+            fn_constructor_kwargs={
+                "out": cfg.out, "model": cfg.model, "layers": cfg.layers, "dtype": cfg.dtype,
+                "compression": cfg.compression, "batch_size": cfg.batch_size,
+                "gpus": resources["gpus_per_actor"], "torch_threads": resources["torch_threads"],
+            },
+        )
+        for row in ds.iter_rows():
+            progress.update(int(row["n_images"] + row["n_errors"]))
+        progress.close()
+    elapsed = time.monotonic() - started
+    summary = finish(output, plan, computed=pending.num_rows, elapsed=elapsed)
+    log(
+        f"extracted {summary['n_images']} images x {summary['n_layers']} layers of {plan.model} into {cfg.out} "
+        f"({summary['n_errors']} skipped, {summary['shards_computed']}/{summary['n_shards']} shards computed"
+        + (f", top-1 {summary['top1_correct']}/{summary['n_labelled']}" if summary["n_labelled"] else "")
+        + ")"
+    )
+    return summary
+
+
+def finish(output: Output, plan: ExtractionPlan, computed: int, elapsed: float) -> dict[str, Any]:
+    """Gather the shard records into errors.parquet and summary.json."""
+    records = [output.read_json("shards", plan.model_key, name) for name in output.list("shards", plan.model_key, suffix=".json")]
+    errors = sorted((e for r in records for e in r["errors"]), key=lambda e: e["image_id"])
+    table = pa.Table.from_pylist(errors, schema=schema.ERRORS)
+    output.write_table(schema.stamp(table, plan.config.experiment_id()), "errors.parquet")
+    n_images = sum(r["n_images"] for r in records)
+    correct = labelled = 0
+    if plan.source.class_space == "imagenet" and n_images:
+        preds = pq.read_table(output.path("predictions", plan.model_key), filesystem=output.fs)
+        truth = plan.manifest.select(["image_id", "class_index"])
+        joined = preds.join(truth, "image_id")
+        labelled = joined.num_rows
+        correct = pc.sum(pc.equal(joined["predicted_index"], joined["class_index"])).as_py() or 0
+    summary = {
+        "model": plan.model, "n_images": n_images, "n_errors": len(errors), "n_layers": len(plan.layers),
+        "n_shards": len(records), "shards_computed": computed, "top1_correct": correct, "n_labelled": labelled,
+        "seconds": round(elapsed, 3), "images_per_second": round(n_images / elapsed, 3) if computed and elapsed else None,
+    }
+    output.write_json({k: v for k, v in summary.items() if k not in ("seconds", "images_per_second", "shards_computed")}, "summary.json")
+    return summary

@@ -1,0 +1,89 @@
+"""Output roots on local disk or object storage, written atomically.
+
+A file appears under its final name only once it is complete: locally it is
+written under a temporary name and renamed; on s3:// and gs:// an object
+becomes visible only when its upload completes. So a killed job never leaves a
+file that a rerun would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from datasets.images import filesystem
+
+# Activations are dense floats: dictionary encoding and statistics cost time and buy nothing.
+PARQUET_OPTIONS = {"use_dictionary": False, "write_statistics": False}
+
+
+class Output:
+    """An output root (``DIR``, ``s3://bucket/prefix``, ``gs://...``) and atomic writes under it."""
+
+    def __init__(self, uri: str, fs: pafs.FileSystem | None = None):
+        self.uri = uri
+        self.fs, self.root = (fs, uri) if fs is not None else filesystem(uri)
+        self._local = isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def list(self, *parts: str, suffix: str = "") -> list[str]:
+        """Names (not paths) of the files directly under a folder, sorted; [] if it is absent."""
+        info = self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
+        return sorted(posixpath.basename(i.path) for i in info if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+    def open_atomic(self, *parts: str) -> "AtomicFile":
+        return AtomicFile(self, self.path(*parts))
+
+    def write_table(self, table: pa.Table, *parts: str, **options: Any) -> None:
+        with self.open_atomic(*parts) as f:
+            pq.write_table(table, f.stream, **options)
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        with self.open_atomic(*parts) as f:
+            f.stream.write(json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")
+
+    def read_json(self, *parts: str) -> Any:
+        with self.fs.open_input_stream(self.path(*parts)) as f:
+            return json.loads(f.read())
+
+    def read_table(self, *parts: str) -> pa.Table:
+        return pq.read_table(self.path(*parts), filesystem=self.fs)
+
+
+class AtomicFile:
+    """A writable stream that lands under its final name only on a clean ``close``."""
+
+    def __init__(self, output: Output, path: str):
+        self.output, self.path = output, path
+        self._tmp = f"{path}.tmp-{uuid.uuid4().hex}" if output._local else path
+        output.fs.create_dir(posixpath.dirname(path), recursive=True)
+        self.stream = output.fs.open_output_stream(self._tmp)
+
+    def __enter__(self) -> "AtomicFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def commit(self) -> None:
+        self.stream.close()
+        if self._tmp != self.path:
+            self.output.fs.move(self._tmp, self.path)
+
+    def abort(self) -> None:
+        self.stream.close()
+        self.output.fs.delete_file(self._tmp)
