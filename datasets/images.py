@@ -16,7 +16,8 @@ import functools
 import posixpath
 import re
 from dataclasses import dataclass
-from importlib import resources
+import importlib.util
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -85,7 +86,8 @@ def _sample_source(name: str) -> ImageSource:
     kind = name.removeprefix("sample:")
     if kind not in _SAMPLES:
         raise InputError(f"unknown sample set '{name}': choose one of sample:imagenet, sample:cifar100")
-    folder = resources.files("foolbox").joinpath("data")
+    # Located without importing foolbox, which pulls in scipy and GitPython.
+    folder = Path(importlib.util.find_spec("foolbox").submodule_search_locations[0]) / "data"
     rows = []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         match = _SAMPLES[kind].fullmatch(entry.name)

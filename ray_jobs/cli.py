@@ -20,6 +20,8 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--shard-size", type=int, dest="shard_size", help="images per unit of work and per output file")
     p.add_argument("--dtype", help="float16 or float32")
+    p.add_argument("--store-format", dest="store_format", help="activation files: arrow (IPC, default) or parquet")
+    p.add_argument("--compression", help="none (default); arrow: lz4, zstd; parquet: snappy, zstd, lz4, gzip")
     p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
     p.add_argument("--gpus-per-actor", type=float, dest="gpus_per_actor")
     p.add_argument("--out", help="output folder or s3:// / gs:// URI")

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from analysis.errors import InputError
+from ray_jobs.storage import STORE_FORMATS
 
 DTYPE_CHOICES = ("float16", "float32")
 
@@ -32,6 +33,7 @@ class ExtractConfig:
     batch_size: int = 32
     shard_size: int = 64
     dtype: str = "float16"
+    store_format: str = "arrow"  # activation files: arrow (IPC) or parquet
     compression: str = "none"
     # resources
     actors: int | None = None  # None: one per GPU in the cluster, or 1 without GPUs
@@ -41,7 +43,7 @@ class ExtractConfig:
     decode_cpus: float = 1
 
     # Fields that decide the bytes of the outputs; a rerun into the same --out must agree on them.
-    IDENTITY = ("images", "model", "layers", "words", "sets", "seed", "batch_size", "shard_size", "dtype", "compression")
+    IDENTITY = ("images", "model", "layers", "words", "sets", "seed", "batch_size", "shard_size", "dtype", "store_format", "compression")
 
     def validate(self) -> "ExtractConfig":
         if self.dtype not in DTYPE_CHOICES:
@@ -53,8 +55,11 @@ class ExtractConfig:
             raise InputError(f"--shard-size {self.shard_size} must be a multiple of --batch-size {self.batch_size}")
         if self.sets is not None and self.sets < 1:
             raise InputError(f"--sets must be at least 1, got {self.sets}")
-        if self.compression not in ("none", "snappy", "zstd", "lz4", "gzip"):
-            raise InputError(f"unknown compression '{self.compression}': choose one of none, snappy, zstd, lz4, gzip")
+        if self.store_format not in STORE_FORMATS:
+            raise InputError(f"unknown store format '{self.store_format}': choose one of {', '.join(STORE_FORMATS)}")
+        if self.compression not in STORE_FORMATS[self.store_format]:
+            choices = ", ".join(STORE_FORMATS[self.store_format])
+            raise InputError(f"compression '{self.compression}' is not available for {self.store_format}: choose one of {choices}")
         return self
 
     def identity(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ Layout under OUT::
     concepts.parquet                     concept matching (with --words)
     manifest.parquet                     every image taken, with set_index and shard
     layers.parquet                       the chosen layers: name, layer_index, kind, shape
-    activations/<model>/<layer>/shard-NNNNN.parquet
+    activations/<model>/<layer>/shard-NNNNN.arrow   (Arrow IPC; .parquet with --store-format parquet)
     predictions/<model>/shard-NNNNN.parquet
     shards/<model>/shard-NNNNN.json      a shard's completion record, written last
     errors.parquet                       images skipped, with stage and message
@@ -50,7 +50,7 @@ from datasets.images import ImageSource, resolve_images
 from datasets.words import load_word_model
 from ray_jobs.config import ExtractConfig
 from ray_jobs.progress import Progress
-from ray_jobs.storage import PARQUET_OPTIONS, Output
+from ray_jobs.storage import Output, TableFileWriter
 
 
 def model_key(name: str) -> str:
@@ -146,14 +146,15 @@ class ShardWriter:
     it; nothing lands under its final name until :meth:`commit`.
     """
 
-    def __init__(self, output: Output, model: str, key: str, layers: list[Layer], dtype: str, compression: str, shard: int):
-        self.model, self.layers, self.shard = model, layers, shard
+    def __init__(self, output: Output, model: str, key: str, layers: list[Layer], dtype: str, fmt: str,
+                 compression: str, shard: int):
+        self.model, self.layers = model, layers
         self.schemas = [schema.activations(layer.dim, dtype) for layer in layers]
-        self.files = [output.open_atomic("activations", key, layer.name, shard_file(shard)) for layer in layers]
         self.writers = [
-            pq.ParquetWriter(f.stream, s, compression=compression, **PARQUET_OPTIONS) for f, s in zip(self.files, self.schemas)
+            TableFileWriter(output, ("activations", key, layer.name, shard_file(shard, f".{fmt}")), s, fmt, compression)
+            for layer, s in zip(layers, self.schemas)
         ]
-        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending: list[Any] = []
 
     def write(self, rows: list[list[Any]], captured: dict[str, np.ndarray]) -> None:
@@ -169,37 +170,35 @@ class ShardWriter:
                 ],
                 schema=s,
             )
-            self.pending.append(self.pool.submit(writer.write_table, table))
+            self.pending.append(self.pool.submit(writer.write, table))
 
     def commit(self) -> None:
         try:
             for f in self.pending:
                 f.result()
-            for writer, f in zip(self.writers, self.files):
-                writer.close()
-                f.commit()
+            for writer in self.writers:
+                writer.commit()
         finally:
             self.pool.shutdown()
 
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        for writer, f in zip(self.writers, self.files):
-            writer.close()
-            f.abort()
+        for writer in self.writers:
+            writer.abort()
 
 
 class ExtractShards:
     """Actor stage: run the extractor over a shard in model batches and store the results."""
 
-    def __init__(self, out: str, model: str, layers: str, dtype: str, compression: str, batch_size: int,
-                 gpus: float, torch_threads: int | None):
+    def __init__(self, out: str, model: str, layers: str, dtype: str, store_format: str, compression: str,
+                 batch_size: int, gpus: float, torch_threads: int | None):
         if torch_threads is None and not gpus:
             # Ray pins OMP_NUM_THREADS to the actor's CPU request; a CPU-only forward pass wants the node.
             torch_threads = len(os.sched_getaffinity(0))
         self.extractor = ActivationExtractor(model, layers, dtype=dtype, threads=torch_threads)
         self.output = Output(out)
         self.key = model_key(self.extractor.model_name)
-        self.dtype, self.compression, self.batch_size = dtype, compression, batch_size
+        self.dtype, self.format, self.compression, self.batch_size = dtype, store_format, compression, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done = {"shard": [], "n_images": [], "n_errors": []}
@@ -215,7 +214,7 @@ class ExtractShards:
         m = self.extractor
         predictions = []
         if rows:
-            writer = ShardWriter(self.output, m.model_name, self.key, m.layers, self.dtype, self.compression, shard)
+            writer = ShardWriter(self.output, m.model_name, self.key, m.layers, self.dtype, self.format, self.compression, shard)
             try:
                 for start in range(0, len(rows), self.batch_size):
                     part = rows[start:start + self.batch_size]
@@ -312,7 +311,7 @@ def run_extract(cfg: ExtractConfig, log=print) -> dict[str, Any]:
     progress.done = total - sum(pending["n"].to_pylist())
     if done:
         log(f"resuming: {len(done)} of {shards.num_rows} shards already complete, {pending.num_rows} to go")
-    started = time.monotonic()
+    started, completions = time.monotonic(), []
     if pending.num_rows:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
@@ -328,15 +327,19 @@ def run_extract(cfg: ExtractConfig, log=print) -> dict[str, Any]:
             num_gpus=resources["gpus_per_actor"], num_cpus=resources["cpus_per_actor"],
             fn_constructor_kwargs={
                 "out": cfg.out, "model": cfg.model, "layers": cfg.layers, "dtype": cfg.dtype,
-                "compression": cfg.compression, "batch_size": cfg.batch_size,
+                "store_format": cfg.store_format, "compression": cfg.compression, "batch_size": cfg.batch_size,
                 "gpus": resources["gpus_per_actor"], "torch_threads": resources["torch_threads"],
             },
         )
         for row in ds.iter_rows():
             progress.update(int(row["n_images"] + row["n_errors"]))
+            completions.append((time.monotonic(), int(row["n_images"])))
         progress.close()
     elapsed = time.monotonic() - started
     summary = finish(output, plan, computed=pending.num_rows, elapsed=elapsed)
+    if len(completions) > 1:  # the rate once actors are up: images after the first shard over the time since it
+        (t0, _), (t1, _) = completions[0], completions[-1]
+        summary["steady_images_per_second"] = round(sum(n for _, n in completions[1:]) / (t1 - t0), 3)
     log(
         f"extracted {summary['n_images']} images x {summary['n_layers']} layers of {plan.model} into {cfg.out} "
         f"({summary['n_errors']} skipped, {summary['shards_computed']}/{summary['n_shards']} shards computed"
