@@ -8,6 +8,7 @@ the job records and skips.
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -47,7 +48,8 @@ def decode_image(data: bytes, size: int, resize_size: int, interpolation: str = 
             im.load()  # PIL is lazy; a truncated file only fails here
             rgb = im.convert("RGB")
     except Exception as err:
-        raise ImageError("decode", f"{type(err).__name__}: {err}") from None
+        # PIL names the in-memory file by its address; drop it so reruns record the same message.
+        raise ImageError("decode", f"{type(err).__name__}: {re.sub(r' <[^>]* at 0x[0-9a-f]+>', '', str(err))}") from None
     w, h = rgb.size
     scale = resize_size / min(w, h)
     # torchvision's Resize(int): the shorter side becomes resize_size, the other is truncated.

@@ -73,7 +73,9 @@ class AtomicFile:
 
     def __init__(self, output: Output, path: str):
         self.output, self.path = output, path
-        self._tmp = f"{path}.tmp-{uuid.uuid4().hex}" if output._local else path
+        # A leading dot: dataset readers (pyarrow, polars globs) skip a killed run's leftovers.
+        head, tail = posixpath.split(path)
+        self._tmp = posixpath.join(head, f".{tail}.tmp-{uuid.uuid4().hex}") if output._local else path
         output.fs.create_dir(posixpath.dirname(path), recursive=True)
         self.stream = output.fs.open_output_stream(self._tmp)
 
