@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from analysis.errors import InputError
-from datasets.classes import CLASS_SPACES, ClassInfo, cifar100_classes, imagenet_classes
+from datasets.classes import CLASS_SPACES, ClassInfo, imagenet_classes
 
 IMAGE_SOURCE_CHOICES = "a directory in ImageFolder layout (local, s3://, gs://), a manifest .parquet, sample:imagenet, sample:cifar100"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")

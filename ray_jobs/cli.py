@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", help="where to write the benchmark's extraction (default: a temporary folder)")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
+    # Our progress line says what a person needs; Ray Data's INFO lines restate its plan each run.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except InputError as err:

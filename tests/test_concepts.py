@@ -1,5 +1,4 @@
 import numpy as np
-import pytest
 
 from datasets.classes import CIFAR100_CLASSES, ClassInfo, imagenet_classes
 from datasets.concepts import match_concepts, spellings

@@ -1,5 +1,4 @@
 import io
-import shutil
 
 import numpy as np
 import pyarrow as pa

@@ -1,5 +1,4 @@
 import re
-from importlib import resources
 
 import numpy as np
 import pytest
