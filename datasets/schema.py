@@ -51,7 +51,6 @@ PREDICTIONS = pa.schema(
     [
         ("image_id", pa.string()),
         ("concept_id", pa.string()),
-        ("class_index", pa.int32()),
         ("set_index", pa.int32()),
         ("model", pa.string()),
         ("predicted_index", pa.int32()),

@@ -32,6 +32,10 @@ def _extract(args: argparse.Namespace) -> int:
     from ray_jobs.config import ExtractConfig, load_config
     from ray_jobs.extract import run_extract
 
+    # After Ray Data configured its logging on import: our progress line says what a person
+    # needs, Ray Data's INFO lines restate its execution plan on every run.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "bench")}
     run_extract(load_config(ExtractConfig, args.config, overrides), log=lambda m: print(m, file=sys.stderr))
     return 0
@@ -58,8 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", help="where to write the benchmark's extraction (default: a temporary folder)")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
-    # Our progress line says what a person needs; Ray Data's INFO lines restate its plan each run.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except InputError as err:

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+import ray.data
 
 from actors.extractor import ActivationExtractor
 from actors.layers import Layer, LayerCatalog
@@ -159,9 +160,9 @@ class ShardWriter:
 
     def write(self, rows: list[list[Any]], captured: dict[str, np.ndarray]) -> None:
         ids, concepts, sets = (list(col) for col in zip(*rows))
+        n = len(ids)
         for layer, s, writer in zip(self.layers, self.schemas, self.writers):
             values = pa.FixedShapeTensorArray.from_numpy_ndarray(captured[layer.name])
-            n = len(ids)
             table = pa.table(
                 [
                     pa.array(ids, pa.string()), pa.array(concepts, pa.string()), pa.array(sets, pa.int32()),
@@ -227,12 +228,8 @@ class ExtractShards:
             writer.commit()
             ids, concepts, sets = (list(col) for col in zip(*rows))
             table = pa.table(
-                {
-                    "image_id": ids, "concept_id": concepts, "set_index": pa.array(sets, pa.int32()),
-                    "model": [m.model_name] * len(rows),
-                    "predicted_index": pa.array([p for p, _ in predictions], pa.int32()),
-                    "predicted_prob": pa.array([q for _, q in predictions], pa.float32()),
-                },
+                [ids, concepts, sets, [m.model_name] * len(rows), [p for p, _ in predictions], [q for _, q in predictions]],
+                schema=schema.PREDICTIONS,
             )
             self.output.write_table(table, "predictions", self.key, shard_file(shard))
         record = {"shard": shard, "n_images": len(rows), "errors": errors, "layers": [layer.name for layer in m.layers]}
