@@ -10,13 +10,22 @@ import numpy as np
 import torch
 
 from actors.layers import LayerCatalog
-from actors.zoo import load_model
+from actors.zoo import Preprocess, load_model
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def pick_device(device: str = "auto") -> torch.device:
     return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+
+
+def normalise(pixels: np.ndarray, preprocess: Preprocess, device: torch.device) -> torch.Tensor:
+    """(n, h, w, 3) uint8 RGB -> (n, 3, h, w) float32 model input ``(x/255 - mean)/std`` on the device."""
+    mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device, non_blocking=True)
+    # one affine map on the raw 0..255 pixels
+    return (x.permute(0, 3, 1, 2).float() - mean * 255) * (1.0 / (std * 255))
 
 
 class ActivationExtractor:
@@ -41,15 +50,10 @@ class ActivationExtractor:
         self.layers = catalog.select(layers)
         self.device = pick_device(device)
         self.net = catalog.capture_module(self.layers, TORCH_DTYPES[dtype]).to(self.device).eval()
-        mean = torch.tensor(loaded.preprocess.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(loaded.preprocess.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        # (x/255 - mean)/std as one affine map on the raw 0..255 pixels
-        self._shift, self._scale = mean * 255, 1.0 / (std * 255)
 
     def normalise(self, pixels: np.ndarray) -> torch.Tensor:
         """(n, h, w, 3) uint8 RGB -> (n, 3, h, w) float32 model input on the device."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
-        return (x.permute(0, 3, 1, 2).float() - self._shift) * self._scale
+        return normalise(pixels, self.preprocess, self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from actors.extractor import ActivationExtractor
+from actors.extractor import normalise
 from actors.zoo import load_model
 from datasets.decode import decode_image, read_bytes
 from datasets.images import resolve_images
@@ -22,12 +22,12 @@ from ray_jobs.extract import run_extract
 def bare_forward(model: str, images: str, batch_size: int, min_images: int = 128) -> tuple[float, int]:
     """Images/s of the model's plain forward pass on the decoded images, all cores, no capture."""
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    ex = ActivationExtractor(model, "logits", device="cpu")  # for its input normalisation
-    pre = ex.preprocess
+    loaded = load_model(model)
+    module, pre = loaded.module, loaded.preprocess
     uris = resolve_images(images).images["uri"].to_pylist()
     pixels = np.stack([decode_image(read_bytes(u), pre.size, pre.resize_size, pre.interpolation) for u in uris])
-    module = load_model(model).module
-    batches = [ex.normalise(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    cpu = torch.device("cpu")
+    batches = [normalise(pixels[i:i + batch_size], pre, cpu) for i in range(0, len(pixels), batch_size)]
     with torch.inference_mode():
         module(batches[0])  # warm-up
         n, start = 0, time.perf_counter()
