@@ -9,3 +9,15 @@ class InputError(ValueError):
 
     The message names the culprit and, where there is a fixed set, the valid choices.
     """
+
+
+class ZeroVarianceError(InputError):
+    """Rows with no variance have no correlation with anything; ``rows`` holds their indices.
+
+    Callers that know what the rows stand for (an image, a concept, a layer) catch
+    it and say so.
+    """
+
+    def __init__(self, message: str, rows: list[int]):
+        super().__init__(message)
+        self.rows = rows

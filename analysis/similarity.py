@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from analysis.errors import InputError, ZeroVarianceError
 
 # A row whose standard deviation is below this fraction of its mean is constant to
 # float32 precision: its "z-scores" would be rounding noise blown up to norm 1.
@@ -45,3 +48,97 @@ def zscore_rows(x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torc
     if constant.any():
         z = z.masked_fill(constant.view(-1, 1), 0.0)
     return z if z.dtype == out_dtype else z.to(out_dtype)
+
+
+class GramAccumulator:
+    """Pearson correlations between w rows, accumulated over chunks of their features.
+
+    For rows too long to hold at once (VGG-16's first layer has 3.2 M features per
+    image): ``add`` each (w, d_chunk) slice of the rows in turn, from one process
+    or several (``merge`` sums partial accumulators), then ``correlation``. Each
+    chunk's Gram product runs in ``compute`` precision (float32 or float64); the
+    running sums are float64.
+
+    Pearson r is invariant to a constant shift of each row, and the sums are most
+    accurate when the rows are centred: pass ``shift`` (w,), e.g. the row means,
+    for raw data; z-scored rows, as the activation store holds them, need none.
+    """
+
+    def __init__(self, w: int, compute: str = "float32", shift: np.ndarray | None = None):
+        if compute not in ("float32", "float64"):
+            raise InputError(f"unknown compute precision '{compute}': choose float32 or float64")
+        self.compute = np.dtype(compute)
+        self.shift = None if shift is None else np.asarray(shift, self.compute).reshape(w, 1)
+        self.gram = np.zeros((w, w), np.float64)
+        self.sums = np.zeros(w, np.float64)
+        self.n_features = 0
+
+    def add(self, chunk: np.ndarray) -> None:
+        """Fold in a (w, d_chunk) slice of the rows' features (any real dtype)."""
+        x = np.asarray(chunk, self.compute)
+        if self.shift is not None:
+            x = x - self.shift
+        self.gram += x @ x.T
+        self.sums += x.sum(axis=1, dtype=np.float64)
+        self.n_features += x.shape[1]
+
+    def merge(self, other: "GramAccumulator") -> "GramAccumulator":
+        """Add another accumulator's sums over other features of the same rows (same shift)."""
+        self.gram += other.gram
+        self.sums += other.sums
+        self.n_features += other.n_features
+        return self
+
+    def correlation(self) -> np.ndarray:
+        """(w, w) float64 Pearson r; raises ZeroVarianceError naming constant rows."""
+        d = self.n_features
+        cov = self.gram - np.outer(self.sums, self.sums) / d
+        var = np.diag(cov).copy()
+        # A row whose variance is below float rounding of its sum of squares is constant.
+        constant = var <= RELATIVE_STD_FLOOR**2 * np.maximum(np.diag(self.gram), np.finfo(np.float64).tiny)
+        if constant.any():
+            rows = np.flatnonzero(constant).tolist()
+            raise ZeroVarianceError(f"zero-variance row(s) {rows[:5]}: their correlations are undefined", rows)
+        scale = 1 / np.sqrt(var)
+        r = cov * scale[:, None] * scale[None, :]
+        np.fill_diagonal(r, 1.0)
+        return np.clip(r, -1.0, 1.0, out=r)
+
+
+def correlation_matrix(x, compute: str = "float64", block: int | None = None) -> np.ndarray:
+    """(w, w) Pearson correlations between the rows of ``x``.
+
+    Parameters
+    ----------
+    x : array-like, (w, ...) real
+        One row per item (a concept's activation or word vector); trailing
+        dimensions are flattened. Any object with numpy slicing works,
+        including a memory-mapped array.
+    compute : "float64" (default) or "float32"
+        Precision of the Gram products; sums are float64 either way.
+    block : int, optional
+        Features per chunk. Unset, the rows are z-scored and multiplied in one
+        Gram product; set, the Gram is summed over chunks of ``block`` features
+        (see :class:`GramAccumulator`), so no more than w x block values are
+        converted at a time.
+
+    Raises
+    ------
+    ZeroVarianceError
+        If a row is constant: its correlation with anything is undefined.
+    """
+    w = x.shape[0]
+    rows = x.reshape(w, -1)
+    d = rows.shape[1]
+    if block is None:
+        z = zscore_rows(torch.as_tensor(np.asarray(rows, compute)), out_dtype=getattr(torch, compute)).numpy()
+        acc = GramAccumulator(w, compute)
+        acc.add(z)
+        return acc.correlation()
+    means = np.zeros(w, np.float64)
+    for start in range(0, d, block):
+        means += rows[:, start:start + block].sum(axis=1, dtype=np.float64)
+    acc = GramAccumulator(w, compute, shift=means / d)
+    for start in range(0, d, block):
+        acc.add(rows[:, start:start + block])
+    return acc.correlation()

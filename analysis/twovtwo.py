@@ -12,9 +12,11 @@ matrix. All w(w-1)/2 pairs are computed exactly from one w x w x w product
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from analysis.errors import InputError
 
@@ -41,6 +43,90 @@ class TwoVsTwo:
         return self.passed.sum(axis=1) / (w - 1)
 
 
+def _check(a: np.ndarray, b: np.ndarray) -> int:
+    w = a.shape[0]
+    if a.shape != (w, w) or b.shape != (w, w) or w < 4:
+        raise InputError(f"2 vs. 2 needs two square matrices over the same w >= 4 concepts, got {a.shape} and {b.shape}")
+    return w
+
+
+# The w x w x w products run in numpy's BLAS, which is the faster float64 GEMM on
+# our CPUs; the O(w^2) corrections run as fused torch kernels on the same memory
+# (torch.from_numpy shares it), on one thread: they are memory-bound, and torch's
+# thread pool competing with the BLAS threads costs more than it gains.
+
+
+@contextmanager
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Side:
+    """Row terms of one matrix for every pair (i, j) at once.
+
+    ``s[i, j]`` is the sum of row i with columns i and j removed and ``r[i, j]``
+    is 1 / sqrt(n q - s^2), n = w - 2, q the sum of squares of that shortened
+    row: the inverse of n times its standard deviation. Diagonal entries are
+    placeholders (1).
+    """
+
+    def __init__(self, m: np.ndarray, side: str):
+        w = m.shape[0]
+        n = w - 2
+        self.m = m
+        t = torch.from_numpy(m)
+        self.d = t.diagonal().clone()
+        self.s = t.sum(1, keepdim=True) - self.d[:, None] - t
+        var = torch.mul(t, t).mul_(-n)
+        var.add_((n * ((t * t).sum(1) - self.d**2))[:, None]).addcmul_(self.s, self.s, value=-1)
+        var.fill_diagonal_(1.0)
+        if var.min() <= 0:
+            i, j = torch.nonzero(var <= 0)[0].tolist()
+            raise InputError(f"zero-variance row in the {side} matrix: concept {i} with columns {i}, {j} removed")
+        self.r = var.rsqrt_()
+
+
+class _ImageSide(_Side):
+    """The image matrix's terms of :func:`_margins`, computed once for all the word matrices it meets."""
+
+    def __init__(self, m: np.ndarray):
+        super().__init__(m, "image")
+        n = m.shape[0] - 2
+        t = torch.from_numpy(m)
+        x = n * self.r
+        y = x * t
+        self.x, self.xt, self.yt = x, x.T.contiguous(), y.T.contiguous()
+        self.u = (self.xt * self.d[None, :]).sub_(y)  # (n r_a d_a[i])^T - n r_a a
+        z = self.s * self.r
+        self.v = z.T - z
+
+
+def _margins(img: _ImageSide, b: torch.Tensor, sb: torch.Tensor, rb: torch.Tensor, q: torch.Tensor,
+             out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """(..., w, w) into ``out``: matched - mismatched sums of correlations per pair; diagonal meaningless.
+
+    ``b``, ``sb``, ``rb`` are the word side's matrix and row terms (any leading
+    batch dimensions) and ``q = b @ a^T``. With n = w - 2, the terms r, s of
+    :class:`_Side`, and columns i and j removed,
+
+        corr(a_i, b_i) = r_a r_b (n (q_ii - a_ii b_ii - a_ij b_ij) - s_a s_b)
+        corr(a_j, b_i) = r_a^T r_b (n (q_ij - a_jj b_ij - a_ji b_ii) - s_a^T s_b)
+
+    so T = corr(a_i, b_i) - corr(a_j, b_i) needs no transposed word term, and the
+    margin of pair (i, j) is T + T^T.
+    """
+    diag_b = b.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    own_dot = q.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) - img.d[:, None] * diag_b
+    t = torch.mul(img.x, own_dot, out=tmp)
+    t.addcmul_(img.yt, diag_b).addcmul_(img.xt, q, value=-1).addcmul_(img.u, b).addcmul_(img.v, sb).mul_(rb)
+    return torch.add(t, t.transpose(-1, -2), out=out)
+
+
 def two_vs_two(c_img: np.ndarray, c_word: np.ndarray) -> TwoVsTwo:
     """Exact, vectorised 2 vs. 2 test.
 
@@ -52,35 +138,111 @@ def two_vs_two(c_img: np.ndarray, c_word: np.ndarray) -> TwoVsTwo:
     Returns
     -------
     TwoVsTwo
+
+    Raises
+    ------
+    InputError
+        If the shapes differ or a row, shortened by any pair, has no variance.
     """
     a, b = np.asarray(c_img, np.float64), np.asarray(c_word, np.float64)
-    w = a.shape[0]
-    if a.shape != (w, w) or b.shape != (w, w) or w < 4:
-        raise InputError(f"2 vs. 2 needs two square matrices over the same w >= 4 concepts, got {a.shape} and {b.shape}")
-    n = w - 2
-    p = a @ b.T  # p[i, k] = sum over all columns m of a[i, m] * b[k, m]
-    da, db = np.diag(a)[:, None], np.diag(b)[:, None]
-    # [i, j]: sums over row i with columns i and j removed
-    sa, qa = a.sum(1)[:, None] - da - a, (a * a).sum(1)[:, None] - da**2 - a**2
-    sb, qb = b.sum(1)[:, None] - db - b, (b * b).sum(1)[:, None] - db**2 - b**2
-    same = np.diag(p)[:, None] - da * db - a * b  # <a_i, b_i> without columns i, j
-    cross = p - da * b.T - a * np.diag(b)[None, :]  # <a_i, b_j> without columns i, j
-    var_a, var_b = n * qa - sa**2, n * qb - sb**2
-    off = ~np.eye(w, dtype=bool)
-    if (var_a[off] <= 0).any() or (var_b[off] <= 0).any():
-        side, bad = ("image", var_a) if (var_a[off] <= 0).any() else ("word", var_b)
-        i, j = np.argwhere((bad <= 0) & off)[0]
-        raise InputError(f"zero-variance row in the {side} matrix: concept {i} with columns {i}, {j} removed")
+    w = _check(a, b)
+    with _one_torch_thread():
+        img, word = _ImageSide(a), _Side(b, "word")
+        q = torch.from_numpy(b @ a.T)
+        passed = _margins(img, torch.from_numpy(b), word.s, word.r, q, torch.empty_like(q), torch.empty_like(q)) > TIE_TOLERANCE
+        passed.fill_diagonal_(False)
+    return TwoVsTwo(passed.sum().item() / (w * (w - 1)), passed.numpy())
 
-    def corr(xy, s_x, s_y, v_x, v_y):
-        return (n * xy - s_x * s_y) / np.sqrt(v_x * v_y)
 
-    # [i, j] of these: corr(a_i, b_i) and corr(a_i, b_j), each with columns i and j removed;
-    # the transposes give corr(a_j, b_j) and corr(a_j, b_i).
-    own = corr(same, sa, sb, var_a, var_b)
-    other = corr(cross, sa, sb.T, var_a, var_b.T)
-    matched, mismatched = own + own.T, other + other.T
-    passed = (matched - mismatched > TIE_TOLERANCE) & off
-    iu = np.triu_indices(w, 1)
-    return TwoVsTwo(float(passed[iu].mean()), passed)
+# --- permutation tests ------------------------------------------------------------------------------
+
+
+def permutations(w: int, n_perm: int, seed: int, start: int = 0) -> np.ndarray:
+    """(n_perm, w) int64: permutations number start .. start + n_perm - 1 of the seeded sequence.
+
+    Permutation k depends only on (seed, k), so any split of the sequence into
+    shards reproduces it exactly.
+    """
+    return np.stack([np.random.default_rng([seed, k]).permutation(w) for k in range(start, start + n_perm)]) \
+        if n_perm else np.zeros((0, w), np.int64)
+
+
+@dataclass(frozen=True)
+class NullDistribution:
+    """passes: (n_perm, K) int64, the pairs passed under each permutation in each image set."""
+
+    passes: np.ndarray
+    n_pairs: int
+
+    @property
+    def accuracy(self) -> np.ndarray:
+        """(n_perm,) float64: the set-averaged 2 vs. 2 accuracy under each permutation."""
+        return self.passes.sum(axis=1) / (self.passes.shape[1] * self.n_pairs)
+
+    @property
+    def set_accuracy(self) -> np.ndarray:
+        """(n_perm, K) float64: each set's accuracy under each permutation."""
+        return self.passes / self.n_pairs
+
+
+# Word-side permutations handled per batched product: about this many matrix entries in flight.
+BATCH_ENTRIES = 1 << 20
+
+
+def permutation_null(c_img_sets, c_word: np.ndarray, n_perm: int, seed: int, start: int = 0,
+                     batch: int | None = None) -> NullDistribution:
+    """Null distribution of the set-averaged 2 vs. 2 accuracy under permuted concept labels.
+
+    Each permutation ``p`` relabels the concepts on the word side, ``c_word[p][:, p]``,
+    and the 2 vs. 2 runs against every image set's matrix. Permutations come
+    from :func:`permutations` (numbers ``start`` .. ``start + n_perm - 1``), so the
+    same seed gives every layer of an experiment the same permutations and shards
+    ``[0, 50), [50, 100), ...`` concatenate to exactly the unsharded result.
+
+    Parameters
+    ----------
+    c_img_sets : ndarray (K, w, w) or sequence of (w, w)
+        One image-side similarity matrix per image set, over the same concepts.
+    c_word : ndarray (w, w)
+        The word-side similarity matrix.
+    n_perm, seed, start : int
+        How many permutations, the seed, and the number of the first.
+    batch : int, optional
+        Permutations per batched product (bounds memory: about 20 x batch x w^2
+        float64 values); by default about 2^20 matrix entries. The result does
+        not depend on it.
+    """
+    b = np.asarray(c_word, np.float64)
+    sets = [np.asarray(a, np.float64) for a in c_img_sets]
+    w = _check(sets[0], b)
+    for a in sets[1:]:
+        _check(a, b)
+    with _one_torch_thread():
+        passes = _null_passes(sets, b, permutations(w, n_perm, seed, start), batch or max(1, BATCH_ENTRIES // (w * w)))
+    return NullDistribution(passes, w * (w - 1) // 2)
+
+
+def _null_passes(sets: list[np.ndarray], b: np.ndarray, perms: np.ndarray, batch: int) -> np.ndarray:
+    n_perm, w = perms.shape
+    images = [_ImageSide(a) for a in sets]
+    word = _Side(b, "word")
+    passes = np.zeros((n_perm, len(sets)), np.int64)
+    # One batch of buffers, reused: the permuted word matrix and row terms, the products, the margins.
+    work = np.empty((4, min(batch, n_perm), w, w))
+    flat = [np.ascontiguousarray(m).ravel() for m in (b, word.s.numpy(), word.r.numpy())]
+    out, tmp = torch.empty(work.shape[1:], dtype=torch.float64), torch.empty(work.shape[1:], dtype=torch.float64)
+    for lo in range(0, n_perm, batch):
+        p = perms[lo:lo + batch]
+        nb = len(p)
+        bp, sbp, rbp, q = work[:, :nb]
+        idx = p[:, :, None] * w + p[:, None, :]  # flat indices of m[p][:, p]
+        for m, dest in zip(flat, (bp, sbp, rbp)):
+            np.take(m, idx, out=dest, mode="clip")
+        terms = [torch.from_numpy(x) for x in (bp, sbp, rbp)]
+        for k, img in enumerate(images):
+            np.matmul(bp, img.m.T, out=q)
+            margin = _margins(img, *terms, torch.from_numpy(q), out[:nb], tmp[:nb]).numpy()
+            np.einsum("...ii->...i", margin)[...] = 0  # the diagonal is not a pair
+            passes[lo:lo + nb, k] = np.count_nonzero(margin > TIE_TOLERANCE, axis=(1, 2)) // 2
+    return passes
 

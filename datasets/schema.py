@@ -87,3 +87,73 @@ def stamp(table: pa.Table, experiment_id: str) -> pa.Table:
     meta = dict(table.schema.metadata or {})
     meta.update({b"semprobe.schema_version": SCHEMA_VERSION.encode(), b"semprobe.experiment_id": experiment_id.encode()})
     return table.replace_schema_metadata(meta)
+
+
+def similarity(w: int) -> pa.Schema:
+    """One row per (model, layer, image set) or word model: the w x w Pearson r between concepts."""
+    return pa.schema(
+        [
+            ("model", pa.string()),  # null for a word model's matrix
+            ("layer", pa.string()),
+            ("layer_index", pa.int32()),
+            ("set_index", pa.int32()),
+            ("space", pa.string()),  # "cnn" or the word model
+            ("concept_ids", pa.list_(pa.string())),  # rows and columns, in order
+            ("matrix", pa.fixed_shape_tensor(pa.float32(), [w, w])),
+        ]
+    )
+
+
+# One row per (model, layer, word model, image set): the observed 2 vs. 2 and its null, as counts.
+TESTS = pa.schema(
+    [
+        ("model", pa.string()),
+        ("layer", pa.string()),
+        ("layer_index", pa.int32()),
+        ("word_model", pa.string()),
+        ("set_index", pa.int32()),
+        ("n_concepts", pa.int32()),
+        ("n_pairs", pa.int64()),
+        ("passes", pa.int64()),  # pairs passed
+        ("concept_ids", pa.list_(pa.string())),
+        ("concept_passes", pa.list_(pa.int32())),  # pairs passed per concept, of n_concepts - 1
+        ("null_passes", pa.list_(pa.int32())),  # pairs passed under each permutation, in order
+    ]
+)
+
+# One row per (model, layer, word model, set) and one per (model, layer, word model) with
+# set_index null: the mean over sets, tested against the permutation null and corrected by
+# BHY over the experiment's whole family (every model x layer x word model).
+SCORES = pa.schema(
+    [
+        ("model", pa.string()),
+        ("layer", pa.string()),
+        ("layer_index", pa.int32()),
+        ("word_model", pa.string()),
+        ("set_index", pa.int32()),
+        ("accuracy", pa.float64()),
+        ("std", pa.float64()),  # over sets (sample std; 0 with one set); null on a set's row
+        ("n_concepts", pa.int32()),
+        ("n_pairs", pa.int64()),
+        ("n_perm", pa.int32()),
+        ("null_mean", pa.float64()),
+        ("null_std", pa.float64()),
+        ("p_value", pa.float64()),  # (1 + #{null >= accuracy}) / (1 + n_perm); null without permutations
+        ("p_bhy", pa.float64()),  # on mean rows only
+        ("significant", pa.bool_()),  # p_bhy <= alpha, on mean rows only
+    ]
+)
+
+# Per concept: the fraction of its pairs passed, per set and (set_index null) over all sets.
+CONCEPT_SCORES = pa.schema(
+    [
+        ("model", pa.string()),
+        ("layer", pa.string()),
+        ("layer_index", pa.int32()),
+        ("word_model", pa.string()),
+        ("set_index", pa.int32()),
+        ("concept_id", pa.string()),
+        ("word", pa.string()),
+        ("pass_rate", pa.float64()),
+    ]
+)

@@ -41,6 +41,32 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML (or YAML/JSON) file of options, or a packaged config's name; flags override it")
+    p.add_argument("--images", help="image source: DIR, s3://..., manifest .parquet, sample:imagenet, sample:cifar100")
+    p.add_argument("--models", help="CNNs, comma-separated: efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH")
+    p.add_argument("--words", help="word models, comma-separated: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH")
+    p.add_argument("--sets", type=int, help="K image sets, one image per concept each (default 1)")
+    p.add_argument("--layers", help="kinds (activations, concat, blocks, pool, logits) and/or node names, comma-separated")
+    p.add_argument("--permutations", type=int, help="permutations for the null (default 1000; 0: no p-values)")
+    p.add_argument("--seed", type=int, help="seeds the image sets and the permutations")
+    p.add_argument("--alpha", type=float, help="BHY false discovery rate (default 0.05)")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
+    p.add_argument("--gpus-per-actor", type=float, dest="gpus_per_actor")
+    p.add_argument("--out", help="output folder or s3:// / gs:// URI (default: runs/<experiment id>)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ray_jobs.config import RunConfig, load_config
+    from ray_jobs.run import run
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    run(load_config(RunConfig, args.config, overrides), log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ray_jobs.bench import BENCHMARKS
 
@@ -51,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # foolbox imports GitPython; git may be absent
     parser = argparse.ArgumentParser(prog="semprobe", description="What do CNN layers know? Held against word embeddings, on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="the main job: 2 vs. 2 of every layer against word models, permutations, BHY, report")
+    _run_args(r)
+    r.set_defaults(func=_run)
     p = sub.add_parser("extract", help="capture every chosen layer of a CNN into Parquet")
     _extract_args(p)
     p.set_defaults(func=_extract)

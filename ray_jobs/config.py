@@ -1,4 +1,4 @@
-"""Job configuration: defaults, a config file (YAML or JSON) and flags, resolved once.
+"""Job configuration: defaults, a config file (TOML, YAML or JSON) and flags, resolved once.
 
 Resources (actors, GPUs and CPUs per actor, threads) are configuration, never
 code; ``None`` means "derive from the cluster this job runs on".
@@ -10,7 +10,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 import yaml
@@ -72,22 +74,103 @@ class ExtractConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class RunConfig:
+    """``semprobe run``: extraction of every model, then 2 vs. 2, permutations and the reducer."""
+
+    images: str = "sample:imagenet"
+    models: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
+    words: list[str] = field(default_factory=lambda: ["glove-50d"])
+    sets: int = 1
+    layers: str = "blocks"
+    permutations: int = 1000
+    seed: int = 0
+    alpha: float = 0.05
+    out: str | None = None  # None: runs/<experiment id>, so the same command resumes
+    batch_size: int = 32
+    shard_size: int = 64
+    dtype: str = "float16"
+    permutation_shard: int = 50  # permutations per task
+    gram_memory_mb: int = 256  # features read per Gram chunk: at most this much float32 per task
+    gram_compute: str = "float32"  # precision of each chunk's Gram product (sums are float64)
+    # resources
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1
+    torch_threads: int | None = None
+    decode_cpus: float = 1
+    task_cpus: float = 1  # per Gram and 2 vs. 2 task
+
+    IDENTITY = ("images", "models", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size", "dtype")
+
+    def validate(self) -> "RunConfig":
+        for name in ("models", "words"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not value:
+                raise InputError(f"--{name} needs at least one name")
+            setattr(self, name, list(value))
+        if len(set(self.models)) != len(self.models) or len(set(self.words)) != len(self.words):
+            raise InputError("--models and --words must not repeat a name")
+        for name, low in (("sets", 1), ("permutations", 0), ("permutation_shard", 1), ("gram_memory_mb", 1)):
+            if int(getattr(self, name)) < low:
+                raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if not 0 < self.alpha < 1:
+            raise InputError(f"--alpha must lie between 0 and 1, got {self.alpha}")
+        if self.gram_compute not in ("float32", "float64"):
+            raise InputError(f"unknown gram_compute '{self.gram_compute}': choose float32 or float64")
+        self.extract_config(self.models[0], "unused")  # the extraction options, checked now
+        if self.out is None:
+            self.out = os.path.join("runs", self.experiment_id())
+        return self
+
+    def extract_config(self, model: str, out: str) -> ExtractConfig:
+        return ExtractConfig(
+            images=self.images, model=model, out=out, layers=self.layers, words=self.words, sets=self.sets,
+            seed=self.seed, batch_size=self.batch_size, shard_size=self.shard_size, dtype=self.dtype,
+            actors=self.actors, gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor,
+            torch_threads=self.torch_threads, decode_cpus=self.decode_cpus,
+        ).validate()
+
+    identity = ExtractConfig.identity
+    experiment_id = ExtractConfig.experiment_id
+    to_dict = ExtractConfig.to_dict
+
+
+PACKAGED_CONFIGS = "ray_jobs.configs"
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files(PACKAGED_CONFIGS).iterdir() if p.name.endswith(".toml"))
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        packaged = resources.files(PACKAGED_CONFIGS) / f"{path}.toml"
+        if not packaged.is_file():
+            raise InputError(f"config file not found: {path} (or name a packaged config: {', '.join(packaged_configs())})")
+        return tomllib.loads(packaged.read_text())
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        values = tomllib.loads(raw.decode()) if path.endswith(".toml") else yaml.safe_load(raw) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise InputError(f"malformed config {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"malformed config {path}: expected a mapping of option: value")
+    return values
+
+
 def load_config(cls, path: str | None, overrides: dict[str, Any]):
-    """Defaults, then the file at ``path`` (YAML or JSON), then the non-None ``overrides``."""
-    values: dict[str, Any] = {}
-    if path:
-        if not os.path.isfile(path):
-            raise InputError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise InputError(f"malformed config {path}: {str(err).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise InputError(f"malformed config {path}: expected a mapping of option: value")
+    """Defaults, then the file at ``path`` (TOML, YAML or JSON; or a packaged config's name), then the non-None ``overrides``."""
+    values = _read_file(path) if path else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise InputError(f"unknown config option '{unknown[0]}': choose from {', '.join(sorted(known))}")
-    return cls(**values).validate()
+    try:
+        return cls(**values).validate()
+    except TypeError as err:
+        raise InputError(f"malformed config {path or 'options'}: {err}") from None

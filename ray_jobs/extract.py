@@ -247,14 +247,15 @@ def _resources(cfg: ExtractConfig) -> dict[str, Any]:
             "torch_threads": cfg.torch_threads, "decode_cpus": cfg.decode_cpus}
 
 
-def _check_same_experiment(output: Output, cfg: ExtractConfig) -> None:
+def check_same_experiment(output: Output, cfg) -> None:
+    """Refuse to mix two experiments in one output folder."""
     if not output.exists("config.json"):
         return
     before = output.read_json("config.json").get("identity", {})
     differ = [k for k, v in cfg.identity().items() if before.get(k) != v]
     if differ:
         raise InputError(
-            f"{output.uri} holds another extraction (it differs in {', '.join(differ)}): use a new --out or the same options"
+            f"{output.uri} holds another experiment (it differs in {', '.join(differ)}): use a new --out or the same options"
         )
 
 
@@ -283,11 +284,11 @@ def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any]) 
     output.write_table(schema.stamp(layers, exp), "layers.parquet")
 
 
-def run_extract(cfg: ExtractConfig, log=print) -> dict[str, Any]:
+def run_extract(cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = None) -> dict[str, Any]:
     """Run (or resume) an extraction; returns the summary it also writes to OUT/summary.json."""
-    plan = plan_extraction(cfg)
+    plan = plan or plan_extraction(cfg)
     output = Output(cfg.out)
-    _check_same_experiment(output, cfg)
+    check_same_experiment(output, cfg)
     if plan.concepts is not None:
         log(plan.concepts.summary(len(plan.source.classes)))
     for cid, n in sorted(plan.dropped_for_sets.items()):

@@ -147,7 +147,7 @@ def test_rerun_skips_and_resume_recomputes_only_missing(extracted):
 
 def test_same_out_with_other_options_is_refused(extracted):
     images, out, _ = extracted
-    with pytest.raises(InputError, match=r"holds another extraction \(it differs in layers\)"):
+    with pytest.raises(InputError, match=r"holds another experiment \(it differs in layers\)"):
         run_extract(config(images, out, layers="pool"), log=lambda m: None)
 
 

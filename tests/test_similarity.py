@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
-from analysis.similarity import zscore_rows
+from analysis.errors import ZeroVarianceError
+from analysis.similarity import GramAccumulator, correlation_matrix, zscore_rows
 
 
 def test_zscore_rows_gram_is_pearson():
@@ -50,3 +52,34 @@ def test_zscore_rows_channels_last_keeps_chw_order():
 def test_zscore_rows_constant_nonzero_row_is_zero():
     x = torch.tensor([[0.1] * 1000, [3.0] * 999 + [3.0000002]])
     assert torch.count_nonzero(zscore_rows(x)) == 0
+
+
+def test_correlation_matrix_one_product_and_blocked_equal_numpy_pearson():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(9, 4, 25)) * rng.uniform(0.1, 5, size=(9, 1, 1)) + 100  # far from centred
+    expected = np.corrcoef(x.reshape(9, -1))
+    np.testing.assert_allclose(correlation_matrix(x), expected, atol=1e-12)
+    np.testing.assert_allclose(correlation_matrix(x, block=7), expected, atol=1e-12)
+    np.testing.assert_allclose(correlation_matrix(x.astype(np.float32), compute="float32", block=16), expected, atol=1e-5)
+
+
+def test_gram_accumulators_merge_across_workers():
+    rng = np.random.default_rng(6)
+    z = zscore_rows(torch.from_numpy(rng.normal(size=(7, 60)))).numpy().astype(np.float16)  # as stored
+    left, right = GramAccumulator(7), GramAccumulator(7)
+    for lo in range(0, 30, 8):
+        left.add(z[:, lo:min(lo + 8, 30)])
+    right.add(z[:, 30:])
+    np.testing.assert_allclose(left.merge(right).correlation(), np.corrcoef(z.astype(np.float64)), atol=1e-6)
+    assert left.n_features == 60
+
+
+def test_correlation_matrix_names_constant_rows():
+    x = np.random.default_rng(0).normal(size=(5, 12))
+    x[3] = 2.5
+    with pytest.raises(ZeroVarianceError, match=r"row\(s\) \[3\]") as err:
+        correlation_matrix(x)
+    assert err.value.rows == [3]
+    stored = zscore_rows(torch.from_numpy(x)).numpy()  # the store keeps a constant row as zeros
+    with pytest.raises(ZeroVarianceError):
+        correlation_matrix(stored, block=5)
