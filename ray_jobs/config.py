@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from analysis.errors import InputError
-from ray_jobs.storage import STORE_FORMATS
+from ray_jobs.storage import STORE_FORMATS, absolute
 
 DTYPE_CHOICES = ("float16", "float32")
 
@@ -62,6 +62,7 @@ class ExtractConfig:
         if self.compression not in STORE_FORMATS[self.store_format]:
             choices = ", ".join(STORE_FORMATS[self.store_format])
             raise InputError(f"compression '{self.compression}' is not available for {self.store_format}: choose one of {choices}")
+        self.out = absolute(self.out)
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -121,8 +122,7 @@ class RunConfig:
         if self.gram_compute not in ("float32", "float64"):
             raise InputError(f"unknown gram_compute '{self.gram_compute}': choose float32 or float64")
         self.extract_config(self.models[0], "unused")  # the extraction options, checked now
-        if self.out is None:
-            self.out = os.path.join("runs", self.experiment_id())
+        self.out = absolute(self.out or os.path.join("runs", self.experiment_id()))
         return self
 
     def extract_config(self, model: str, out: str) -> ExtractConfig:

@@ -9,6 +9,7 @@ file that a rerun would trust.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import uuid
 from typing import Any
@@ -28,6 +29,11 @@ PARQUET_OPTIONS = {"use_dictionary": False, "write_statistics": False}
 # image costs 3-4x the forward pass on a CPU; IPC writes the tensor buffers as
 # they are and reads back memory-mapped, zero-copy.
 STORE_FORMATS = {"arrow": ("none", "lz4", "zstd"), "parquet": ("none", "snappy", "zstd", "lz4", "gzip")}
+
+
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray workers do not share the driver's working directory); URIs as they are."""
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 class Output:
