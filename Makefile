@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/semprobe extract --images sample:imagenet --model efficientnet_lite0 --words glove-50d --out runs/demo
+	$(VENV)/bin/semprobe run
 
 test: $(VENV)/.installed
 	GIT_PYTHON_REFRESH=quiet $(PY) -m pytest -q
