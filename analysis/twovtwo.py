@@ -12,11 +12,9 @@ matrix. All w(w-1)/2 pairs are computed exactly from one w x w x w product
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from analysis.errors import InputError
 
@@ -50,45 +48,30 @@ def _check(a: np.ndarray, b: np.ndarray) -> int:
     return w
 
 
-# The w x w x w products run in numpy's BLAS, which is the faster float64 GEMM on
-# our CPUs; the O(w^2) corrections run as fused torch kernels on the same memory
-# (torch.from_numpy shares it), on one thread: they are memory-bound, and torch's
-# thread pool competing with the BLAS threads costs more than it gains.
-
-
-@contextmanager
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class _Side:
     """Row terms of one matrix for every pair (i, j) at once.
 
     ``s[i, j]`` is the sum of row i with columns i and j removed and ``r[i, j]``
     is 1 / sqrt(n q - s^2), n = w - 2, q the sum of squares of that shortened
     row: the inverse of n times its standard deviation. Diagonal entries are
-    placeholders (1).
+    placeholders (1). All O(w^2) work here and in :func:`_margins` is in-place
+    numpy: it is memory-bound, and one pass per term is what it costs.
     """
 
     def __init__(self, m: np.ndarray, side: str):
         w = m.shape[0]
         n = w - 2
-        self.m = m
-        t = torch.from_numpy(m)
-        self.d = t.diagonal().clone()
-        self.s = t.sum(1, keepdim=True) - self.d[:, None] - t
-        var = torch.mul(t, t).mul_(-n)
-        var.add_((n * ((t * t).sum(1) - self.d**2))[:, None]).addcmul_(self.s, self.s, value=-1)
-        var.fill_diagonal_(1.0)
+        self.m, self.d = m, np.diag(m).copy()
+        self.s = np.subtract((m.sum(1) - self.d)[:, None], m)
+        var = np.multiply(m, m)
+        var *= -n
+        var += (n * (np.einsum("ij,ij->i", m, m) - self.d**2))[:, None]
+        var -= np.multiply(self.s, self.s)
+        np.fill_diagonal(var, 1.0)
         if var.min() <= 0:
-            i, j = torch.nonzero(var <= 0)[0].tolist()
+            i, j = np.argwhere(var <= 0)[0]
             raise InputError(f"zero-variance row in the {side} matrix: concept {i} with columns {i}, {j} removed")
-        self.r = var.rsqrt_()
+        self.r = np.divide(1.0, np.sqrt(var, out=var), out=var)
 
 
 class _ImageSide(_Side):
@@ -96,23 +79,23 @@ class _ImageSide(_Side):
 
     def __init__(self, m: np.ndarray):
         super().__init__(m, "image")
-        n = m.shape[0] - 2
-        t = torch.from_numpy(m)
-        x = n * self.r
-        y = x * t
-        self.x, self.xt, self.yt = x, x.T.contiguous(), y.T.contiguous()
-        self.u = (self.xt * self.d[None, :]).sub_(y)  # (n r_a d_a[i])^T - n r_a a
+        x = (m.shape[0] - 2) * self.r
+        y = x * m
+        self.x, self.xt, self.yt = x, x.T.copy(), y.T.copy()
+        self.u = np.multiply(self.xt, self.d[None, :])  # (n r_a d_a[i])^T - n r_a a
+        self.u -= y
         z = self.s * self.r
         self.v = z.T - z
 
 
-def _margins(img: _ImageSide, b: torch.Tensor, sb: torch.Tensor, rb: torch.Tensor, q: torch.Tensor,
-             out: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+def _margins(img: _ImageSide, b: np.ndarray, sb: np.ndarray, rb: np.ndarray, q: np.ndarray,
+             out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
     """(..., w, w) into ``out``: matched - mismatched sums of correlations per pair; diagonal meaningless.
 
     ``b``, ``sb``, ``rb`` are the word side's matrix and row terms (any leading
-    batch dimensions) and ``q = b @ a^T``. With n = w - 2, the terms r, s of
-    :class:`_Side`, and columns i and j removed,
+    batch dimensions) and ``q = b @ a^T``; ``out`` and ``tmp`` are buffers of
+    their shape. With n = w - 2, the terms r, s of :class:`_Side`, and columns
+    i and j removed,
 
         corr(a_i, b_i) = r_a r_b (n (q_ii - a_ii b_ii - a_ij b_ij) - s_a s_b)
         corr(a_j, b_i) = r_a^T r_b (n (q_ij - a_jj b_ij - a_ji b_ii) - s_a^T s_b)
@@ -120,11 +103,15 @@ def _margins(img: _ImageSide, b: torch.Tensor, sb: torch.Tensor, rb: torch.Tenso
     so T = corr(a_i, b_i) - corr(a_j, b_i) needs no transposed word term, and the
     margin of pair (i, j) is T + T^T.
     """
-    diag_b = b.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-    own_dot = q.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) - img.d[:, None] * diag_b
-    t = torch.mul(img.x, own_dot, out=tmp)
-    t.addcmul_(img.yt, diag_b).addcmul_(img.xt, q, value=-1).addcmul_(img.u, b).addcmul_(img.v, sb).mul_(rb)
-    return torch.add(t, t.transpose(-1, -2), out=out)
+    diag_b = np.diagonal(b, axis1=-2, axis2=-1)[..., :, None]
+    own_dot = np.diagonal(q, axis1=-2, axis2=-1)[..., :, None] - img.d[:, None] * diag_b
+    t = np.multiply(img.x, own_dot, out=tmp)
+    t += np.multiply(img.yt, diag_b, out=out)
+    t -= np.multiply(img.xt, q, out=out)
+    t += np.multiply(img.u, b, out=out)
+    t += np.multiply(img.v, sb, out=out)
+    t *= rb
+    return np.add(t, t.swapaxes(-1, -2), out=out)
 
 
 def two_vs_two(c_img: np.ndarray, c_word: np.ndarray) -> TwoVsTwo:
@@ -146,12 +133,11 @@ def two_vs_two(c_img: np.ndarray, c_word: np.ndarray) -> TwoVsTwo:
     """
     a, b = np.asarray(c_img, np.float64), np.asarray(c_word, np.float64)
     w = _check(a, b)
-    with _one_torch_thread():
-        img, word = _ImageSide(a), _Side(b, "word")
-        q = torch.from_numpy(b @ a.T)
-        passed = _margins(img, torch.from_numpy(b), word.s, word.r, q, torch.empty_like(q), torch.empty_like(q)) > TIE_TOLERANCE
-        passed.fill_diagonal_(False)
-    return TwoVsTwo(passed.sum().item() / (w * (w - 1)), passed.numpy())
+    img, word = _ImageSide(a), _Side(b, "word")
+    q = b @ a.T
+    passed = _margins(img, b, word.s, word.r, q, np.empty_like(q), np.empty_like(q)) > TIE_TOLERANCE
+    np.fill_diagonal(passed, False)
+    return TwoVsTwo(np.count_nonzero(passed) / (w * (w - 1)), passed)
 
 
 # --- permutation tests ------------------------------------------------------------------------------
@@ -217,8 +203,7 @@ def permutation_null(c_img_sets, c_word: np.ndarray, n_perm: int, seed: int, sta
     w = _check(sets[0], b)
     for a in sets[1:]:
         _check(a, b)
-    with _one_torch_thread():
-        passes = _null_passes(sets, b, permutations(w, n_perm, seed, start), batch or max(1, BATCH_ENTRIES // (w * w)))
+    passes = _null_passes(sets, b, permutations(w, n_perm, seed, start), batch or max(1, BATCH_ENTRIES // (w * w)))
     return NullDistribution(passes, w * (w - 1) // 2)
 
 
@@ -229,8 +214,8 @@ def _null_passes(sets: list[np.ndarray], b: np.ndarray, perms: np.ndarray, batch
     passes = np.zeros((n_perm, len(sets)), np.int64)
     # One batch of buffers, reused: the permuted word matrix and row terms, the products, the margins.
     work = np.empty((4, min(batch, n_perm), w, w))
-    flat = [np.ascontiguousarray(m).ravel() for m in (b, word.s.numpy(), word.r.numpy())]
-    out, tmp = torch.empty(work.shape[1:], dtype=torch.float64), torch.empty(work.shape[1:], dtype=torch.float64)
+    flat = [np.ascontiguousarray(m).ravel() for m in (b, word.s, word.r)]
+    out, tmp = np.empty(work.shape[1:]), np.empty(work.shape[1:])
     for lo in range(0, n_perm, batch):
         p = perms[lo:lo + batch]
         nb = len(p)
@@ -238,10 +223,9 @@ def _null_passes(sets: list[np.ndarray], b: np.ndarray, perms: np.ndarray, batch
         idx = p[:, :, None] * w + p[:, None, :]  # flat indices of m[p][:, p]
         for m, dest in zip(flat, (bp, sbp, rbp)):
             np.take(m, idx, out=dest, mode="clip")
-        terms = [torch.from_numpy(x) for x in (bp, sbp, rbp)]
         for k, img in enumerate(images):
             np.matmul(bp, img.m.T, out=q)
-            margin = _margins(img, *terms, torch.from_numpy(q), out[:nb], tmp[:nb]).numpy()
+            margin = _margins(img, bp, sbp, rbp, q, out[:nb], tmp[:nb])
             np.einsum("...ii->...i", margin)[...] = 0  # the diagonal is not a pair
             passes[lo:lo + nb, k] = np.count_nonzero(margin > TIE_TOLERANCE, axis=(1, 2)) // 2
     return passes

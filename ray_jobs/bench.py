@@ -7,12 +7,16 @@ import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
+from scipy.stats import pearsonr
+from threadpoolctl import threadpool_limits
 
 from actors.extractor import normalise
 from actors.zoo import load_model
+from analysis.twovtwo import permutation_null, two_vs_two
 from datasets.decode import decode_image, read_bytes
 from datasets.images import resolve_images
 from ray_jobs.config import ExtractConfig
@@ -62,4 +66,114 @@ def bench_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"extract": bench_extract}
+@contextmanager
+def _one_thread():
+    """BLAS, OpenMP and torch on one thread: the unit of work a Ray task with num_cpus=1 gets."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+THREAD_SETTINGS = {"1 thread": _one_thread, "all cores": nullcontext}
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of fn, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _sig(x: float) -> float:
+    """x to 4 significant figures."""
+    return float(f"{x:.4g}")
+
+
+def similarity_pair(w: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Image- and word-side (w, w) float64 correlation matrices of 300-d features sharing a component."""
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal((w, 300))
+    return tuple(np.corrcoef(0.5 * shared + rng.standard_normal((w, 300))) for _ in range(2))
+
+
+def naive_pair(a: np.ndarray, b: np.ndarray, i: int, j: int) -> bool:
+    """The original authors' 2 vs. 2 of pair (i, j): four scipy Pearson r's of the rows without columns i, j."""
+    keep = np.ones(len(a), bool)
+    keep[[i, j]] = False
+    a_i, a_j, b_i, b_j = a[i, keep], a[j, keep], b[i, keep], b[j, keep]
+    r = lambda x, y: pearsonr(x, y).statistic  # noqa: E731
+    return r(a_i, b_i) + r(a_j, b_j) > r(a_i, b_j) + r(a_j, b_i)
+
+
+def bench_twovtwo(args: argparse.Namespace) -> int:
+    rows = []
+    for w in args.sizes:
+        a, b = similarity_pair(w)
+        n_pairs = w * (w - 1) // 2
+        pick = np.random.default_rng(0).choice(n_pairs, min(args.pairs, n_pairs), replace=False)
+        pairs = np.stack(np.triu_indices(w, 1), axis=1)[pick]
+        result = two_vs_two(a, b)
+        for threads, limit in THREAD_SETTINGS.items():
+            with limit():
+                seconds = _median_seconds(lambda: two_vs_two(a, b), 3)
+                floor = _median_seconds(lambda: a @ b, 5)
+                start = time.perf_counter()
+                naive = [naive_pair(a, b, i, j) for i, j in pairs]
+                per_pair = (time.perf_counter() - start) / len(pairs)
+            rows.append({
+                "w": w, "threads": threads, "n_pairs": n_pairs, "accuracy": round(result.accuracy, 4),
+                "two_vs_two_s": _sig(seconds), "floor_matmul_s": _sig(floor), "ratio": _sig(seconds / floor),
+                "naive_ms_per_pair": _sig(per_pair * 1e3), "naive_extrapolated_s": _sig(per_pair * n_pairs),
+                "speedup": _sig(per_pair * n_pairs / seconds), "naive_pairs": len(pairs),
+                "naive_agree": int(sum(n == result.passed[i, j] for n, (i, j) in zip(naive, pairs))),
+            })
+    print(json.dumps({"benchmark": "twovtwo", "cpus": len(os.sched_getaffinity(0)), "target_ratio_w838": 3,
+                      "target_speedup": 1000, "results": rows}, indent=2))
+    print("\n| benchmark | figure | floor (w x w x w matmul) | ratio | target | naive pearsonr loop (extrapolated) "
+          "| speedup | target |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| two_vs_two w={r['w']}, {r['threads']} | {r['two_vs_two_s'] * 1e3:.3g} ms | {r['floor_matmul_s'] * 1e3:.3g} ms "
+              f"| {r['ratio']:.2f} | {'<= 3' if r['w'] == 838 else '-'} | {r['naive_extrapolated_s']:.4g} s "
+              f"({r['naive_ms_per_pair']:.3g} ms/pair, {r['naive_agree']}/{r['naive_pairs']} agree) "
+              f"| {r['speedup']:.0f}x | >= 1000x |")
+    return 0
+
+
+def bench_permutations(args: argparse.Namespace) -> int:
+    a, b = similarity_pair(args.w)
+    n = args.permutations
+    out = np.empty_like(a)
+    rows = []
+    for threads, limit in THREAD_SETTINGS.items():
+        with limit():
+            permutation_null([a], b, 1, seed=0)  # warm-up
+            start = time.perf_counter()
+            permutation_null([a], b, n, seed=0)
+            seconds = time.perf_counter() - start
+            np.matmul(a, b, out=out)
+            start = time.perf_counter()
+            for _ in range(n):
+                np.matmul(a, b, out=out)
+            floor = time.perf_counter() - start
+        rows.append({"threads": threads, "permutation_null_s": _sig(seconds), "ms_per_permutation": _sig(seconds / n * 1e3),
+                     "floor_matmuls_s": _sig(floor), "floor_ms_per_matmul": _sig(floor / n * 1e3),
+                     "ratio": _sig(seconds / floor)})
+    print(json.dumps({"benchmark": "permutations", "w": args.w, "K": 1, "permutations": n,
+                      "cpus": len(os.sched_getaffinity(0)), "target_ratio": 2, "results": rows}, indent=2))
+    print(f"\n| benchmark | figure | floor ({n} w x w x w matmuls) | ratio | target |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| permutation_null w={args.w}, K=1, {n} permutations, {r['threads']} | {r['permutation_null_s']:.4g} s "
+              f"({r['ms_per_permutation']:.3g} ms/perm) | {r['floor_matmuls_s']:.4g} s ({r['floor_ms_per_matmul']:.3g} ms/matmul) "
+              f"| {r['ratio']:.2f} | <= 2 |")
+    return 0
+
+
+BENCHMARKS = {"extract": bench_extract, "twovtwo": bench_twovtwo, "permutations": bench_permutations}

@@ -84,11 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     _extract_args(p)
     p.set_defaults(func=_extract)
     b = sub.add_parser("bench", help="benchmarks, each beside its floor")
-    b.add_argument("bench", choices=["extract"])
+    b.add_argument("bench", choices=["extract", "twovtwo", "permutations"])
     b.add_argument("--images", default="sample:imagenet")
     b.add_argument("--model", default="efficientnet_lite0")
     b.add_argument("--batch-size", type=int, default=32, dest="batch_size")
     b.add_argument("--out", help="where to write the benchmark's extraction (default: a temporary folder)")
+    b.add_argument("--sizes", type=lambda s: [int(w) for w in s.split(",")], default="166,838,2000",
+                   help="twovtwo: concept counts w, comma-separated")
+    b.add_argument("--pairs", type=int, default=300, help="twovtwo: pairs sampled for the naive loop")
+    b.add_argument("--w", type=int, default=838, help="permutations: concept count")
+    b.add_argument("--permutations", type=int, default=1000, help="permutations: how many")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,35 @@
+"""Smoke tests of the 2 vs. 2 benchmarks at toy sizes: they run and report; speed is never asserted."""
+
+import json
+import math
+
+from ray_jobs.cli import main
+
+
+def _report(capsys, argv: list[str]) -> dict:
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    report, end = json.JSONDecoder().raw_decode(out)
+    assert out[end:].strip().startswith("| benchmark |")
+    return report
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_twovtwo(capsys):
+    report = _report(capsys, ["bench", "twovtwo", "--sizes", "30", "--pairs", "20"])
+    assert [(r["w"], r["threads"]) for r in report["results"]] == [(30, "1 thread"), (30, "all cores")]
+    for r in report["results"]:
+        assert r["n_pairs"] == 435 and 0 <= r["accuracy"] <= 1
+        assert all(_positive(r[k]) for k in ("two_vs_two_s", "floor_matmul_s", "ratio", "naive_extrapolated_s", "speedup"))
+        assert r["naive_agree"] == r["naive_pairs"] == 20
+
+
+def test_bench_permutations(capsys):
+    report = _report(capsys, ["bench", "permutations", "--w", "30", "--permutations", "20"])
+    assert (report["w"], report["permutations"]) == (30, 20)
+    assert [r["threads"] for r in report["results"]] == ["1 thread", "all cores"]
+    for r in report["results"]:
+        assert all(_positive(r[k]) for k in ("permutation_null_s", "ms_per_permutation", "floor_matmuls_s", "ratio"))
