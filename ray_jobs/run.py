@@ -14,7 +14,7 @@ Layout under OUT (besides the extractions under ``extract/<model>/``)::
     similarity/<model>/words/<word model>.parquet the word matrices over the same concepts
     tests/<model>/<word model>/<layer>.parquet    observed and null 2 vs. 2, as pair counts
     scores.parquet, concept_scores.parquet        the results (datasets.schema.SCORES, CONCEPT_SCORES)
-    figures/twovtwo.png, report.md, summary.json
+    figures/<model>.png, report.html, summary.json
 
 Every file is published atomically and is a unit of resume: a rerun recomputes
 only what is missing, and every number downstream is computed from the files
@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 import ray
 
 from analysis.errors import InputError, ZeroVarianceError
-from analysis.figures import twovtwo_figure
+from analysis.figures import layer_curves
 from analysis.similarity import GramAccumulator, correlation_matrix
 from analysis.stats import bhy, permutation_p_value
 from analysis.twovtwo import permutation_null, two_vs_two
@@ -157,6 +157,7 @@ class ModelPlan:
     words: dict[str, list[str]]  # word model -> the word of each concept
     set_indices: list[int]
     images: list[list[str]]  # per set, the image of each concept
+    left_out: list[str]  # concepts without an extracted image in some set (their image failed to decode)
 
 
 def plan_model(output: Output, extract_key: str, plan: ExtractionPlan, log) -> ModelPlan:
@@ -182,7 +183,7 @@ def plan_model(output: Output, extract_key: str, plan: ExtractionPlan, log) -> M
         words[wm] = [lookup[c] for c in kept]
     return ModelPlan(
         plan.model, plan.model_key, extract_key, [(layer.name, layer.layer_index) for layer in plan.layers], kept, words,
-        sets, [[by_set[k][c] for c in kept] for k in sets],
+        sets, [[by_set[k][c] for c in kept] for k in sets], [c for c in all_concepts if c not in kept],
     )
 
 
@@ -349,10 +350,11 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     except OSError as err:
         raise InputError(f"cannot write to {cfg.out}: {err}") from None
     started = time.monotonic()
-    analysis = Analysis(cfg, output)
+    analysis, models = Analysis(cfg, output), {}
     for m in cfg.models:
         run_extract(cfg.extract_config(m, extract_outs[m]), log=log, plan=plans[m])
-        analysis.submit(plan_model(output, model_key(m), plans[m], log))
+        models[m] = plan_model(output, model_key(m), plans[m], log)
+        analysis.submit(models[m])
     if analysis.pending:
         log(f"analysis: {len(analysis.grams)} Gram task(s), {len(analysis.pending)} of {analysis.n_tests} tests to run "
             f"({analysis.n_tasks} tasks)")
@@ -365,12 +367,16 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     concept_scores = _name_concepts(concept_scores, concepts)
     output.write_table(schema.stamp(scores, exp), "scores.parquet")
     output.write_table(schema.stamp(concept_scores, exp), "concept_scores.parquet")
-    figure = twovtwo_figure(scores.to_pylist(), cfg.alpha)
-    buf = io.BytesIO()
-    figure.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    with output.open_atomic("figures", "twovtwo.png") as f:
-        f.stream.write(buf.getvalue())
-    report = write_report(output, cfg, scores, concept_scores, plans)
+    figures = {}
+    for m in cfg.models:
+        buf = io.BytesIO()
+        layer_curves(scores.to_pylist(), plans[m].model, cfg.alpha).savefig(buf, format="png", dpi=110)
+        figures[plans[m].model] = buf.getvalue()
+        with output.open_atomic("figures", f"{plans[m].model_key}.png") as f:
+            f.stream.write(buf.getvalue())
+    coverage = {plans[m].model: (plans[m], models[m].left_out, Output(extract_outs[m]).read_table("errors.parquet"))
+                for m in cfg.models}
+    report = write_report(output, cfg, scores, concept_scores, figures, coverage)
     summary = {
         "experiment_id": exp, "models": cfg.models, "words": cfg.words, "n_tests": len(tests),
         "tests_computed": analysis.computed, "gram_tasks": len(analysis.grams), "n_significant": int(

@@ -1,7 +1,6 @@
 """The main job end to end on real Ray: every number checked against a reference computed here."""
 
 import hashlib
-import io
 import json
 import shutil
 from pathlib import Path
@@ -111,9 +110,11 @@ def test_default_run_scores_against_a_reference(default_run, capsys):
         p_values.append(r["p_value"])
     np.testing.assert_allclose([r["p_bhy"] for r in means], by_hand_bhy(p_values))
     assert [r["significant"] for r in means] == list(by_hand_bhy(p_values) <= 0.05)
-    report = (out / "report.md").read_text()
-    assert "**78 concept pairs** passed, from **13 concepts**" in report and "significant after BHY" in report
-    assert (out / "figures" / "twovtwo.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.html").read_text()
+    assert "<b>78 concept pairs</b> passed, from <b>13 concepts</b>" in report and "significant after BHY" in report
+    assert "13 of 19 classes have a word in every word model; 6 dropped" in report  # coverage, and why
+    assert (out / "figures" / "efficientnet_lite0.png").read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64," in report and "http" not in report  # self-contained, opens offline
 
 
 def test_matrices_are_pearson_of_the_activation_store_and_the_word_vectors(two_sets):
@@ -202,7 +203,7 @@ def test_rerun_resumes_what_is_missing_and_ends_identical(two_sets):
     assert digest(out) == before
     # An interrupted run: one layer's matrices and test gone, and the reducer never ran.
     for part in (("tests", "efficientnet_lite0", "glove-50d", f"{LAYERS[1]}.parquet"),
-                 ("similarity", "efficientnet_lite0", f"{LAYERS[1]}.parquet"), ("scores.parquet",), ("report.md",)):
+                 ("similarity", "efficientnet_lite0", f"{LAYERS[1]}.parquet"), ("scores.parquet",), ("report.html",)):
         out.joinpath(*part).unlink()
     shards_of_7 = RunConfig(**{**cfg.to_dict(), "permutation_shard": 7}).validate()  # the null must not depend on sharding
     resumed = run(shards_of_7, log=lambda m: None)
@@ -246,6 +247,6 @@ def test_configs_toml_and_packaged(tmp_path):
 
 def test_report_says_how_much_stands_behind_each_number(two_sets):
     _, out, _ = two_sets
-    report = (out / "report.md").read_text()
-    assert "2 image set(s)" in report and "from **13 concepts**" in report and "40 permutations (seed 3)" in report
-    assert io.BytesIO((out / "figures" / "twovtwo.png").read_bytes()).read(4) == b"\x89PNG"
+    report = (out / "report.html").read_text()
+    assert "2 image set(s)" in report and "from <b>13 concepts</b>" in report and "40 permutations (seed 3)" in report
+    assert report.count("<tr>") == 1 + 3 + 1 + 6  # the layer table and the classes without a word
