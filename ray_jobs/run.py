@@ -1,7 +1,7 @@
 """``semprobe run``: the main job. Every layer of every CNN against every word model.
 
-extraction per model (``ray_jobs.extract``) -> Gram tasks, one per (model, layer):
-the w x w concept correlations of every image set, from the memory-mapped
+extraction per model (``ray_jobs.extract``) -> Gram tasks, one per (model, layer, set):
+the w x w concept correlations of each image set, from the memory-mapped
 activation store in bounded feature chunks -> 2 vs. 2 tasks, one per (model,
 layer, word model), and permutation-shard tasks (``permutation_shard``
 permutations each) over those small matrices -> reducer: mean and std over sets,
@@ -10,7 +10,7 @@ permutation p-values, BHY over the whole family -> tables, figure, report.
 Layout under OUT (besides the extractions under ``extract/<model>/``)::
 
     config.json                                   the resolved config
-    similarity/<model>/<layer>.parquet            the CNN matrices, one row per image set
+    similarity/<model>/<layer>/set-NNN.parquet    the CNN matrix of each image set
     similarity/<model>/words/<word model>.parquet the word matrices over the same concepts
     tests/<model>/<word model>/<layer>.parquet    observed and null 2 vs. 2, as pair counts
     scores.parquet, concept_scores.parquet        the results (datasets.schema.SCORES, CONCEPT_SCORES)
@@ -80,11 +80,11 @@ def _layer_views(output: Output, folder: tuple[str, ...], scratch: str) -> tuple
 
 
 @ray.remote
-def gram_task(out: str, folder: tuple[str, ...], model: str, layer: str, layer_index: int, set_indices: list[int],
-              images: list[list[str]], concept_ids: list[str], memory_mb: int, compute: str) -> dict[str, Any]:
-    """The concept correlation matrix of every image set of one layer, written and returned.
+def gram_task(out: str, folder: tuple[str, ...], model: str, layer: str, layer_index: int, set_index: int,
+              images: list[str], concept_ids: list[str], memory_mb: int, compute: str) -> np.ndarray:
+    """The (w, w) concept correlation matrix of one image set of one layer, written and returned (float32).
 
-    ``images[k]`` lists set k's image per concept, in ``concept_ids`` order. The
+    ``images`` lists the set's image per concept, in ``concept_ids`` order. The
     Gram is summed over chunks of features so that at most ``memory_mb`` of
     float32 is converted at a time, however wide the layer.
     """
@@ -95,41 +95,38 @@ def gram_task(out: str, folder: tuple[str, ...], model: str, layer: str, layer_i
         dim = views[0].shape[1]
         chunk = max(1, min(dim, memory_mb * 2**20 // (4 * w)))
         buf = np.empty((w, chunk), np.float32)
-        matrices = []
-        for set_index, ids in zip(set_indices, images):
-            located = np.array([where[i] for i in ids])
-            acc = GramAccumulator(w, compute)
-            for lo in range(0, dim, chunk):
-                hi = min(dim, lo + chunk)
-                for v in np.unique(located[:, 0]):
-                    pos = np.flatnonzero(located[:, 0] == v)
-                    buf[pos, :hi - lo] = views[v][located[pos, 1], lo:hi]
-                acc.add(buf[:, :hi - lo])
-            try:
-                matrices.append(acc.correlation().astype(np.float32))
-            except ZeroVarianceError as err:
-                culprits = ", ".join(f"{ids[r]} ({concept_ids[r]})" for r in err.rows[:3])
-                raise InputError(f"zero-variance activations in {model} layer {layer}, set {set_index}: image {culprits}; "
-                                 "its correlations are undefined (a constant input image or a dead layer)") from None
+        located = np.array([where[i] for i in images])
+        acc = GramAccumulator(w, compute)
+        for lo in range(0, dim, chunk):
+            hi = min(dim, lo + chunk)
+            for v in np.unique(located[:, 0]):
+                pos = np.flatnonzero(located[:, 0] == v)
+                buf[pos, :hi - lo] = views[v][located[pos, 1], lo:hi]
+            acc.add(buf[:, :hi - lo])
         del views, where  # release the memory maps before the scratch folder goes
-    stack = np.stack(matrices)
-    n = len(set_indices)
+    try:
+        matrix = acc.correlation().astype(np.float32)
+    except ZeroVarianceError as err:
+        culprits = ", ".join(f"{images[r]} ({concept_ids[r]})" for r in err.rows[:3])
+        raise InputError(f"zero-variance activations in {model} layer {layer}, set {set_index}: image {culprits}; "
+                         "its correlations are undefined (a constant input image or a dead layer)") from None
     table = pa.table(
-        [
-            pa.array([model] * n), pa.array([layer] * n), pa.array([layer_index] * n, pa.int32()),
-            pa.array(set_indices, pa.int32()), pa.array(["cnn"] * n), pa.array([concept_ids] * n, pa.list_(pa.string())),
-            pa.FixedShapeTensorArray.from_numpy_ndarray(stack),
-        ],
+        [[model], [layer], pa.array([layer_index], pa.int32()), pa.array([set_index], pa.int32()), ["cnn"], [concept_ids],
+         pa.FixedShapeTensorArray.from_numpy_ndarray(matrix[None].copy())],
         schema=schema.similarity(w),
     )
-    output.write_table(table, "similarity", model_key(model), f"{model_key(layer)}.parquet")
-    return {"concept_ids": concept_ids, "matrices": stack}
+    output.write_table(table, *similarity_file(model_key(model), layer, set_index))
+    return matrix
+
+
+def similarity_file(key: str, layer: str, set_index: int) -> tuple[str, ...]:
+    return "similarity", key, model_key(layer), f"set-{set_index:03d}.parquet"
 
 
 @ray.remote
-def observe_task(sim: dict[str, Any], word: np.ndarray) -> dict[str, np.ndarray]:
+def observe_task(word: np.ndarray, *sets: np.ndarray) -> dict[str, np.ndarray]:
     """The observed 2 vs. 2 of every image set: pairs passed, in total and per concept."""
-    results = [two_vs_two(a, word) for a in sim["matrices"]]
+    results = [two_vs_two(a, word) for a in sets]
     return {
         "passes": np.array([int(r.passed.sum()) // 2 for r in results], np.int64),
         "concept_passes": np.stack([r.passed.sum(axis=1) for r in results]).astype(np.int32),
@@ -137,9 +134,9 @@ def observe_task(sim: dict[str, Any], word: np.ndarray) -> dict[str, np.ndarray]
 
 
 @ray.remote
-def permutation_task(sim: dict[str, Any], word: np.ndarray, n_perm: int, seed: int, start: int) -> np.ndarray:
+def permutation_task(word: np.ndarray, n_perm: int, seed: int, start: int, *sets: np.ndarray) -> np.ndarray:
     """(n_perm, K) pairs passed under permutations start .. start + n_perm - 1 of the seed's sequence."""
-    return permutation_null(sim["matrices"], word, n_perm, seed, start).passes
+    return permutation_null(sets, word, n_perm, seed, start).passes
 
 
 # --- the driver ------------------------------------------------------------------------------------
@@ -224,19 +221,21 @@ class Analysis:
             self.n_tests += len(cfg.words)
             if not todo:
                 continue
-            sim_parts = ("similarity", mp.key, f"{model_key(layer)}.parquet")
-            if out.exists(*sim_parts):
-                sim = ray.put({"concept_ids": mp.concept_ids, "matrices": _matrices(out.read_table(*sim_parts))})
-            else:
-                sim = gram_task.options(**options).remote(
-                    out.uri, ("extract", mp.extract_key, "activations", mp.key, layer), mp.model, layer, layer_index, mp.set_indices, mp.images,
-                    mp.concept_ids, cfg.gram_memory_mb, cfg.gram_compute,
-                )
-                self.grams.append(sim)
+            sets = []  # one matrix per image set: stored, or a Gram task's result
+            for set_index, images in zip(mp.set_indices, mp.images):
+                parts = similarity_file(mp.key, layer, set_index)
+                if out.exists(*parts):
+                    sets.append(ray.put(_matrices(out.read_table(*parts))[0]))
+                else:
+                    sets.append(gram_task.options(**options).remote(
+                        out.uri, ("extract", mp.extract_key, "activations", mp.key, layer), mp.model, layer, layer_index,
+                        set_index, images, mp.concept_ids, cfg.gram_memory_mb, cfg.gram_compute,
+                    ))
+                    self.grams.append(sets[-1])
             for wm in todo:
                 shards = range(0, cfg.permutations, cfg.permutation_shard)
-                refs = [observe_task.options(**options).remote(sim, words[wm])] + [
-                    permutation_task.options(**options).remote(sim, words[wm], min(cfg.permutation_shard, cfg.permutations - s), cfg.seed, s)
+                refs = [observe_task.options(**options).remote(words[wm], *sets)] + [
+                    permutation_task.options(**options).remote(words[wm], min(cfg.permutation_shard, cfg.permutations - s), cfg.seed, s, *sets)
                     for s in shards
                 ]
                 self.pending[(mp.key, wm, layer)] = {"refs": refs, "mp": mp, "layer_index": layer_index}

@@ -54,7 +54,10 @@ def digest(root: Path) -> dict[str, str]:
 
 
 def stored_matrices(out: Path, *parts: str) -> np.ndarray:
-    return pq.read_table(out.joinpath(*parts))["matrix"].combine_chunks().to_numpy_ndarray().astype(np.float64)
+    """The matrices of a similarity file, or of a folder of them (one per image set), in set order."""
+    table = pq.read_table(out.joinpath(*parts))
+    table = table.sort_by("set_index") if table["set_index"].null_count == 0 else table
+    return table["matrix"].combine_chunks().to_numpy_ndarray().astype(np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +103,7 @@ def test_default_run_scores_against_a_reference(default_run, capsys):
     perms = permutations(w, 1000, seed=0)
     p_values = []
     for r in means:
-        (c_img,) = stored_matrices(out, "similarity", "efficientnet_lite0", f"{r['layer']}.parquet")
+        (c_img,) = stored_matrices(out, "similarity", "efficientnet_lite0", r["layer"])
         accuracy = naive_passes(c_img, word)[np.triu_indices(w, 1)].mean()
         assert r["accuracy"] == accuracy
         null = np.array([two_vs_two(c_img, word[p][:, p]).accuracy for p in perms])
@@ -126,7 +129,7 @@ def test_matrices_are_pearson_of_the_activation_store_and_the_word_vectors(two_s
     for layer in LAYERS:
         acts = pads.dataset(ext / "activations" / "efficientnet_lite0" / layer, format="arrow").to_table()
         rows = dict(zip(acts["image_id"].to_pylist(), acts["values"].combine_chunks().to_numpy_ndarray().astype(np.float64)))
-        stored = stored_matrices(out, "similarity", "efficientnet_lite0", f"{layer}.parquet")
+        stored = stored_matrices(out, "similarity", "efficientnet_lite0", layer)
         for k in (0, 1):
             image_of = {m["concept_id"]: m["image_id"] for m in manifest if m["set_index"] == k}
             expected = np.corrcoef(np.stack([rows[image_of[c]] for c in ids]))
@@ -146,7 +149,7 @@ def test_two_sets_scores_and_concept_pass_rates(two_sets):
     concept_scores = pq.read_table(out / "concept_scores.parquet").to_pylist()
     assert len(scores) == 3 * 3 and len(concept_scores) == 3 * 3 * w
     for layer in LAYERS:
-        sets = stored_matrices(out, "similarity", "efficientnet_lite0", f"{layer}.parquet")
+        sets = stored_matrices(out, "similarity", "efficientnet_lite0", layer)
         passed = [naive_passes(a, word) for a in sets]
         acc = [p[np.triu_indices(w, 1)].mean() for p in passed]
         null = np.array([[two_vs_two(a, word[p][:, p]).accuracy for a in sets] for p in perms])  # (40, 2)
@@ -162,7 +165,7 @@ def test_two_sets_scores_and_concept_pass_rates(two_sets):
         for i, c in enumerate(ids):
             assert rates[(0, c)] == passed[0][i].sum() / (w - 1)
             assert rates[(None, c)] == pytest.approx((passed[0][i].sum() + passed[1][i].sum()) / (2 * (w - 1)))
-    assert summary["tests_computed"] == 3 and summary["gram_tasks"] == 3
+    assert summary["tests_computed"] == 3 and summary["gram_tasks"] == 3 * 2
 
 
 def test_gram_in_small_feature_chunks_equals_one_chunk(two_sets, tmp_path):
@@ -173,9 +176,9 @@ def test_gram_in_small_feature_chunks_equals_one_chunk(two_sets, tmp_path):
     manifest = pq.read_table(out / "extract" / "efficientnet_lite0" / "manifest.parquet").to_pylist()
     ids = sorted({m["concept_id"] for m in manifest})
     images = [[next(m["image_id"] for m in manifest if m["set_index"] == k and m["concept_id"] == c) for c in ids] for k in (0, 1)]
-    small = _get(gram_task.remote(str(tmp_path), folder, "efficientnet_lite0", layer, 0, [0, 1], images, ids, 1, "float64"))
-    whole = stored_matrices(out, "similarity", "efficientnet_lite0", f"{layer}.parquet")
-    np.testing.assert_allclose(small["matrices"], whole, atol=1e-6)
+    small = _get([gram_task.remote(str(tmp_path), folder, "efficientnet_lite0", layer, 0, k, images[k], ids, 1, "float64")
+                  for k in (0, 1)])
+    np.testing.assert_allclose(small, stored_matrices(out, "similarity", "efficientnet_lite0", layer), atol=1e-6)
 
 
 def test_zero_variance_activations_are_named(ray_session, tmp_path):
@@ -189,7 +192,7 @@ def test_zero_variance_activations_are_named(ray_session, tmp_path):
     (tmp_path / "acts").mkdir()
     with pa.ipc.new_file(str(tmp_path / "acts" / "shard-00000.arrow"), table.schema) as f:
         f.write_table(table)
-    ref = gram_task.remote(str(tmp_path), ("acts",), "m", "L", 0, [0], [[f"img{i}" for i in range(5)]], [f"c{i}" for i in range(5)], 64, "float32")
+    ref = gram_task.remote(str(tmp_path), ("acts",), "m", "L", 0, 0, [f"img{i}" for i in range(5)], [f"c{i}" for i in range(5)], 64, "float32")
     with pytest.raises(InputError, match=r"zero-variance activations in m layer L, set 0: image img2 \(c2\)"):
         _get(ref)
     assert not (tmp_path / "similarity").exists()
@@ -203,7 +206,7 @@ def test_rerun_resumes_what_is_missing_and_ends_identical(two_sets):
     assert digest(out) == before
     # An interrupted run: one layer's matrices and test gone, and the reducer never ran.
     for part in (("tests", "efficientnet_lite0", "glove-50d", f"{LAYERS[1]}.parquet"),
-                 ("similarity", "efficientnet_lite0", f"{LAYERS[1]}.parquet"), ("scores.parquet",), ("report.html",)):
+                 ("similarity", "efficientnet_lite0", LAYERS[1], "set-001.parquet"), ("scores.parquet",), ("report.html",)):
         out.joinpath(*part).unlink()
     shards_of_7 = RunConfig(**{**cfg.to_dict(), "permutation_shard": 7}).validate()  # the null must not depend on sharding
     resumed = run(shards_of_7, log=lambda m: None)
