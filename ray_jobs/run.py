@@ -241,7 +241,7 @@ class Analysis:
                 self.pending[(mp.key, wm, layer)] = {"refs": refs, "mp": mp, "layer_index": layer_index}
                 self.n_tasks += len(refs)
 
-    def wait(self, log) -> None:
+    def wait(self) -> None:
         """Gather finished tasks into test files, with progress, until none is pending."""
         progress = Progress(self.n_tasks, "tasks", "2 vs. 2 and permutations")
         owner = {ref: key for key, item in self.pending.items() for ref in item["refs"]}
@@ -357,7 +357,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     if analysis.pending:
         log(f"analysis: {len(analysis.grams)} Gram task(s), {len(analysis.pending)} of {analysis.n_tests} tests to run "
             f"({analysis.n_tasks} tasks)")
-    analysis.wait(log)
+    analysis.wait()
 
     tests = [output.read_table("tests", plans[m].model_key, model_key(wm), f"{model_key(layer.name)}.parquet")
              for m in cfg.models for wm in cfg.words for layer in plans[m].layers]
