@@ -45,3 +45,27 @@ def layer_curves(scores: Sequence[dict[str, Any]], model: str, alpha: float) -> 
     ax.text(0.99, 0.01, f"band: +-1 std over sets; grey: permutation null +-2 std; filled: significant after BHY at {alpha}",
             transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="dimgrey")
     return fig
+
+
+def affine_heatmap(scores: Sequence[dict[str, Any]], names: Sequence[str], method: str) -> Figure:
+    """The N x N table in the thesis's format: rows source, columns target, accuracy in each cell,
+    shaded by the percent change from the source CNN alone (the diagonal)."""
+    cell = {(r["source"], r["target"]): r for r in scores if r["method"] == method}
+    n = len(names)
+    change = [[cell[(s, t)]["pct_change_vs_source"] or 0.0 for t in names] for s in names]
+    fig = Figure(figsize=(1.1 * n + 3, 0.9 * n + 2), layout="tight")
+    ax = fig.subplots()
+    limit = max(1.0, max(abs(v) for row in change for v in row))
+    image = ax.imshow(change, cmap="RdBu", vmin=-limit, vmax=limit)
+    for i, s in enumerate(names):
+        for j, t in enumerate(names):
+            dark = abs(change[i][j]) > limit / 2
+            ax.text(j, i, f"{100 * cell[(s, t)]['accuracy']:.1f}", ha="center", va="center", fontsize=9,
+                    color="white" if dark else "black")
+    ax.set_xticks(range(n), names, rotation=30, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("target CNN (its classifier)")
+    ax.set_ylabel("source CNN (its features)")
+    ax.set_title(f"{method} maps: top-1 accuracy (%)\nshaded by change from the source CNN alone (diagonal)", fontsize=10)
+    fig.colorbar(image, ax=ax, label="% change vs. source")
+    return fig

@@ -157,3 +157,19 @@ CONCEPT_SCORES = pa.schema(
         ("pass_rate", pa.float64()),
     ]
 )
+
+# The N x N table of affine feature equivalence (McNeely-White 2020): one row per (source,
+# target, method); source == target rows hold each CNN alone.
+AFFINE_SCORES = pa.schema(
+    [
+        ("source", pa.string()),
+        ("target", pa.string()),
+        ("method", pa.string()),  # affine | logit | naive
+        ("accuracy", pa.float64()),  # top-1 of the target's classifier on mapped source features
+        ("source_accuracy", pa.float64()),
+        ("target_accuracy", pa.float64()),
+        ("pct_change_vs_source", pa.float64()),  # 100 (accuracy - source_accuracy) / source_accuracy
+        ("n_train", pa.int64()),
+        ("n_val", pa.int64()),
+    ]
+)

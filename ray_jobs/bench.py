@@ -16,6 +16,7 @@ from threadpoolctl import threadpool_limits
 
 from actors.extractor import normalise
 from actors.zoo import load_model
+from analysis.affine import JointGram, fit_affine
 from analysis.twovtwo import permutation_null, two_vs_two
 from datasets.decode import decode_image, read_bytes
 from datasets.images import resolve_images
@@ -176,4 +177,51 @@ def bench_permutations(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"extract": bench_extract, "twovtwo": bench_twovtwo, "permutations": bench_permutations}
+THESIS_WIDTHS = [1024, 1280, 1536, 1792, 2048, 2048, 2560, 3072, 4096, 4320]  # N = 10 CNNs, widths as in the thesis
+
+
+def synthetic_gram(widths: list[int], n: int, seed: int = 0) -> JointGram:
+    """A valid joint Gram (positive definite, a ones column) of the given widths, without n x D features."""
+    g = JointGram([f"cnn{i}" for i in range(len(widths))], widths)
+    d = g.gram.shape[0] - 1
+    r = np.random.default_rng(seed).standard_normal((d, 200))
+    g.gram[:d, :d] = n * (np.eye(d) + r @ r.T / 200)
+    g.gram[-1, :d] = g.gram[:d, -1] = 0.01 * n
+    g.gram[-1, -1] = n
+    return g
+
+
+def bench_affine(args: argparse.Namespace) -> int:
+    names = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    widths, batch = [1280, 1280, 1280], args.batch_size * 8
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((batch, w)).astype(np.float32) for w in widths]
+    gram = JointGram(names, widths)
+    d = gram.gram.shape[0]
+    z, z2 = rng.standard_normal((batch, d)), rng.standard_normal((batch, d))
+    flops = 2 * batch * d * d
+    accumulate = _median_seconds(lambda: gram.add(feats), 5)
+    floor = _median_seconds(lambda: z.T @ z2, 5)
+    start = time.perf_counter()
+    big = synthetic_gram(THESIS_WIDTHS, n=1_281_167)
+    for source in big.names:
+        fit_affine(big, source, [t for t in big.names if t != source])
+    solve = time.perf_counter() - start
+    n_maps = len(THESIS_WIDTHS) * (len(THESIS_WIDTHS) - 1)
+    result = {
+        "benchmark": "affine", "cpus": len(os.sched_getaffinity(0)), "gram_width": d, "batch": batch,
+        "accumulate_gflops": _sig(flops / accumulate / 1e9), "floor_matmul_gflops": _sig(flops / floor / 1e9),
+        "ratio": _sig(floor / accumulate), "target_ratio": 0.5,
+        "solve_widths": THESIS_WIDTHS, "solve_maps": n_maps, "solve_s": _sig(solve), "solve_s_per_map": _sig(solve / n_maps),
+    }
+    print(json.dumps(result, indent=2))
+    print(f"\n| benchmark | figure | floor | ratio | target |\n|---|---|---|---|---|\n"
+          f"| joint Gram accumulation, width {d}, batch {batch} (float32 features into float64) | "
+          f"{result['accumulate_gflops']:.1f} GFLOP/s | {result['floor_matmul_gflops']:.1f} GFLOP/s (float64 z^T z' of the same shape) "
+          f"| {result['ratio']:.2f} | >= 0.5 |\n"
+          f"| solve all {n_maps} maps, N = 10, widths {min(THESIS_WIDTHS)}-{max(THESIS_WIDTHS)} | {solve:.1f} s "
+          f"({solve / n_maps:.2f} s/map) | - | - | - |")
+    return 0
+
+
+BENCHMARKS = {"extract": bench_extract, "twovtwo": bench_twovtwo, "permutations": bench_permutations, "affine": bench_affine}

@@ -67,6 +67,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _affine(args: argparse.Namespace) -> int:
+    from ray_jobs.affine import run_affine
+    from ray_jobs.config import AffineConfig, load_config
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    run_affine(load_config(AffineConfig, args.config, overrides), log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ray_jobs.bench import BENCHMARKS
 
@@ -83,8 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("extract", help="capture every chosen layer of a CNN into Parquet")
     _extract_args(p)
     p.set_defaults(func=_extract)
+    a = sub.add_parser("affine", help="affine maps between the penultimate features of every pair of CNNs (the N x N table)")
+    a.add_argument("--config", help="TOML (or YAML/JSON) file of options; flags override it")
+    a.add_argument("--models", help="CNNs, comma-separated (at least two)")
+    a.add_argument("--train", help="training images (no labels used): DIR, s3://..., manifest .parquet, sample:imagenet")
+    a.add_argument("--val", help="validation images with ImageNet labels")
+    a.add_argument("--max-train", type=int, dest="max_train", help="a seeded sample of at most N training images")
+    a.add_argument("--ridge", type=float, help="ridge added to the feature covariance (default 0: least squares)")
+    a.add_argument("--seed", type=int)
+    a.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
+    a.add_argument("--out", help="output folder or s3:// / gs:// URI (default: runs/affine-<experiment id>)")
+    a.set_defaults(func=_affine)
     b = sub.add_parser("bench", help="benchmarks, each beside its floor")
-    b.add_argument("bench", choices=["extract", "twovtwo", "permutations"])
+    b.add_argument("bench", choices=["extract", "twovtwo", "permutations", "affine"])
     b.add_argument("--images", default="sample:imagenet")
     b.add_argument("--model", default="efficientnet_lite0")
     b.add_argument("--batch-size", type=int, default=32, dest="batch_size")

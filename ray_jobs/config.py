@@ -138,6 +138,46 @@ class RunConfig:
     to_dict = ExtractConfig.to_dict
 
 
+@dataclass
+class AffineConfig:
+    """``semprobe affine``: least-squares maps between the penultimate features of every pair of CNNs."""
+
+    models: list[str] = field(default_factory=lambda: ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    train: str = "sample:imagenet"
+    val: str = "sample:imagenet"
+    max_train: int | None = None  # a seeded sample of the training images
+    ridge: float = 0.0  # added to the feature covariance; 0 is ordinary least squares
+    seed: int = 0
+    out: str | None = None  # None: runs/affine-<experiment id>
+    batch_size: int = 32
+    shard_size: int = 64
+    checkpoint_every: int = 16  # shards between an actor's Gram checkpoints
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1
+    torch_threads: int | None = None
+
+    # The ridge only changes the solve: a rerun with another ridge reuses the accumulated Gram.
+    IDENTITY = ("models", "train", "val", "max_train", "seed", "shard_size")
+
+    def validate(self) -> "AffineConfig":
+        if isinstance(self.models, str):
+            self.models = [m.strip() for m in self.models.split(",") if m.strip()]
+        if len(self.models) < 2 or len(set(self.models)) != len(self.models):
+            raise InputError(f"--models needs at least two different CNNs, got {', '.join(self.models) or 'none'}")
+        for name, low in (("batch_size", 1), ("shard_size", 1), ("checkpoint_every", 1), ("max_train", 1)):
+            if getattr(self, name) is not None and int(getattr(self, name)) < low:
+                raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
+        if self.ridge < 0:
+            raise InputError(f"--ridge must be at least 0, got {self.ridge}")
+        self.out = absolute(self.out or os.path.join("runs", f"affine-{self.experiment_id()}"))
+        return self
+
+    identity = ExtractConfig.identity
+    experiment_id = ExtractConfig.experiment_id
+    to_dict = ExtractConfig.to_dict
+
+
 PACKAGED_CONFIGS = "ray_jobs.configs"
 
 

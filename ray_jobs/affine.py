@@ -1,0 +1,262 @@
+"""``semprobe affine``: are the penultimate features of different CNNs affine transforms of one another?
+
+Training pass: a pool of Ray actors, each holding every CNN, takes shards of the
+training images, runs all CNNs on each image once and folds the features into
+its own joint Gram matrix ``[x_A, x_B, ..., 1]^T [x_A, x_B, ..., 1]``
+(float64). Each actor checkpoints its Gram (with the shards in it) every
+``checkpoint_every`` shards, so memory and traffic do not grow with the number
+of images and an interrupted pass resumes. The reducer sums the checkpoints and
+solves every ordered pair's map from sub-blocks (``analysis.affine``).
+
+Validation pass: the same actors score each validation shard under every map
+(affine least squares, logit compatibility, naive), each composed with the
+target's classifier, and return only counts.
+
+Layout under OUT::
+
+    config.json, summary.json, errors.parquet
+    gram/<actor run>.npz                   partial Grams and the shards they hold
+    affine_maps/<method>/<source>__<target>.npy   (d_A + 1, d_B): weight rows, then the bias
+    affine_maps/manifest.parquet           source, target, method, file, rcond, rank, full_row_rank
+    affine_scores.parquet                  datasets.schema.AFFINE_SCORES
+    figures/affine_<method>.png            the N x N table as a heatmap
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.util import ActorPool
+
+from actors.encoder import FeatureEncoder
+from analysis.affine import AffineMap, JointGram, fit_affine, logit_map, naive_map
+from analysis.errors import InputError
+from analysis.figures import affine_heatmap
+from datasets import schema
+from datasets.decode import ImageError, decode_image, read_bytes
+from datasets.images import resolve_images
+from ray_jobs.config import AffineConfig
+from ray_jobs.extract import check_same_experiment, model_key
+from ray_jobs.progress import Progress
+from ray_jobs.storage import Output
+
+METHODS = ("affine", "logit", "naive")
+
+
+def _decode(encoder: FeatureEncoder, rows: list[list[Any]]) -> tuple[list[np.ndarray], list[int], list[dict]]:
+    """Each image decoded once per distinct model input; failures become error records."""
+    kinds = {(p.size, p.resize_size, p.interpolation) for p in encoder.preprocesses}
+    decoded: dict[tuple, list[np.ndarray]] = {k: [] for k in kinds}
+    labels, errors = [], []
+    for image_id, uri, label in rows:
+        try:
+            data = read_bytes(uri)
+            pixels = {k: decode_image(data, *k) for k in kinds}
+        except ImageError as err:
+            errors.append({"image_id": image_id, "uri": uri, "stage": err.stage, "message": str(err)})
+            continue
+        for k, x in pixels.items():
+            decoded[k].append(x)
+        labels.append(label)
+    batch = [np.stack(decoded[(p.size, p.resize_size, p.interpolation)]) if labels else None for p in encoder.preprocesses]
+    return batch, labels, errors
+
+
+@ray.remote
+class AffineWorker:
+    """Every CNN on one device: training shards into a joint Gram, validation shards into counts."""
+
+    def __init__(self, models: list[str], out: str, batch_size: int, checkpoint_every: int, threads: int | None):
+        if threads is None and not ray.get_gpu_ids():
+            threads = len(os.sched_getaffinity(0))  # a CPU-only forward pass wants the node
+        self.encoder = FeatureEncoder(models, threads=threads)
+        self.output, self.batch_size, self.every = Output(out), batch_size, checkpoint_every
+        self.name = uuid.uuid4().hex[:12]
+        self.gram, self.shards, self.errors = JointGram(self.encoder.names, self.encoder.widths), [], []
+
+    def train_shard(self, shard: int, rows: list[list[Any]]) -> int:
+        for lo in range(0, len(rows), self.batch_size):
+            pixels, _, errors = _decode(self.encoder, rows[lo:lo + self.batch_size])
+            self.errors += errors
+            if pixels[0] is not None:
+                self.gram.add(self.encoder(pixels)[0])
+        self.shards.append(shard)
+        if len(self.shards) % self.every == 0:
+            self.checkpoint()
+        return len(rows)
+
+    def checkpoint(self) -> None:
+        """Publish this actor's Gram so far, with the shards it holds (atomically replacing the last one)."""
+        if not self.shards:
+            return
+        buf = io.BytesIO()
+        np.savez(buf, gram=self.gram.gram, shards=np.array(self.shards), errors=np.array(json.dumps(self.errors)))
+        with self.output.open_atomic("gram", f"{self.name}.npz") as f:
+            f.stream.write(buf.getvalue())
+
+    def val_shard(self, rows: list[list[Any]], heads: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]]) -> dict:
+        """Correct counts of every (method, source, target) head on one validation shard, and each CNN alone."""
+        counts = {key: 0 for key in heads}
+        own = [0] * len(self.encoder.names)
+        n, errors = 0, []
+        for lo in range(0, len(rows), self.batch_size):
+            pixels, labels, bad = _decode(self.encoder, rows[lo:lo + self.batch_size])
+            errors += bad
+            if pixels[0] is None:
+                continue
+            features, top1 = self.encoder(pixels)
+            y = np.array(labels)
+            n += len(y)
+            for i, t in enumerate(top1):
+                own[i] += int(np.count_nonzero(t == y))
+            for key, (weight, bias) in heads.items():
+                logits = features[key[1]].astype(np.float64) @ weight + bias
+                counts[key] += int(np.count_nonzero(logits.argmax(1) == y))
+        return {"counts": counts, "own": own, "n": n, "errors": errors}
+
+
+def _shards(table: pa.Table, size: int, label: str) -> list[tuple[int, list[list[Any]]]]:
+    rows = [list(r) for r in zip(table["image_id"].to_pylist(), table["uri"].to_pylist(), table[label].to_pylist())]
+    return [(i // size, rows[i:i + size]) for i in range(0, len(rows), size)]
+
+
+def _write_npy(output: Output, array: np.ndarray, *parts: str) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    with output.open_atomic(*parts) as f:
+        f.stream.write(buf.getvalue())
+
+
+def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
+    """Fit and score every ordered pair of maps; returns the summary it also writes."""
+    output = Output(cfg.out)
+    check_same_experiment(output, cfg)
+    train, val = resolve_images(cfg.train).images, resolve_images(cfg.val).images
+    if val["class_index"].null_count:
+        raise InputError(f"validation images {cfg.val} carry no ImageNet class indices: scoring needs them")
+    if cfg.max_train and train.num_rows > cfg.max_train:
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(train.num_rows, cfg.max_train, replace=False))
+        train = train.take(keep)
+    encoder = FeatureEncoder(cfg.models, device="cpu")  # names, widths and classifiers; checks the models
+    names, widths = encoder.names, encoder.widths
+    if cfg.ridge == 0 and train.num_rows <= max(widths):
+        wide = names[int(np.argmax(widths))]
+        raise InputError(f"underdetermined: {train.num_rows} training images for the {max(widths)} features (+ bias) of {wide}; "
+                         "use more images than features, or pass --ridge L > 0")
+    if not ray.is_initialized():
+        ray.init()
+    exp = cfg.experiment_id()
+    try:
+        output.write_json({"identity": cfg.identity(), "config": cfg.to_dict(), "experiment_id": exp,
+                           "schema_version": schema.SCHEMA_VERSION, "models": names, "widths": widths}, "config.json")
+    except OSError as err:
+        raise InputError(f"cannot write to {cfg.out}: {err}") from None
+
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
+    actors = cfg.actors or (max(1, int(ray.cluster_resources().get("GPU", 0) // gpus)) if gpus else 1)
+    workers = [AffineWorker.options(num_gpus=gpus, num_cpus=cfg.cpus_per_actor).remote(
+        cfg.models, cfg.out, cfg.batch_size, cfg.checkpoint_every, cfg.torch_threads) for _ in range(actors)]
+
+    # training pass: resume from the checkpoints' shards
+    parts = output.list("gram", suffix=".npz")
+    done: set[int] = set()
+    for name in parts:
+        with output.fs.open_input_file(output.path("gram", name)) as f:
+            done |= set(np.load(io.BytesIO(f.read()))["shards"].tolist())
+    pending = [(s, rows) for s, rows in _shards(train, cfg.shard_size, "class_index") if s not in done]
+    progress = Progress(train.num_rows, "images", "affine: training features")
+    progress.done = train.num_rows - sum(len(rows) for _, rows in pending)
+    for n in ActorPool(workers).map_unordered(lambda w, item: w.train_shard.remote(*item), pending):
+        progress.update(n)
+    ray.get([w.checkpoint.remote() for w in workers])
+    progress.close()
+
+    gram, errors = JointGram(names, widths), []
+    for name in output.list("gram", suffix=".npz"):
+        with output.fs.open_input_file(output.path("gram", name)) as f:
+            part = np.load(io.BytesIO(f.read()))
+            gram.gram += part["gram"]
+            errors += json.loads(str(part["errors"]))
+    log(f"affine: {gram.n} training images in the Gram ({len(errors)} skipped); solving {len(names) * (len(names) - 1)} maps")
+
+    heads, manifest = _solve(output, encoder, gram, cfg.ridge)
+    for target in dict.fromkeys(m["target"] for m in manifest if m["method"] == "logit" and not m["full_row_rank"]):
+        rank = next(m["rank"] for m in manifest if m["target"] == target and m["method"] == "logit")
+        log(f"affine: the classifier of {target} has rank {rank}, below its number of classes (fewer features than "
+            "classes): its logit maps lose information")
+    progress = Progress(val.num_rows, "images", "affine: validation")
+    totals: dict = {"counts": {k: 0 for k in heads}, "own": [0] * len(names), "n": 0, "errors": []}
+    heads_ref = ray.put(heads)
+    for result in ActorPool(workers).map_unordered(lambda w, item: w.val_shard.remote(item[1], heads_ref),
+                                                   _shards(val, cfg.shard_size, "class_index")):
+        for k, v in result["counts"].items():
+            totals["counts"][k] += v
+        totals["own"] = [a + b for a, b in zip(totals["own"], result["own"])]
+        totals["n"] += result["n"]
+        totals["errors"] += result["errors"]
+        progress.update(result["n"] + len(result["errors"]))
+    progress.close()
+
+    scores = _scores(names, totals, gram.n)
+    output.write_table(schema.stamp(scores, exp), "affine_scores.parquet")
+    output.write_table(schema.stamp(pa.Table.from_pylist(manifest), exp), "affine_maps", "manifest.parquet")
+    errors = sorted(errors + totals["errors"], key=lambda e: e["image_id"])
+    output.write_table(schema.stamp(pa.Table.from_pylist(errors, schema=schema.ERRORS), exp), "errors.parquet")
+    for method in METHODS:
+        buf = io.BytesIO()
+        affine_heatmap(scores.to_pylist(), names, method).savefig(buf, format="png", dpi=110)
+        with output.open_atomic("figures", f"affine_{method}.png") as f:
+            f.stream.write(buf.getvalue())
+    summary = {"experiment_id": exp, "models": names, "n_train": gram.n, "n_val": totals["n"],
+               "n_errors": len(errors), "maps": len(manifest)}
+    output.write_json(summary, "summary.json")
+    summary["train_shards_computed"] = len(pending)
+    log(f"affine: scores in {output.uri}/affine_scores.parquet, figures in {output.uri}/figures")
+    return summary
+
+
+def _solve(output: Output, encoder: FeatureEncoder, gram: JointGram, ridge: float):
+    """Every ordered pair's maps, written; returns their heads (each map composed with the target's classifier)."""
+    names, widths = encoder.names, encoder.widths
+    classifiers = [encoder.classifier(i) for i in range(len(names))]
+    heads, manifest = {}, []
+    for a, source in enumerate(names):
+        others = [b for b in range(len(names)) if b != a]
+        fitted = fit_affine(gram, source, [names[b] for b in others], ridge)
+        for b, affine in zip(others, fitted):
+            maps: dict[str, AffineMap] = {
+                "affine": affine,
+                "logit": logit_map(source, names[b], *classifiers[a], *classifiers[b]),
+                "naive": naive_map(source, names[b], widths[a], widths[b]),
+            }
+            w_b, b_b = classifiers[b]
+            for method, m in maps.items():
+                file = f"{model_key(source)}__{model_key(names[b])}.npy"
+                _write_npy(output, np.vstack([m.weight, m.bias[None]]), "affine_maps", method, file)
+                heads[(method, a, b)] = (m.weight @ w_b.T, m.bias @ w_b.T + b_b)
+                manifest.append({"source": source, "target": names[b], "method": method, "file": f"{method}/{file}",
+                                 "rcond": m.rcond, "rank": getattr(m, "rank", None),
+                                 "full_row_rank": getattr(m, "full_row_rank", None)})
+    return heads, manifest
+
+
+def _scores(names: list[str], totals: dict, n_train: int) -> pa.Table:
+    n = max(totals["n"], 1)
+    own = [c / n for c in totals["own"]]
+    rows = [{"source": s, "target": s, "method": method, "accuracy": own[i], "source_accuracy": own[i],
+             "target_accuracy": own[i], "pct_change_vs_source": 0.0, "n_train": n_train, "n_val": totals["n"]}
+            for method in METHODS for i, s in enumerate(names)]
+    for (method, a, b), correct in totals["counts"].items():
+        acc = correct / n
+        rows.append({"source": names[a], "target": names[b], "method": method, "accuracy": acc, "source_accuracy": own[a],
+                     "target_accuracy": own[b], "pct_change_vs_source": 100 * (acc - own[a]) / own[a] if own[a] else None,
+                     "n_train": n_train, "n_val": totals["n"]})
+    rows.sort(key=lambda r: (METHODS.index(r["method"]), names.index(r["source"]), names.index(r["target"])))
+    return pa.Table.from_pylist(rows, schema=schema.AFFINE_SCORES)
