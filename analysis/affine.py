@@ -59,13 +59,19 @@ class JointGram:
 
 @dataclass(frozen=True)
 class AffineMap:
-    """``x_B ~ x_A @ weight + bias``; rcond: reciprocal condition number of the system solved."""
+    """``x_B ~ x_A @ weight + bias``.
+
+    rcond: reciprocal condition number of the system solved; r2: the share of the
+    target features' total variance the map explains on the training images
+    (1 for an exact affine relation).
+    """
 
     source: str
     target: str
     weight: np.ndarray  # (d_A, d_B)
     bias: np.ndarray  # (d_B,)
     rcond: float
+    r2: float = float("nan")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return x @ self.weight + self.bias
@@ -108,10 +114,15 @@ def fit_affine(gram: JointGram, source: str, targets: Sequence[str], ridge: floa
                          f"(reciprocal condition {rcond:.1e}): pass --ridge L > 0" + (f" larger than {ridge}" if ridge else ""))
     maps = []
     for target in targets:
-        mean_b = gram.moments(target)[0]
-        cov_ab = sums_a[:, gram.slices[target]] / n - np.outer(mean_a, mean_b)
+        mean_b, sums_b = gram.moments(target)
+        t = gram.slices[target]
+        cov_ab = sums_a[:, t] / n - np.outer(mean_a, mean_b)
         weight = scipy.linalg.cho_solve(factor, cov_ab)
-        maps.append(AffineMap(source, target, weight, mean_b - mean_a @ weight, rcond))
+        # residual variance tr(S_BB) - 2 tr(W'S_AB) + tr(W'S_AA W), where S_AA W = S_AB - ridge W
+        total = float(np.trace(sums_b[:, t]) / n - mean_b @ mean_b)
+        explained = float(np.sum(weight * cov_ab)) + ridge * float(np.sum(weight * weight))
+        r2 = 1 - (total - explained) / total if total > 0 else float("nan")
+        maps.append(AffineMap(source, target, weight, mean_b - mean_a @ weight, rcond, r2))
     return maps
 
 

@@ -17,7 +17,7 @@ Layout under OUT::
     config.json, summary.json, errors.parquet
     gram/<actor run>.npz                   partial Grams and the shards they hold
     affine_maps/<method>/<source>__<target>.npy   (d_A + 1, d_B): weight rows, then the bias
-    affine_maps/manifest.parquet           source, target, method, file, rcond, rank, full_row_rank
+    affine_maps/manifest.parquet           source, target, method, file, rcond, train_r2, rank, full_row_rank
     affine_scores.parquet                  datasets.schema.AFFINE_SCORES
     figures/affine_<method>.png            the N x N table as a heatmap
 """
@@ -242,7 +242,7 @@ def _solve(output: Output, encoder: FeatureEncoder, gram: JointGram, ridge: floa
                 _write_npy(output, np.vstack([m.weight, m.bias[None]]), "affine_maps", method, file)
                 heads[(method, a, b)] = (m.weight @ w_b.T, m.bias @ w_b.T + b_b)
                 manifest.append({"source": source, "target": names[b], "method": method, "file": f"{method}/{file}",
-                                 "rcond": m.rcond, "rank": getattr(m, "rank", None),
+                                 "rcond": m.rcond, "train_r2": m.r2, "rank": getattr(m, "rank", None),
                                  "full_row_rank": getattr(m, "full_row_rank", None)})
     return heads, manifest
 

@@ -30,8 +30,12 @@ def feats():
 
 
 def test_exact_affine_transforms_are_recovered_to_numerical_precision(feats):
-    (m,) = fit_affine(gram_of(feats), "a", ["exact"])
-    np.testing.assert_allclose(m(feats["a"]), feats["exact"], atol=1e-8)
+    exact, other = fit_affine(gram_of(feats), "a", ["exact", "other"])
+    np.testing.assert_allclose(exact(feats["a"]), feats["exact"], atol=1e-8)
+    assert exact.r2 == pytest.approx(1, abs=1e-12)
+    residual = feats["other"] - other(feats["a"])
+    expected = 1 - (residual**2).sum() / ((feats["other"] - feats["other"].mean(0)) ** 2).sum()
+    assert other.r2 == pytest.approx(expected, abs=1e-10) and other.r2 < 0.99
 
 
 def test_distributed_sums_equal_single_machine_lstsq_whatever_the_shards(feats):
@@ -56,6 +60,8 @@ def test_underdetermined_is_refused_unless_ridge_and_ridge_matches_closed_form(f
     x, y = few["a"] - few["a"].mean(0), few["other"] - few["other"].mean(0)
     reference = np.linalg.solve(x.T @ x / 10 + 0.5 * np.eye(12), x.T @ y / 10)
     np.testing.assert_allclose(m.weight, reference, rtol=1e-8, atol=1e-10)
+    residual = few["other"] - m(few["a"])
+    assert m.r2 == pytest.approx(1 - (residual**2).sum() / (y**2).sum(), abs=1e-10)
     dependent = {"a": np.hstack([feats["a"], feats["a"][:, :1] * 2]), "other": feats["other"]}
     with pytest.raises(InputError, match="linearly dependent"):
         fit_affine(gram_of(dependent), "a", ["other"])

@@ -73,3 +73,40 @@ def test_rerun_reuses_the_gram_and_ends_identical(fitted):
     # the ridge only changes the solve: the Gram is reused
     other = run_affine(AffineConfig(**{**cfg.to_dict(), "ridge": 1.0}).validate(), log=lambda m: None)
     assert other["train_shards_computed"] == 0 and digest() != before
+
+
+def test_exactly_affine_features_are_recovered_exactly_and_others_are_not(ray_session, tmp_path):
+    """Tiny CNNs: B is A with its feature channels permuted (an exact linear map), C other random weights."""
+    import timm
+    import torch
+    from PIL import Image
+
+    torch.manual_seed(0)
+    a, c = timm.create_model("test_efficientnet"), timm.create_model("test_efficientnet")
+    perm = torch.randperm(a.num_features, generator=torch.Generator().manual_seed(1))
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    for key in ("conv_head.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var"):
+        state[key] = state[key][perm]
+    state["classifier.weight"] = state["classifier.weight"][:, perm]
+    paths = {}
+    for name, sd in (("a", a.state_dict()), ("b", state), ("c", c.state_dict())):
+        paths[name] = tmp_path / f"{name}.pt"
+        torch.save(sd, paths[name])
+    rng = np.random.default_rng(0)
+    (tmp_path / "train" / "n01440764").mkdir(parents=True)
+    for i in range(400):  # blocky random images: varied enough to span the 256 features
+        Image.fromarray(np.kron(rng.integers(0, 256, (10, 10, 3)), np.ones((16, 16, 1))).astype(np.uint8)).save(
+            tmp_path / "train" / "n01440764" / f"{i:03d}.png")
+    models = [f"timm:test_efficientnet:checkpoint={paths['a']}", f"timm:test_efficientnet:checkpoint={paths['b']}",
+              f"timm:test_efficientnet:checkpoint={paths['c']}"]
+    out = tmp_path / "out"
+    cfg = AffineConfig(models=models, train=str(tmp_path / "train"), shard_size=100, batch_size=50, out=str(out)).validate()
+    run_affine(cfg, log=lambda m: None)
+    manifest = {(m["source"], m["target"], m["method"]): m for m in pq.read_table(out / "affine_maps" / "manifest.parquet").to_pylist()}
+    a_to_b = np.load(out / "affine_maps" / "affine" / manifest[(models[0], models[1], "affine")]["file"].split("/")[1])
+    np.testing.assert_allclose(a_to_b[:-1], np.eye(a.num_features)[:, perm.numpy()], atol=1e-4)
+    np.testing.assert_allclose(a_to_b[-1], 0, atol=1e-4)
+    assert manifest[(models[0], models[1], "affine")]["train_r2"] > 1 - 1e-9
+    assert manifest[(models[0], models[2], "affine")]["train_r2"] < 0.99  # other weights: not affine
+    scores = {(r["source"], r["target"], r["method"]): r for r in pq.read_table(out / "affine_scores.parquet").to_pylist()}
+    assert scores[(models[0], models[1], "affine")]["accuracy"] == scores[(models[0], models[0], "affine")]["accuracy"]
