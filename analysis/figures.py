@@ -53,8 +53,9 @@ def affine_heatmap(scores: Sequence[dict[str, Any]], names: Sequence[str], metho
     cell = {(r["source"], r["target"]): r for r in scores if r["method"] == method}
     n = len(names)
     change = [[cell[(s, t)]["pct_change_vs_source"] or 0.0 for t in names] for s in names]
-    fig = Figure(figsize=(1.1 * n + 3, 0.9 * n + 2), layout="tight")
+    fig = Figure(figsize=(1.1 * n + 3, 0.9 * n + 2), layout="constrained")
     ax = fig.subplots()
+    labels = [name if len(name) <= 28 else f"{name[:12]}...{name[-12:]}" for name in names]  # checkpoint paths run long
     limit = max(1.0, max(abs(v) for row in change for v in row))
     image = ax.imshow(change, cmap="RdBu", vmin=-limit, vmax=limit)
     for i, s in enumerate(names):
@@ -62,8 +63,8 @@ def affine_heatmap(scores: Sequence[dict[str, Any]], names: Sequence[str], metho
             dark = abs(change[i][j]) > limit / 2
             ax.text(j, i, f"{100 * cell[(s, t)]['accuracy']:.1f}", ha="center", va="center", fontsize=9,
                     color="white" if dark else "black")
-    ax.set_xticks(range(n), names, rotation=30, ha="right")
-    ax.set_yticks(range(n), names)
+    ax.set_xticks(range(n), labels, rotation=30, ha="right")
+    ax.set_yticks(range(n), labels)
     ax.set_xlabel("target CNN (its classifier)")
     ax.set_ylabel("source CNN (its features)")
     ax.set_title(f"{method} maps: top-1 accuracy (%)\nshaded by change from the source CNN alone (diagonal)", fontsize=10)
