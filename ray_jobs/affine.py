@@ -42,8 +42,8 @@ from analysis.figures import affine_heatmap
 from datasets import schema
 from datasets.decode import ImageError, decode_image, read_bytes
 from datasets.images import resolve_images
-from ray_jobs.config import AffineConfig
-from ray_jobs.extract import check_same_experiment, model_key
+from ray_jobs.config import AffineConfig, write_resolved
+from ray_jobs.extract import check_same_experiment, model_actors, model_key
 from ray_jobs.progress import Progress
 from ray_jobs.storage import Output
 
@@ -98,8 +98,7 @@ class AffineWorker:
             return
         buf = io.BytesIO()
         np.savez(buf, gram=self.gram.gram, shards=np.array(self.shards), errors=np.array(json.dumps(self.errors)))
-        with self.output.open_atomic("gram", f"{self.name}.npz") as f:
-            f.stream.write(buf.getvalue())
+        self.output.write_bytes(buf.getvalue(), "gram", f"{self.name}.npz")
 
     def val_shard(self, rows: list[list[Any]], heads: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]]) -> dict:
         """Correct counts of every (method, source, target) head on one validation shard, and each CNN alone."""
@@ -127,13 +126,6 @@ def _shards(table: pa.Table, size: int, label: str) -> list[tuple[int, list[list
     return [(i // size, rows[i:i + size]) for i in range(0, len(rows), size)]
 
 
-def _write_npy(output: Output, array: np.ndarray, *parts: str) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    with output.open_atomic(*parts) as f:
-        f.stream.write(buf.getvalue())
-
-
 def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     """Fit and score every ordered pair of maps; returns the summary it also writes."""
     output = Output(cfg.out)
@@ -153,14 +145,8 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init()
     exp = cfg.experiment_id()
-    try:
-        output.write_json({"identity": cfg.identity(), "config": cfg.to_dict(), "experiment_id": exp,
-                           "schema_version": schema.SCHEMA_VERSION, "models": names, "widths": widths}, "config.json")
-    except OSError as err:
-        raise InputError(f"cannot write to {cfg.out}: {err}") from None
-
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
-    actors = cfg.actors or (max(1, int(ray.cluster_resources().get("GPU", 0) // gpus)) if gpus else 1)
+    write_resolved(output, cfg, models=names, widths=widths)
+    actors, gpus = model_actors(cfg.actors, cfg.gpus_per_actor)
     workers = [AffineWorker.options(num_gpus=gpus, num_cpus=cfg.cpus_per_actor).remote(
         cfg.models, cfg.out, cfg.batch_size, cfg.checkpoint_every, cfg.torch_threads) for _ in range(actors)]
 
@@ -212,8 +198,7 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     for method in METHODS:
         buf = io.BytesIO()
         affine_heatmap(scores.to_pylist(), names, method).savefig(buf, format="png", dpi=110)
-        with output.open_atomic("figures", f"affine_{method}.png") as f:
-            f.stream.write(buf.getvalue())
+        output.write_bytes(buf.getvalue(), "figures", f"affine_{method}.png")
     summary = {"experiment_id": exp, "models": names, "n_train": gram.n, "n_val": totals["n"],
                "n_errors": len(errors), "maps": len(manifest)}
     output.write_json(summary, "summary.json")
@@ -239,7 +224,9 @@ def _solve(output: Output, encoder: FeatureEncoder, gram: JointGram, ridge: floa
             w_b, b_b = classifiers[b]
             for method, m in maps.items():
                 file = f"{model_key(source)}__{model_key(names[b])}.npy"
-                _write_npy(output, np.vstack([m.weight, m.bias[None]]), "affine_maps", method, file)
+                buf = io.BytesIO()
+                np.save(buf, np.vstack([m.weight, m.bias[None]]))
+                output.write_bytes(buf.getvalue(), "affine_maps", method, file)
                 heads[(method, a, b)] = (m.weight @ w_b.T, m.bias @ w_b.T + b_b)
                 manifest.append({"source": source, "target": names[b], "method": method, "file": f"{method}/{file}",
                                  "rcond": m.rcond, "train_r2": m.r2, "rank": getattr(m, "rank", None),

@@ -178,6 +178,18 @@ class AffineConfig:
     to_dict = ExtractConfig.to_dict
 
 
+def write_resolved(output, cfg, **extra: Any) -> None:
+    """OUT/config.json: the fully resolved config, its identity and experiment id; unwritable output is bad input."""
+    from datasets.schema import SCHEMA_VERSION
+
+    resolved = {"identity": cfg.identity(), "config": cfg.to_dict(), "experiment_id": cfg.experiment_id(),
+                "schema_version": SCHEMA_VERSION, **extra}
+    try:
+        output.write_json(resolved, "config.json")
+    except OSError as err:
+        raise InputError(f"cannot write to {cfg.out}: {err}") from None
+
+
 PACKAGED_CONFIGS = "ray_jobs.configs"
 
 

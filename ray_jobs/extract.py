@@ -49,7 +49,7 @@ from datasets.decode import ImageError, decode_image, read_bytes
 from datasets.image_sets import draw_image_sets
 from datasets.images import ImageSource, resolve_images
 from datasets.words import load_word_model
-from ray_jobs.config import ExtractConfig
+from ray_jobs.config import ExtractConfig, write_resolved
 from ray_jobs.progress import Progress
 from ray_jobs.storage import Output, TableFileWriter
 
@@ -239,10 +239,15 @@ class ExtractShards:
 # --- the driver ------------------------------------------------------------------------------------
 
 
+def model_actors(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float]:
+    """How many model actors and GPUs each: as configured, else one actor per GPU of the cluster (or 1 on CPUs)."""
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = gpus_per_actor if gpus_per_actor is not None else (1 if cluster_gpus >= 1 else 0)
+    return actors or (max(1, int(cluster_gpus // gpus)) if gpus else 1), gpus
+
+
 def _resources(cfg: ExtractConfig) -> dict[str, Any]:
-    cluster = ray.cluster_resources()
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if cluster.get("GPU", 0) >= 1 else 0)
-    actors = cfg.actors or (max(1, int(cluster.get("GPU", 0) // gpus)) if gpus else 1)
+    actors, gpus = model_actors(cfg.actors, cfg.gpus_per_actor)
     return {"actors": actors, "gpus_per_actor": gpus, "cpus_per_actor": cfg.cpus_per_actor,
             "torch_threads": cfg.torch_threads, "decode_cpus": cfg.decode_cpus}
 
@@ -261,13 +266,8 @@ def check_same_experiment(output: Output, cfg) -> None:
 
 def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any]) -> None:
     cfg, exp = plan.config, plan.config.experiment_id()
-    resolved = {
-        "identity": cfg.identity(), "config": cfg.to_dict(), "experiment_id": exp,
-        "schema_version": schema.SCHEMA_VERSION, "model": plan.model, "model_key": plan.model_key,
-        "preprocess": vars(plan.preprocess), "resources": resources,
-        "layers": [layer.name for layer in plan.layers], "class_space": plan.source.class_space,
-    }
-    output.write_json(resolved, "config.json")
+    write_resolved(output, cfg, model=plan.model, model_key=plan.model_key, preprocess=vars(plan.preprocess),
+                   resources=resources, layers=[layer.name for layer in plan.layers], class_space=plan.source.class_space)
     if plan.concepts is not None:
         output.write_table(schema.stamp(plan.concepts.table, exp), "concepts.parquet")
     output.write_table(schema.stamp(plan.manifest, exp), "manifest.parquet")

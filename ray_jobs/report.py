@@ -117,6 +117,5 @@ def write_report(output: Output, cfg, scores: pa.Table, concept_scores: pa.Table
     html.append("<p>Tables: <code>scores.parquet</code> (one row per CNN x layer x word model x set, and the mean over "
                 "sets with set_index null), <code>concept_scores.parquet</code> (pass rate per concept), <code>tests/</code> "
                 "(pair counts and the null), <code>similarity/</code> (the matrices), <code>figures/</code>.</p></body></html>")
-    with output.open_atomic("report.html") as f:
-        f.stream.write("\n".join(html).encode())
+    output.write_bytes("\n".join(html).encode(), "report.html")
     return posixpath.join(output.uri, "report.html")

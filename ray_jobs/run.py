@@ -44,7 +44,7 @@ from analysis.stats import bhy, permutation_p_value
 from analysis.twovtwo import permutation_null, two_vs_two
 from datasets import schema
 from datasets.words import load_word_model
-from ray_jobs.config import RunConfig
+from ray_jobs.config import RunConfig, write_resolved
 from ray_jobs.extract import ExtractionPlan, check_same_experiment, model_key, plan_extraction, run_extract
 from ray_jobs.progress import Progress
 from ray_jobs.report import write_report
@@ -343,11 +343,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init()  # honours RAY_ADDRESS, so `ray job submit` runs this on the cluster
     exp = cfg.experiment_id()
-    try:
-        output.write_json({"identity": cfg.identity(), "config": cfg.to_dict(), "experiment_id": exp,
-                           "schema_version": schema.SCHEMA_VERSION, "packaged_as": "semprobe run"}, "config.json")
-    except OSError as err:
-        raise InputError(f"cannot write to {cfg.out}: {err}") from None
+    write_resolved(output, cfg)
     started = time.monotonic()
     analysis, models = Analysis(cfg, output), {}
     for m in cfg.models:
@@ -371,8 +367,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         buf = io.BytesIO()
         layer_curves(scores.to_pylist(), plans[m].model, cfg.alpha).savefig(buf, format="png", dpi=110)
         figures[plans[m].model] = buf.getvalue()
-        with output.open_atomic("figures", f"{plans[m].model_key}.png") as f:
-            f.stream.write(buf.getvalue())
+        output.write_bytes(buf.getvalue(), "figures", f"{plans[m].model_key}.png")
     coverage = {plans[m].model: (plans[m], models[m].left_out, Output(extract_outs[m]).read_table("errors.parquet"))
                 for m in cfg.models}
     report = write_report(output, cfg, scores, concept_scores, figures, coverage)

@@ -62,6 +62,10 @@ class Output:
         with self.open_atomic(*parts) as f:
             pq.write_table(table, f.stream, **options)
 
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        with self.open_atomic(*parts) as f:
+            f.stream.write(data)
+
     def write_json(self, obj: Any, *parts: str) -> None:
         with self.open_atomic(*parts) as f:
             f.stream.write(json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")
