@@ -1,0 +1,84 @@
+"""The 1 vs. 2 test for single images (Dharmaretnam & Fyshe 2018, Section 3.3; 2021, Sections 4-5).
+
+For an image x whose true (or source) class is t and whose predicted (or
+target) class is p, and R reference concepts (never t or p):
+
+    i_x = correlations of x's layer activation with the R references' activations
+    d_t = correlations of t's word vector with the R references' word vectors
+    d_p = correlations of p's word vector with the R references' word vectors
+
+The test passes iff corr(i_x, d_t) > corr(i_x, d_p) (ties, to within
+TIE_TOLERANCE, fail): the layer's view of x sides with the true class. Chance is 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from analysis.errors import InputError
+from analysis.twovtwo import TIE_TOLERANCE, permutations
+
+
+@dataclass(frozen=True)
+class OneVsTwo:
+    """accuracy: fraction of images passed; passed: (n,) bool."""
+
+    accuracy: float
+    passed: np.ndarray
+
+
+def _centred_unit_rows(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    z = x - x.mean(axis=-1, keepdims=True)
+    norm = np.linalg.norm(z, axis=-1, keepdims=True)
+    if (norm == 0).any():
+        row = int(np.argwhere(norm[..., 0] == 0)[0][-1])
+        raise InputError(f"zero-variance row {row} in {what}: its correlation is undefined")
+    return z / norm
+
+
+def _margins(i_x: np.ndarray, d_true: np.ndarray, d_pred: np.ndarray) -> np.ndarray:
+    """(..., n): corr(i_x, d_t) - corr(i_x, d_p), row by row, over the last axis (the R references)."""
+    i = _centred_unit_rows(i_x, "the image-reference correlations")
+    t = _centred_unit_rows(d_true, "the true-class word correlations")
+    p = _centred_unit_rows(d_pred, "the predicted-class word correlations")
+    return np.einsum("...r,...r->...", i, t - p)
+
+
+def one_vs_two(i_x: np.ndarray, d_true: np.ndarray, d_pred: np.ndarray) -> OneVsTwo:
+    """The 1 vs. 2 test of n images at once.
+
+    Parameters
+    ----------
+    i_x : (n, R) float
+        Row k: image k's activation correlated with the R reference activations.
+    d_true, d_pred : (n, R) float
+        Row k: the word vector of image k's true (source) and predicted (target)
+        class, correlated with the R reference concepts' word vectors.
+    """
+    i_x, d_true, d_pred = (np.atleast_2d(np.asarray(m, np.float64)) for m in (i_x, d_true, d_pred))
+    if not (i_x.shape == d_true.shape == d_pred.shape) or i_x.shape[1] < 3:
+        raise InputError(f"1 vs. 2 needs three (n, R >= 3) matrices of one shape, got {i_x.shape}, {d_true.shape}, {d_pred.shape}")
+    passed = _margins(i_x, d_true, d_pred) > TIE_TOLERANCE
+    return OneVsTwo(float(passed.mean()), passed)
+
+
+def one_vs_two_null(i_x: np.ndarray, d_true: np.ndarray, d_pred: np.ndarray, n_perm: int, seed: int,
+                    start: int = 0) -> np.ndarray:
+    """(n_perm,) 1 vs. 2 accuracy with the reference concepts shuffled on the word side.
+
+    As the authors did: permutation ``p`` reorders the R reference columns of
+    ``d_true`` and ``d_pred`` (the same ``p`` for every image), so the word side
+    no longer lines up with the image side. Permutations are numbers ``start`` ..
+    ``start + n_perm - 1`` of :func:`analysis.twovtwo.permutations`: any split into
+    shards reproduces the unsharded null exactly.
+    """
+    i_x, d_true, d_pred = (np.atleast_2d(np.asarray(m, np.float64)) for m in (i_x, d_true, d_pred))
+    one_vs_two(i_x[:1], d_true[:1], d_pred[:1])  # shapes and variances, checked once
+    perms = permutations(i_x.shape[1], n_perm, seed, start)
+    null = np.empty(n_perm)
+    for k, p in enumerate(perms):
+        null[k] = np.mean(_margins(i_x, d_true[:, p], d_pred[:, p]) > TIE_TOLERANCE)
+    return null
