@@ -70,3 +70,22 @@ def affine_heatmap(scores: Sequence[dict[str, Any]], names: Sequence[str], metho
     ax.set_title(f"{method} maps: top-1 accuracy (%)\nshaded by change from the source CNN alone (diagonal)", fontsize=10)
     fig.colorbar(image, ax=ax, label="% change vs. source")
     return fig
+
+
+def one_vs_two_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
+    """1 vs. 2 accuracy through the layers, one line per group, chance (0.5) marked, BHY-significant layers filled."""
+    fig = Figure(figsize=(7.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for group in dict.fromkeys(r["group"] for r in rows):
+        line = sorted((r for r in rows if r["group"] == group), key=lambda r: r["layer_index"])
+        acc = [r["accuracy"] for r in line]
+        (drawn,) = ax.plot(range(len(line)), acc, label=f"{group} (n = {line[0]['n']})")
+        sig = [bool(r["significant"]) for r in line]
+        ax.scatter([i for i, s in enumerate(sig) if s], [a for a, s in zip(acc, sig) if s], color=drawn.get_color(), s=18, zorder=3)
+    ax.axhline(0.5, color="black", lw=0.6, ls=":", label="chance")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("layer (input to output)")
+    ax.set_ylabel("1 vs. 2 accuracy (true class beats predicted)")
+    ax.legend(fontsize=8)
+    return fig

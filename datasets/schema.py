@@ -173,3 +173,22 @@ AFFINE_SCORES = pa.schema(
         ("n_val", pa.int64()),
     ]
 )
+
+# The 1 vs. 2 test through the layers, per group of images ("misclassified", or an adversarial target rank).
+ONE_VS_TWO = pa.schema(
+    [
+        ("model", pa.string()),
+        ("layer", pa.string()),
+        ("layer_index", pa.int32()),
+        ("group", pa.string()),
+        ("accuracy", pa.float64()),
+        ("n", pa.int32()),  # images
+        ("n_references", pa.int32()),  # R
+        ("n_perm", pa.int32()),
+        ("null_mean", pa.float64()),
+        ("null_std", pa.float64()),
+        ("p_value", pa.float64()),
+        ("p_bhy", pa.float64()),  # BHY over the layers (and groups) of the run
+        ("significant", pa.bool_()),
+    ]
+)

@@ -76,6 +76,16 @@ def _affine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _misclassified(args: argparse.Namespace) -> int:
+    from ray_jobs.config import MisclassifiedConfig, load_config
+    from ray_jobs.failures import run_misclassified
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
+    run_misclassified(load_config(MisclassifiedConfig, args.config, overrides), log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ray_jobs.bench import BENCHMARKS
 
@@ -103,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
     a.add_argument("--out", help="output folder or s3:// / gs:// URI (default: runs/affine-<experiment id>)")
     a.set_defaults(func=_affine)
+    m = sub.add_parser("misclassified", help="misclassification severity and 1 vs. 2 through the layers")
+    m.add_argument("--config", help="TOML (or YAML/JSON) file of options; flags override it")
+    m.add_argument("--images", help="ImageNet-labelled images: DIR of wnids, s3://..., sample:imagenet")
+    m.add_argument("--model", help="the CNN")
+    m.add_argument("--words", help="one word model: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH")
+    m.add_argument("--layers", help="kinds (activations, concat, blocks, pool, logits) and/or node names")
+    m.add_argument("--references", type=int, help="R reference concepts (default 100; all that qualify if fewer)")
+    m.add_argument("--permutations", type=int, help="permutations for the null (default 1000)")
+    m.add_argument("--seed", type=int)
+    m.add_argument("--out", help="output folder or URI (default: runs/misclassified-<experiment id>)")
+    m.set_defaults(func=_misclassified)
     b = sub.add_parser("bench", help="benchmarks, each beside its floor")
     b.add_argument("bench", choices=["extract", "twovtwo", "permutations", "affine"])
     b.add_argument("--images", default="sample:imagenet")

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import posixpath
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -172,6 +173,54 @@ class AffineConfig:
             raise InputError(f"--ridge must be at least 0, got {self.ridge}")
         self.out = absolute(self.out or os.path.join("runs", f"affine-{self.experiment_id()}"))
         return self
+
+    identity = ExtractConfig.identity
+    experiment_id = ExtractConfig.experiment_id
+    to_dict = ExtractConfig.to_dict
+
+
+@dataclass
+class MisclassifiedConfig:
+    """``semprobe misclassified``: misclassification severity and 1 vs. 2 through the layers."""
+
+    images: str = "sample:imagenet"
+    model: str = "efficientnet_lite0"
+    words: str = "glove-50d"
+    layers: str = "blocks"
+    references: int = 100  # R reference concepts, each with one correctly classified image
+    permutations: int = 1000
+    seed: int = 0
+    alpha: float = 0.05
+    out: str | None = None  # None: runs/misclassified-<experiment id>
+    batch_size: int = 32
+    shard_size: int = 64
+    dtype: str = "float16"
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1
+    torch_threads: int | None = None
+    decode_cpus: float = 1
+    task_cpus: float = 1
+
+    IDENTITY = ("images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size", "dtype")
+
+    def validate(self) -> "MisclassifiedConfig":
+        for name, low in (("references", 5), ("permutations", 0)):
+            if int(getattr(self, name)) < low:
+                raise InputError(f"--{name} must be at least {low}, got {getattr(self, name)}")
+        if not 0 < self.alpha < 1:
+            raise InputError(f"--alpha must lie between 0 and 1, got {self.alpha}")
+        self.out = absolute(self.out or os.path.join("runs", f"misclassified-{self.experiment_id()}"))
+        self.extract_config()
+        return self
+
+    def extract_config(self) -> ExtractConfig:
+        return ExtractConfig(
+            images=self.images, model=self.model, out=posixpath.join(self.out or "", "extract"), layers=self.layers,
+            words=[self.words], seed=self.seed, batch_size=self.batch_size, shard_size=self.shard_size, dtype=self.dtype,
+            actors=self.actors, gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor,
+            torch_threads=self.torch_threads, decode_cpus=self.decode_cpus,
+        ).validate()
 
     identity = ExtractConfig.identity
     experiment_id = ExtractConfig.experiment_id

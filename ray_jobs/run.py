@@ -54,7 +54,7 @@ from ray_jobs.storage import Output
 # --- Ray tasks ------------------------------------------------------------------------------------
 
 
-def _layer_views(output: Output, folder: tuple[str, ...], scratch: str) -> tuple[dict[str, tuple[int, int]], list[np.ndarray]]:
+def layer_views(output: Output, folder: tuple[str, ...], scratch: str) -> tuple[dict[str, tuple[int, int]], list[np.ndarray]]:
     """Every activation row of one layer as zero-copy (n, dim) views of memory-mapped IPC files.
 
     Files on object storage are first copied to local scratch disk, so a layer is
@@ -91,7 +91,7 @@ def gram_task(out: str, folder: tuple[str, ...], model: str, layer: str, layer_i
     output = Output(out)
     w = len(concept_ids)
     with tempfile.TemporaryDirectory(prefix="semprobe-gram-") as scratch:
-        where, views = _layer_views(output, folder, scratch)
+        where, views = layer_views(output, folder, scratch)
         dim = views[0].shape[1]
         chunk = max(1, min(dim, memory_mb * 2**20 // (4 * w)))
         buf = np.empty((w, chunk), np.float32)
