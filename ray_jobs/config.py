@@ -24,8 +24,27 @@ from ray_jobs.storage import STORE_FORMATS, absolute
 DTYPE_CHOICES = ("float16", "float32")
 
 
+class _Identity:
+    """An experiment's identity: the options (IDENTITY) that decide the bytes of its outputs.
+
+    A rerun into the same output folder must agree on them; the others (resources,
+    shard sizes of the analysis) may change between runs.
+    """
+
+    IDENTITY: tuple[str, ...] = ()
+
+    def identity(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.IDENTITY}
+
+    def experiment_id(self) -> str:
+        return hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class ExtractConfig:
+class ExtractConfig(_Identity):
     images: str = "sample:imagenet"
     model: str = "efficientnet_lite0"
     out: str = "runs/extract"
@@ -66,42 +85,52 @@ class ExtractConfig:
         self.out = absolute(self.out)
         return self
 
-    def identity(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.IDENTITY}
-
-    def experiment_id(self) -> str:
-        return hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 @dataclass
-class RunConfig:
-    """``semprobe run``: extraction of every model, then 2 vs. 2, permutations and the reducer."""
+class _ExtractingJob(_Identity):
+    """The options of a job that first extracts layers (``run``, ``misclassified``)."""
 
     images: str = "sample:imagenet"
-    models: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
-    words: list[str] = field(default_factory=lambda: ["glove-50d"])
-    sets: int = 1
     layers: str = "blocks"
-    permutations: int = 1000
     seed: int = 0
+    permutations: int = 1000
     alpha: float = 0.05
-    out: str | None = None  # None: runs/<experiment id>, so the same command resumes
     batch_size: int = 32
     shard_size: int = 64
     dtype: str = "float16"
-    permutation_shard: int = 50  # permutations per task
-    gram_memory_mb: int = 256  # features read per Gram chunk: at most this much float32 per task
-    gram_compute: str = "float32"  # precision of each chunk's Gram product (sums are float64)
     # resources
-    actors: int | None = None
+    actors: int | None = None  # None: one per GPU in the cluster, or 1 without GPUs
     gpus_per_actor: float | None = None
     cpus_per_actor: float = 1
     torch_threads: int | None = None
     decode_cpus: float = 1
-    task_cpus: float = 1  # per Gram and 2 vs. 2 task
+    task_cpus: float = 1  # per analysis task
+
+    def extract_config(self, model: str, out: str, words: list[str], sets: int | None = None) -> ExtractConfig:
+        """The extraction this job runs for ``model``, checked."""
+        if int(self.permutations) < 0:
+            raise InputError(f"--permutations must be at least 0, got {self.permutations}")
+        if not 0 < self.alpha < 1:
+            raise InputError(f"--alpha must lie between 0 and 1, got {self.alpha}")
+        return ExtractConfig(
+            images=self.images, model=model, out=out, layers=self.layers, words=words, sets=sets, seed=self.seed,
+            batch_size=self.batch_size, shard_size=self.shard_size, dtype=self.dtype, actors=self.actors,
+            gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor, torch_threads=self.torch_threads,
+            decode_cpus=self.decode_cpus,
+        ).validate()
+
+
+@dataclass
+class RunConfig(_ExtractingJob):
+    """``semprobe run``: extraction of every model, then 2 vs. 2, permutations and the reducer."""
+
+    models: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
+    words: list[str] = field(default_factory=lambda: ["glove-50d"])
+    sets: int = 1
+    out: str | None = None  # None: runs/<experiment id>, so the same command resumes
+    permutation_shard: int = 50  # permutations per task
+    gram_memory_mb: int = 256  # features read per Gram chunk: at most this much float32 per task
+    gram_compute: str = "float32"  # precision of each chunk's Gram product (sums are float64)
 
     IDENTITY = ("images", "models", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size", "dtype")
 
@@ -115,32 +144,18 @@ class RunConfig:
             setattr(self, name, list(value))
         if len(set(self.models)) != len(self.models) or len(set(self.words)) != len(self.words):
             raise InputError("--models and --words must not repeat a name")
-        for name, low in (("sets", 1), ("permutations", 0), ("permutation_shard", 1), ("gram_memory_mb", 1)):
-            if int(getattr(self, name)) < low:
-                raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        if not 0 < self.alpha < 1:
-            raise InputError(f"--alpha must lie between 0 and 1, got {self.alpha}")
+        for name in ("sets", "permutation_shard", "gram_memory_mb"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.gram_compute not in ("float32", "float64"):
             raise InputError(f"unknown gram_compute '{self.gram_compute}': choose float32 or float64")
-        self.extract_config(self.models[0], "unused")  # the extraction options, checked now
+        self.extract_config(self.models[0], "unused", self.words, self.sets)  # the extraction options, checked now
         self.out = absolute(self.out or os.path.join("runs", self.experiment_id()))
         return self
 
-    def extract_config(self, model: str, out: str) -> ExtractConfig:
-        return ExtractConfig(
-            images=self.images, model=model, out=out, layers=self.layers, words=self.words, sets=self.sets,
-            seed=self.seed, batch_size=self.batch_size, shard_size=self.shard_size, dtype=self.dtype,
-            actors=self.actors, gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor,
-            torch_threads=self.torch_threads, decode_cpus=self.decode_cpus,
-        ).validate()
-
-    identity = ExtractConfig.identity
-    experiment_id = ExtractConfig.experiment_id
-    to_dict = ExtractConfig.to_dict
-
 
 @dataclass
-class AffineConfig:
+class AffineConfig(_Identity):
     """``semprobe affine``: least-squares maps between the penultimate features of every pair of CNNs."""
 
     models: list[str] = field(default_factory=lambda: ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
@@ -174,57 +189,28 @@ class AffineConfig:
         self.out = absolute(self.out or os.path.join("runs", f"affine-{self.experiment_id()}"))
         return self
 
-    identity = ExtractConfig.identity
-    experiment_id = ExtractConfig.experiment_id
-    to_dict = ExtractConfig.to_dict
-
 
 @dataclass
-class MisclassifiedConfig:
+class MisclassifiedConfig(_ExtractingJob):
     """``semprobe misclassified``: misclassification severity and 1 vs. 2 through the layers."""
 
-    images: str = "sample:imagenet"
     model: str = "efficientnet_lite0"
     words: str = "glove-50d"
-    layers: str = "blocks"
     references: int = 100  # R reference concepts, each with one correctly classified image
-    permutations: int = 1000
-    seed: int = 0
-    alpha: float = 0.05
     out: str | None = None  # None: runs/misclassified-<experiment id>
-    batch_size: int = 32
-    shard_size: int = 64
-    dtype: str = "float16"
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float = 1
-    torch_threads: int | None = None
-    decode_cpus: float = 1
-    task_cpus: float = 1
 
     IDENTITY = ("images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size", "dtype")
 
     def validate(self) -> "MisclassifiedConfig":
-        for name, low in (("references", 5), ("permutations", 0)):
-            if int(getattr(self, name)) < low:
-                raise InputError(f"--{name} must be at least {low}, got {getattr(self, name)}")
-        if not 0 < self.alpha < 1:
-            raise InputError(f"--alpha must lie between 0 and 1, got {self.alpha}")
+        if int(self.references) < 5:
+            raise InputError(f"--references must be at least 5, got {self.references}")
         self.out = absolute(self.out or os.path.join("runs", f"misclassified-{self.experiment_id()}"))
-        self.extract_config()
+        self.extract_config(self.model, self.extract_out, [self.words])
         return self
 
-    def extract_config(self) -> ExtractConfig:
-        return ExtractConfig(
-            images=self.images, model=self.model, out=posixpath.join(self.out or "", "extract"), layers=self.layers,
-            words=[self.words], seed=self.seed, batch_size=self.batch_size, shard_size=self.shard_size, dtype=self.dtype,
-            actors=self.actors, gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor,
-            torch_threads=self.torch_threads, decode_cpus=self.decode_cpus,
-        ).validate()
-
-    identity = ExtractConfig.identity
-    experiment_id = ExtractConfig.experiment_id
-    to_dict = ExtractConfig.to_dict
+    @property
+    def extract_out(self) -> str:
+        return posixpath.join(self.out, "extract")
 
 
 def write_resolved(output, cfg, **extra: Any) -> None:

@@ -66,7 +66,7 @@ def run_misclassified(cfg: MisclassifiedConfig, log=print) -> dict[str, Any]:
     """Extract, find the misclassified images, score severity and 1 vs. 2 through the layers."""
     output = Output(cfg.out)
     check_same_experiment(output, cfg)
-    ecfg = cfg.extract_config()
+    ecfg = cfg.extract_config(cfg.model, cfg.extract_out, [cfg.words])
     plan = plan_extraction(ecfg)
     if plan.source.class_space != "imagenet":
         raise InputError(f"{cfg.images}: misclassification needs ImageNet-labelled images (a folder of wnids, or sample:imagenet)")

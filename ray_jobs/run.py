@@ -339,7 +339,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     output = Output(cfg.out)
     check_same_experiment(output, cfg)
     extract_outs = {m: posixpath.join(cfg.out, "extract", model_key(m)) for m in cfg.models}
-    plans = {m: plan_extraction(cfg.extract_config(m, extract_outs[m])) for m in cfg.models}  # all bad input, before any write
+    plans = {m: plan_extraction(cfg.extract_config(m, extract_outs[m], cfg.words, cfg.sets)) for m in cfg.models}  # all bad input, before any write
     if not ray.is_initialized():
         ray.init()  # honours RAY_ADDRESS, so `ray job submit` runs this on the cluster
     exp = cfg.experiment_id()
@@ -347,7 +347,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     started = time.monotonic()
     analysis, models = Analysis(cfg, output), {}
     for m in cfg.models:
-        run_extract(cfg.extract_config(m, extract_outs[m]), log=log, plan=plans[m])
+        run_extract(cfg.extract_config(m, extract_outs[m], cfg.words, cfg.sets), log=log, plan=plans[m])
         models[m] = plan_model(output, model_key(m), plans[m], log)
         analysis.submit(models[m])
     if analysis.pending:
