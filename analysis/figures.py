@@ -72,20 +72,43 @@ def affine_heatmap(scores: Sequence[dict[str, Any]], names: Sequence[str], metho
     return fig
 
 
-def one_vs_two_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
-    """1 vs. 2 accuracy through the layers, one line per group, chance (0.5) marked, BHY-significant layers filled."""
+def one_vs_two_figure(rows: Sequence[dict[str, Any]], title: str, sides: str = "true class beats predicted",
+                      overall: str | None = None) -> Figure:
+    """1 vs. 2 accuracy through the layers, one line per group, chance (0.5) marked, BHY-significant layers filled.
+
+    ``sides`` names what a pass means (the y label); the group ``overall``, if any, is drawn black and bold.
+    """
     fig = Figure(figsize=(7.0, 4.0), layout="constrained")
     ax = fig.subplots()
     for group in dict.fromkeys(r["group"] for r in rows):
         line = sorted((r for r in rows if r["group"] == group), key=lambda r: r["layer_index"])
         acc = [r["accuracy"] for r in line]
-        (drawn,) = ax.plot(range(len(line)), acc, label=f"{group} (n = {line[0]['n']})")
+        style = {"color": "black", "lw": 2.2} if group == overall else {"lw": 1.2}
+        (drawn,) = ax.plot(range(len(line)), acc, label=f"{group} (n = {line[0]['n']})", **style)
         sig = [bool(r["significant"]) for r in line]
         ax.scatter([i for i, s in enumerate(sig) if s], [a for a, s in zip(acc, sig) if s], color=drawn.get_color(), s=18, zorder=3)
     ax.axhline(0.5, color="black", lw=0.6, ls=":", label="chance")
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("layer (input to output)")
-    ax.set_ylabel("1 vs. 2 accuracy (true class beats predicted)")
+    ax.set_ylabel(f"1 vs. 2 accuracy ({sides})")
     ax.legend(fontsize=8)
+    ax.text(0.99, 0.01, "filled: significant after BHY", transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="dimgrey")
+    return fig
+
+
+def adversarial_panel(panel: Sequence[tuple[Any, str, Sequence[tuple[Any, str]]]]) -> Figure:
+    """Example adversarial images: one row per source, its clean image first, then an image per target.
+
+    ``panel``: (clean (h, w, 3) uint8, its title, [(adversarial (h, w, 3) uint8, its title), ...]) per row.
+    """
+    cols = 1 + max((len(attacked) for _, _, attacked in panel), default=0)
+    fig = Figure(figsize=(1.9 * cols, 2.1 * max(len(panel), 1)), layout="constrained")
+    axes = fig.subplots(max(len(panel), 1), cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, (clean, title, attacked) in zip(axes, panel):
+        for ax, (image, label) in zip(row, [(clean, title), *attacked]):
+            ax.imshow(image)
+            ax.set_title(label, fontsize=8)
     return fig

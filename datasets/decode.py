@@ -36,8 +36,11 @@ def read_bytes(uri: str) -> bytes:
         raise ImageError("read", f"{type(err).__name__}: {err}") from None
 
 
-def decode_image(data: bytes, size: int, resize_size: int, interpolation: str = "bicubic") -> np.ndarray:
+def decode_image(data: bytes, size: int, resize_size: int, interpolation: str = "bicubic", precropped: bool = False) -> np.ndarray:
     """Decode, resize the shorter side to ``resize_size``, centre-crop ``size`` x ``size``.
+
+    ``precropped``: the image is already the model's ``size`` x ``size`` input
+    (an adversarial example, say) and is taken as it is; any other size is an error.
 
     Returns
     -------
@@ -51,6 +54,10 @@ def decode_image(data: bytes, size: int, resize_size: int, interpolation: str = 
         # PIL names the in-memory file by its address; drop it so reruns record the same message.
         raise ImageError("decode", f"{type(err).__name__}: {re.sub(r' <[^>]* at 0x[0-9a-f]+>', '', str(err))}") from None
     w, h = rgb.size
+    if precropped:
+        if (w, h) != (size, size):
+            raise ImageError("decode", f"a pre-cropped image must be {size}x{size}, got {w}x{h}")
+        return np.asarray(rgb, dtype=np.uint8)
     scale = resize_size / min(w, h)
     # torchvision's Resize(int): the shorter side becomes resize_size, the other is truncated.
     new_w, new_h = (resize_size, int(resize_size * h / w)) if w <= h else (int(resize_size * w / h), resize_size)

@@ -192,3 +192,24 @@ ONE_VS_TWO = pa.schema(
         ("significant", pa.bool_()),
     ]
 )
+
+# One row per requested (source image, target class) pair of ``semprobe adversarial``.
+ADVERSARIAL = pa.schema(
+    [
+        ("pair", pa.int32()),
+        ("image_id", pa.string()),  # the source image
+        ("source_index", pa.int32()),
+        ("source_word", pa.string()),
+        ("target_index", pa.int32()),
+        ("target_word", pa.string()),  # null when the target class has no word vector
+        ("target_rank", pa.int32()),  # 1 = the most similar word ... K = the least similar; null for --pairs
+        ("word_cosine", pa.float64()),  # cosine of the source and target words
+        ("status", pa.string()),  # success | missed (the target was not reached) | skipped
+        ("note", pa.string()),  # why skipped or missed
+        ("clean_predicted", pa.int32()),
+        ("predicted", pa.int32()),  # on the stored 8-bit adversarial image
+        ("linf", pa.float64()),  # L-inf norm of the stored perturbation, in the attack's input space
+        ("adversarial_id", pa.string()),  # the image's id in extract-adversarial/ (successes only)
+        ("png", pa.binary()),  # the adversarial image at the model's input size
+    ]
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -28,19 +29,6 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder or s3:// / gs:// URI")
 
 
-def _extract(args: argparse.Namespace) -> int:
-    from ray_jobs.config import ExtractConfig, load_config
-    from ray_jobs.extract import run_extract
-
-    # After Ray Data configured its logging on import: our progress line says what a person
-    # needs, Ray Data's INFO lines restate its execution plan on every run.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "bench")}
-    run_extract(load_config(ExtractConfig, args.config, overrides), log=lambda m: print(m, file=sys.stderr))
-    return 0
-
-
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML (or YAML/JSON) file of options, or a packaged config's name; flags override it")
     p.add_argument("--images", help="image source: DIR, s3://..., manifest .parquet, sample:imagenet, sample:cifar100")
@@ -57,33 +45,40 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder or s3:// / gs:// URI (default: runs/<experiment id>)")
 
 
-def _run(args: argparse.Namespace) -> int:
-    from ray_jobs.config import RunConfig, load_config
-    from ray_jobs.run import run
+# command -> (module, runner, config class); a job's module is imported only when it runs (torch and Ray import slowly)
+JOBS = {
+    "run": ("ray_jobs.run", "run", "RunConfig"),
+    "extract": ("ray_jobs.extract", "run_extract", "ExtractConfig"),
+    "affine": ("ray_jobs.affine", "run_affine", "AffineConfig"),
+    "misclassified": ("ray_jobs.failures", "run_misclassified", "MisclassifiedConfig"),
+    "adversarial": ("ray_jobs.adversarial", "run_adversarial", "AdversarialConfig"),
+}
 
+
+def _job(args: argparse.Namespace) -> int:
+    from ray_jobs import config
+
+    module, runner, cls = JOBS[args.command]
+    runner = getattr(importlib.import_module(module), runner)
+    # After Ray Data configured its logging on import: our progress line says what a person
+    # needs, Ray Data's INFO lines restate its execution plan on every run.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    run(load_config(RunConfig, args.config, overrides), log=lambda m: print(m, file=sys.stderr))
+    runner(config.load_config(getattr(config, cls), args.config, overrides), log=lambda m: print(m, file=sys.stderr))
     return 0
 
 
-def _affine(args: argparse.Namespace) -> int:
-    from ray_jobs.affine import run_affine
-    from ray_jobs.config import AffineConfig, load_config
-
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    run_affine(load_config(AffineConfig, args.config, overrides), log=lambda m: print(m, file=sys.stderr))
-    return 0
-
-
-def _misclassified(args: argparse.Namespace) -> int:
-    from ray_jobs.config import MisclassifiedConfig, load_config
-    from ray_jobs.failures import run_misclassified
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    run_misclassified(load_config(MisclassifiedConfig, args.config, overrides), log=lambda m: print(m, file=sys.stderr))
-    return 0
+def _failure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML (or YAML/JSON) file of options; flags override it")
+    p.add_argument("--images", help="ImageNet-labelled images: DIR of wnids, s3://..., sample:imagenet")
+    p.add_argument("--model", help="the CNN")
+    p.add_argument("--words", help="one word model: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH")
+    p.add_argument("--layers", help="kinds (activations, concat, blocks, pool, logits) and/or node names")
+    p.add_argument("--references", type=int, help="R reference concepts (default 100; all that qualify if fewer)")
+    p.add_argument("--permutations", type=int, help="permutations for the null (default 1000)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
+    p.add_argument("--gpus-per-actor", type=float, dest="gpus_per_actor")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -98,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="the main job: 2 vs. 2 of every layer against word models, permutations, BHY, report")
     _run_args(r)
-    r.set_defaults(func=_run)
+    r.set_defaults(func=_job)
     p = sub.add_parser("extract", help="capture every chosen layer of a CNN into Parquet")
     _extract_args(p)
-    p.set_defaults(func=_extract)
+    p.set_defaults(func=_job)
     a = sub.add_parser("affine", help="affine maps between the penultimate features of every pair of CNNs (the N x N table)")
     a.add_argument("--config", help="TOML (or YAML/JSON) file of options; flags override it")
     a.add_argument("--models", help="CNNs, comma-separated (at least two)")
@@ -112,18 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--seed", type=int)
     a.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
     a.add_argument("--out", help="output folder or s3:// / gs:// URI (default: runs/affine-<experiment id>)")
-    a.set_defaults(func=_affine)
+    a.set_defaults(func=_job)
     m = sub.add_parser("misclassified", help="misclassification severity and 1 vs. 2 through the layers")
-    m.add_argument("--config", help="TOML (or YAML/JSON) file of options; flags override it")
-    m.add_argument("--images", help="ImageNet-labelled images: DIR of wnids, s3://..., sample:imagenet")
-    m.add_argument("--model", help="the CNN")
-    m.add_argument("--words", help="one word model: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH")
-    m.add_argument("--layers", help="kinds (activations, concat, blocks, pool, logits) and/or node names")
-    m.add_argument("--references", type=int, help="R reference concepts (default 100; all that qualify if fewer)")
-    m.add_argument("--permutations", type=int, help="permutations for the null (default 1000)")
-    m.add_argument("--seed", type=int)
+    _failure_args(m)
     m.add_argument("--out", help="output folder or URI (default: runs/misclassified-<experiment id>)")
-    m.set_defaults(func=_misclassified)
+    m.set_defaults(func=_job)
+    v = sub.add_parser("adversarial", help="targeted MIM adversarial examples and 1 vs. 2 through the layers by target rank")
+    _failure_args(v)
+    v.add_argument("--sources", type=int, help="correctly classified source images, one per class (default 100)")
+    v.add_argument("--targets-per-source", type=int, dest="targets_per_source",
+                   help="targets by word similarity: the most and least similar and evenly spaced ranks between (default 6)")
+    v.add_argument("--pairs", help="instead of --sources: a .csv or .parquet of image_id, target (ImageNet index or wnid)")
+    v.add_argument("--eps", type=float, help="L-inf radius in --space (default 0.3)")
+    v.add_argument("--step", type=float, help="step size in --space (default 0.06)")
+    v.add_argument("--steps", type=int, help="iterations (default 20)")
+    v.add_argument("--momentum", type=float, help="decay of the accumulated gradient (default 1.0)")
+    v.add_argument("--space", help="input space eps and step are measured in: -1,1 (default) or 0,1")
+    v.add_argument("--out", help="output folder or URI (default: runs/adversarial-<experiment id>)")
+    v.set_defaults(func=_job)
     b = sub.add_parser("bench", help="benchmarks, each beside its floor")
     b.add_argument("bench", choices=["extract", "twovtwo", "permutations", "affine"])
     b.add_argument("--images", default="sample:imagenet")

@@ -57,6 +57,7 @@ class ExtractConfig(_Identity):
     dtype: str = "float16"
     store_format: str = "arrow"  # activation files: arrow (IPC) or parquet
     compression: str = "none"
+    precropped: bool = False  # images already at the model's input size: neither resized nor cropped
     # resources
     actors: int | None = None  # None: one per GPU in the cluster, or 1 without GPUs
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
@@ -65,7 +66,8 @@ class ExtractConfig(_Identity):
     decode_cpus: float = 1
 
     # Fields that decide the bytes of the outputs; a rerun into the same --out must agree on them.
-    IDENTITY = ("images", "model", "layers", "words", "sets", "seed", "batch_size", "shard_size", "dtype", "store_format", "compression")
+    IDENTITY = ("images", "model", "layers", "words", "sets", "seed", "batch_size", "shard_size", "dtype", "store_format", "compression",
+                "precropped")
 
     def validate(self) -> "ExtractConfig":
         if self.dtype not in DTYPE_CHOICES:
@@ -191,26 +193,78 @@ class AffineConfig(_Identity):
 
 
 @dataclass
-class MisclassifiedConfig(_ExtractingJob):
-    """``semprobe misclassified``: misclassification severity and 1 vs. 2 through the layers."""
+class _FailureJob(_ExtractingJob):
+    """The options of the failure analyses: one CNN, one word model, R reference concepts."""
 
     model: str = "efficientnet_lite0"
     words: str = "glove-50d"
     references: int = 100  # R reference concepts, each with one correctly classified image
-    out: str | None = None  # None: runs/misclassified-<experiment id>
+    out: str | None = None  # None: runs/<command>-<experiment id>
 
-    IDENTITY = ("images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size", "dtype")
+    COMMAND = ""
 
-    def validate(self) -> "MisclassifiedConfig":
+    def validate(self):
         if int(self.references) < 5:
             raise InputError(f"--references must be at least 5, got {self.references}")
-        self.out = absolute(self.out or os.path.join("runs", f"misclassified-{self.experiment_id()}"))
+        self.out = absolute(self.out or os.path.join("runs", f"{self.COMMAND}-{self.experiment_id()}"))
         self.extract_config(self.model, self.extract_out, [self.words])
         return self
 
     @property
     def extract_out(self) -> str:
         return posixpath.join(self.out, "extract")
+
+
+@dataclass
+class MisclassifiedConfig(_FailureJob):
+    """``semprobe misclassified``: misclassification severity and 1 vs. 2 through the layers."""
+
+    COMMAND = "misclassified"
+    IDENTITY = ("images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size", "dtype")
+
+
+def _space(value: str) -> str:
+    """'-1,1', '[-1,1]' or '[-1, 1]' -> '[-1,1]'."""
+    return "[" + value.strip().strip("[]").replace(" ", "") + "]"
+
+
+@dataclass
+class AdversarialConfig(_FailureJob):
+    """``semprobe adversarial``: targeted MIM examples, then 1 vs. 2 through the layers by target rank."""
+
+    sources: int = 100  # correctly classified source images, one per class
+    targets_per_source: int = 6  # by word similarity: the most and least similar and evenly spaced ranks between
+    pairs: str | None = None  # instead: a .csv or .parquet of (image_id, target) pairs to attack
+    eps: float = 0.3
+    step: float = 0.06
+    steps: int = 20
+    momentum: float = 1.0
+    space: str = "[-1,1]"  # where eps and step are measured
+    attack_shard: int = 16  # (source, target) pairs per task
+
+    COMMAND = "adversarial"
+    IDENTITY = ("images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size", "dtype",
+                "sources", "targets_per_source", "pairs", "eps", "step", "steps", "momentum", "space", "attack_shard")
+
+    def validate(self) -> "AdversarialConfig":
+        from actors.attack import SPACES
+
+        self.space = _space(str(self.space))
+        if self.space not in SPACES:
+            raise InputError(f"unknown input space '{self.space}': choose one of {', '.join(SPACES)}")
+        low, high = SPACES[self.space]
+        if not 0 < self.eps <= high - low:
+            raise InputError(f"--eps {self.eps} lies outside the range of the input space {self.space}: choose 0 < eps <= {high - low:g}")
+        if not 0 < self.step <= high - low:
+            raise InputError(f"--step {self.step} lies outside the range of the input space {self.space}: choose 0 < step <= {high - low:g}")
+        for name in ("sources", "targets_per_source", "steps", "attack_shard"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.momentum < 0:
+            raise InputError(f"--momentum must be at least 0, got {self.momentum}")
+        if self.pairs is not None:
+            self.pairs = absolute(self.pairs)
+        return super().validate()
 
 
 def write_resolved(output, cfg, **extra: Any) -> None:

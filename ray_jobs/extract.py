@@ -121,13 +121,13 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
 # --- the two Ray stages -------------------------------------------------------------------------
 
 
-def decode_shard(batch: pa.Table, size: int, resize_size: int, interpolation: str) -> dict[str, np.ndarray]:
+def decode_shard(batch: pa.Table, size: int, resize_size: int, interpolation: str, precropped: bool) -> dict[str, np.ndarray]:
     """CPU stage: read and decode one shard's images; failures become error records."""
     (shard,), (images,) = batch["shard"].to_pylist(), batch["images"].to_pylist()
     kept, pixels, errors = [], [], []
     for image_id, uri, concept_id, set_index in json.loads(images):
         try:
-            pixels.append(decode_image(read_bytes(uri), size, resize_size, interpolation))
+            pixels.append(decode_image(read_bytes(uri), size, resize_size, interpolation, precropped))
             kept.append([image_id, concept_id, set_index])
         except ImageError as err:
             errors.append({"image_id": image_id, "uri": uri, "stage": err.stage, "message": str(err)})
@@ -317,7 +317,8 @@ def run_extract(cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = Non
         ds = ray.data.from_arrow([pending.slice(i, 1) for i in range(pending.num_rows)])
         ds = ds.map_batches(
             decode_shard, batch_size=1, batch_format="pyarrow", num_cpus=resources["decode_cpus"],
-            fn_kwargs={"size": pre.size, "resize_size": pre.resize_size, "interpolation": pre.interpolation},
+            fn_kwargs={"size": pre.size, "resize_size": pre.resize_size, "interpolation": pre.interpolation,
+                       "precropped": cfg.precropped},
         )
         ds = ds.map_batches(
             ExtractShards, batch_size=1, batch_format="numpy",

@@ -119,3 +119,35 @@ def write_report(output: Output, cfg, scores: pa.Table, concept_scores: pa.Table
                 "(pair counts and the null), <code>similarity/</code> (the matrices), <code>figures/</code>.</p></body></html>")
     output.write_bytes("\n".join(html).encode(), "report.html")
     return posixpath.join(output.uri, "report.html")
+
+
+FAILURE_TITLES = {"misclassified": "misclassified images", "adversarial": "targeted adversarial images"}
+
+
+def write_failure_report(output: Output, cfg, command: str, summary: dict[str, Any], rows: list[dict[str, Any]],
+                         figures: dict[str, bytes], notes: list[tuple[str, list[str], list[list[Any]]]]) -> str:
+    """OUT/report.html of ``semprobe misclassified`` or ``adversarial``: the summary, the 1 vs. 2 table, the figures, ``notes``
+    (title, header, rows) as tables; returns its path or URI."""
+    title = f"semprobe {command} {cfg.experiment_id()}: {FAILURE_TITLES[command]}"
+    html = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{STYLE}</style></head><body>",
+            f"<h1>{escape(title)}</h1>",
+            f"<p>Images <code>{escape(cfg.images)}</code> · CNN {escape(cfg.model)} · word model {escape(cfg.words)} · layers "
+            f"<code>{escape(cfg.layers)}</code> · R = {summary['references']} reference concepts, each with one correctly "
+            f"classified image, never the true (source) or predicted (target) class · {cfg.permutations} permutations of the "
+            f"reference words (seed {cfg.seed}) · BHY at alpha {cfg.alpha} over every row below.</p>",
+            _table(["", "value"], [[k, v] for k, v in summary.items()])]
+    for name, png in figures.items():
+        html.append(f'<img alt="{escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+    if rows:
+        html.append("<h2>1 vs. 2 through the layers</h2><p>An image passes when its layer activation, correlated with the "
+                    "references', agrees better with the true (source) word's correlations than with the predicted (target) "
+                    "word's; chance is 0.5.</p>")
+        html.append(_table(["group", "#", "layer", "accuracy", "n", "null mean", "null std", "p", "p (BHY)", "significant"],
+                           [[r["group"], r["layer_index"], r["layer"], _f(r["accuracy"]), r["n"], _f(r["null_mean"]),
+                             _f(r["null_std"]), _f(r["p_value"], ".4f"), _f(r["p_bhy"], ".4f"),
+                             "-" if r["significant"] is None else ("yes" if r["significant"] else "no")] for r in rows]))
+    for name, header, table in notes:
+        html.append(f"<details><summary>{escape(name)}</summary>{_table(header, table)}</details>")
+    html.append("</body></html>")
+    output.write_bytes("\n".join(html).encode(), "report.html")
+    return posixpath.join(output.uri, "report.html")

@@ -9,7 +9,7 @@ from actors.zoo import load_model
 from analysis.errors import InputError
 
 
-def reference_mim(net, x0, target, mean, std, eps, step, steps, mu):
+def reference_mim(net, x0, target, mean, std, eps, step, steps, mu, bounds=(0, 1)):
     """Dong et al. 2018 in plain torch, targeted: normalise by mean |grad|, accumulate, step by the sign."""
     x, m = x0.clone(), torch.zeros_like(x0)
     for _ in range(steps):
@@ -19,7 +19,7 @@ def reference_mim(net, x0, target, mean, std, eps, step, steps, mu):
         g = g / torch.clamp(g.abs().mean(dim=(1, 2, 3), keepdim=True), min=1e-12)
         m = mu * m + g
         x = x - step * m.sign()
-        x = torch.clamp(x0 + torch.clamp(x - x0, -eps, eps), 0, 1)
+        x = torch.clamp(x0 + torch.clamp(x - x0, -eps, eps), *bounds)
     return x
 
 

@@ -17,6 +17,18 @@ def r(a, b):
     return np.corrcoef(np.asarray(a, np.float64), np.asarray(b, np.float64))[0, 1]
 
 
+def reference_pool(out, seed=0):
+    """The references, by the documented rule: one correctly classified image per concept (the first by id),
+    concepts in the seed's shuffled order. Returns the clean manifest by image id, the pool and the order."""
+    manifest = {m["image_id"]: m for m in pq.read_table(out / "extract" / "manifest.parquet").to_pylist()}
+    predicted = {p["image_id"]: p["predicted_index"] for p in pq.read_table(out / "extract" / "predictions").to_pylist()}
+    pool = {}
+    for image_id in sorted(manifest):
+        if predicted[image_id] == manifest[image_id]["class_index"]:
+            pool.setdefault(manifest[image_id]["class_index"], image_id)
+    return manifest, pool, [int(c) for c in np.random.default_rng(seed).permutation(sorted(pool))]
+
+
 def test_severity_and_one_vs_two_through_the_layers(ray_session, tmp_path):
     out = tmp_path / "out"
     summary = run_misclassified(MisclassifiedConfig(out=str(out), permutations=50).validate(), log=lambda m: None)
@@ -32,15 +44,7 @@ def test_severity_and_one_vs_two_through_the_layers(ray_session, tmp_path):
         assert s["true_index"] != s["predicted_index"]
     assert summary["mean_severity"] == pytest.approx(np.mean([s["cosine"] for s in severity]))
 
-    # the references, by the documented rule: one correctly classified image per concept (the first by id),
-    # concepts in the seed's shuffled order, the first R that are neither t nor p
-    manifest = {m["image_id"]: m for m in pq.read_table(out / "extract" / "manifest.parquet").to_pylist()}
-    predicted = {p["image_id"]: p["predicted_index"] for p in pq.read_table(out / "extract" / "predictions").to_pylist()}
-    pool = {}
-    for image_id in sorted(manifest):
-        if predicted[image_id] == manifest[image_id]["class_index"]:
-            pool.setdefault(manifest[image_id]["class_index"], image_id)
-    order = [int(c) for c in np.random.default_rng(0).permutation(sorted(pool))]
+    manifest, pool, order = reference_pool(out)
     rows = pq.read_table(out / "one_vs_two.parquet").to_pylist()
     assert len(rows) == 16 and all(row["n"] == 2 and row["n_references"] == 10 for row in rows)
     for row in rows:
@@ -49,7 +53,7 @@ def test_severity_and_one_vs_two_through_the_layers(ray_session, tmp_path):
         passed = []
         for s in severity:
             t, p = s["true_index"], s["predicted_index"]
-            refs = [c for c in order if c not in (t, p)][:10]
+            refs = [c for c in order if c not in (t, p)][:10]  # the first R that are neither t nor p
             i_x = [r(act[s["image_id"]], act[pool[c]]) for c in refs]
             d_t, d_p = [r(vec(t), vec(c)) for c in refs], [r(vec(p), vec(c)) for c in refs]
             passed.append(r(i_x, d_t) - r(i_x, d_p) > 1e-9)
@@ -61,5 +65,5 @@ def test_severity_and_one_vs_two_through_the_layers(ray_session, tmp_path):
 def test_too_few_references_is_refused(ray_session, tmp_path):
     with pytest.raises(InputError, match="--references must be at least 5"):
         MisclassifiedConfig(references=3).validate()
-    with pytest.raises(InputError, match="misclassification needs ImageNet-labelled images"):
+    with pytest.raises(InputError, match="misclassified needs ImageNet-labelled images"):
         run_misclassified(MisclassifiedConfig(images="sample:cifar100", out=str(tmp_path / "c")).validate(), log=lambda m: None)

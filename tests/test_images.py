@@ -114,3 +114,13 @@ def test_missing_file_is_a_read_error(tmp_path):
     with pytest.raises(ImageError) as err:
         read_bytes(str(tmp_path / "gone.jpg"))
     assert err.value.stage == "read"
+
+
+def test_a_precropped_image_is_taken_as_it_is():
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    np.testing.assert_array_equal(decode_image(buf.getvalue(), 8, 10, precropped=True), pixels)
+    assert not np.array_equal(decode_image(buf.getvalue(), 8, 10), pixels)  # resized to 10, cropped back to 8
+    with pytest.raises(ImageError, match="a pre-cropped image must be 6x6, got 8x8"):
+        decode_image(buf.getvalue(), 6, 6, precropped=True)

@@ -1,0 +1,287 @@
+"""``semprobe adversarial``: targeted MIM examples, and where in the network the attack takes hold.
+
+Dharmaretnam & Fyshe 2021, Sections 5.2-5.3: S correctly classified source
+images (one per class, in the seed's order), each attacked toward K target
+classes picked by word similarity to the source's word (rank 1 the most
+similar, rank K the least, the others evenly spaced by rank) with Dong et al.'s
+momentum iterative method; then, for every attack that reached its target, the
+1 vs. 2 test through the layers with t = source and p = target, per target rank.
+
+Layout under OUT::
+
+    config.json, summary.json, report.html
+    extract/                     the clean images (``ray_jobs.extract``): predictions and the references' activations
+    adversarial/shards/shard-NNNNN.parquet   the attack, one file per task (a rerun skips what exists)
+    adversarial/images/pair-NNNNN.png        each successful adversarial image, at the model's input size
+    adversarial/manifest.parquet             those images as an image source, labelled with the source class
+    extract-adversarial/         their extraction
+    adversarial.parquet          datasets.schema.ADVERSARIAL, one row per requested pair
+    one_vs_two.parquet           datasets.schema.ONE_VS_TWO, per target rank and over all ranks
+    figures/one_vs_two.png, figures/examples.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import posixpath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import ray
+from PIL import Image
+from ray.util import ActorPool
+
+from actors.attack import TargetedAttacker
+from analysis.errors import InputError
+from analysis.figures import adversarial_panel, one_vs_two_figure
+from datasets import schema
+from datasets.classes import imagenet_classes
+from datasets.decode import ImageError, decode_image, read_bytes
+from datasets.images import filesystem
+from ray_jobs.config import AdversarialConfig
+from ray_jobs.extract import model_actors, run_extract, shard_file
+from ray_jobs.failures import (FailureContext, check_references, one_vs_two_through_layers, prepare, save_figure)
+from ray_jobs.progress import Progress
+from ray_jobs.report import write_failure_report
+from ray_jobs.storage import Output
+
+# What an attack task returns per pair.
+ATTACK_RESULT = pa.schema([(name, schema.ADVERSARIAL.field(name).type) for name in
+                           ("pair", "status", "note", "clean_predicted", "predicted", "linf", "png")])
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@ray.remote
+class AttackWorker:
+    """The model on one device; attacks shards of (source, target) pairs and writes each shard's results."""
+
+    def __init__(self, out: str, model: str, space: str, eps: float, step: float, steps: int, momentum: float,
+                 batch_size: int, threads: int | None):
+        if threads is None and not ray.get_gpu_ids():
+            threads = len(os.sched_getaffinity(0))  # a CPU-only attack wants the node
+        self.attacker = TargetedAttacker(model, space, eps, step, steps, momentum, threads=threads)
+        self.output, self.batch_size = Output(out), batch_size
+
+    def attack_shard(self, shard: int, pairs: list[dict[str, Any]]) -> int:
+        pre = self.attacker.preprocess
+        results, decoded = [], []
+        for pair in pairs:
+            try:
+                decoded.append((pair, decode_image(read_bytes(pair["uri"]), pre.size, pre.resize_size, pre.interpolation)))
+            except ImageError as err:  # this pair's failure, not the job's
+                results.append({"pair": pair["pair"], "status": "skipped", "note": f"{err.stage}: {err}"})
+        for lo in range(0, len(decoded), self.batch_size):
+            part = decoded[lo:lo + self.batch_size]
+            out = self.attacker(np.stack([x for _, x in part]), np.array([p["target_index"] for p, _ in part]))
+            for k, (pair, _) in enumerate(part):
+                clean, predicted = int(out["clean_predicted"][k]), int(out["predicted"][k])
+                row = {"pair": pair["pair"], "clean_predicted": clean}
+                if clean != pair["source_index"]:
+                    row.update(status="skipped", note=f"source already misclassified (as class {clean})")
+                else:
+                    reached = predicted == pair["target_index"]
+                    row.update(status="success" if reached else "missed", note=None if reached else f"ended at class {predicted}",
+                               predicted=predicted, linf=float(out["linf"][k]), png=_png(out["adversarial"][k]))
+                results.append(row)
+        table = pa.Table.from_pylist(sorted(results, key=lambda r: r["pair"]), schema=ATTACK_RESULT)
+        self.output.write_table(table, "adversarial", "shards", shard_file(shard))
+        return len(pairs)
+
+
+def _read_pairs(path: str) -> list[tuple[str, str]]:
+    """(image_id, target) rows of a --pairs file (.csv or .parquet); the target is an ImageNet index or wnid."""
+    fs, inner = filesystem(path)
+    try:
+        if path.endswith(".parquet"):
+            table = pq.read_table(inner, filesystem=fs)
+        elif path.endswith(".csv"):
+            with fs.open_input_stream(inner) as f:
+                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={"image_id": pa.string(),
+                                                                                            "target": pa.string()}))
+        else:
+            raise InputError(f"--pairs {path}: expected a .csv or .parquet file with columns image_id, target")
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"cannot read --pairs {path}: {str(err).splitlines()[0]}") from None
+    missing = {"image_id", "target"} - set(table.column_names)
+    if missing:
+        raise InputError(f"--pairs {path} lacks column(s) {', '.join(sorted(missing))}: it needs image_id, target")
+    return [(str(i), str(t)) for i, t in zip(table["image_id"].to_pylist(), table["target"].to_pylist())]
+
+
+def _pair(ctx: FailureContext, n: int, image: dict[str, Any], target: int, rank: int | None) -> dict[str, Any]:
+    t = image["class_index"]
+    return {"pair": n, "image_id": image["image_id"], "uri": image["uri"], "source_index": t, "source_word": ctx.words[t],
+            "target_index": target, "target_word": ctx.words.get(target), "target_rank": rank,
+            "word_cosine": float(ctx.cosine([t], [target])[0]) if target in ctx.words else None}
+
+
+def chosen_pairs(cfg: AdversarialConfig, ctx: FailureContext) -> list[dict[str, Any]]:
+    """S sources (one correctly classified image per class, classes in the seed's order) x K targets by word similarity."""
+    classes = [int(c) for c in np.random.default_rng([cfg.seed, 1]).permutation(sorted(ctx.pool))][:cfg.sources]
+    by_id = {m["image_id"]: m for m in ctx.manifest}
+    pairs = []
+    for t in classes:
+        others = [c for c in sorted(ctx.words) if ctx.words[c] != ctx.words[t]]  # another class with the same word is no target
+        if cfg.targets_per_source > len(others):
+            raise InputError(f"--targets-per-source {cfg.targets_per_source} exceeds the {len(others)} classes with words")
+        cosine = ctx.cosine([t] * len(others), others)
+        ranked = [others[i] for i in np.lexsort((others, -cosine))]  # most similar first; ties by class index
+        picks = np.round(np.linspace(0, len(ranked) - 1, cfg.targets_per_source)).astype(int)
+        for rank, i in enumerate(picks, 1):
+            pairs.append(_pair(ctx, len(pairs), by_id[ctx.pool[t]], ranked[i], rank))
+    return pairs
+
+
+def requested_pairs(requested: list[tuple[str, str]], ctx: FailureContext) -> list[dict[str, Any]]:
+    """The --pairs rows; a row that cannot be attacked is kept as skipped, with the reason."""
+    by_id = {m["image_id"]: m for m in ctx.manifest}
+    by_wnid = {c.wnid: c.class_index for c in imagenet_classes()}
+    pairs = []
+    for image_id, target in requested:
+        index = by_wnid.get(target, int(target) if target.isdigit() and int(target) < 1000 else None)
+        image = by_id.get(image_id)
+        if image is None:
+            row = {"pair": len(pairs), "image_id": image_id, "target_index": index, "target_word": ctx.words.get(index)}
+            note = "not an image of --images whose class has a word"
+        else:
+            row = _pair(ctx, len(pairs), image, index, None)
+            row["clean_predicted"] = predicted = ctx.predictions.get(image_id)
+            note = (f"target '{target}' is not an ImageNet class (an index 0-999 or a wnid)" if index is None
+                    else f"no word vector for target class {index} in {ctx.word_model.name}" if index not in ctx.words
+                    else f"source already misclassified (as class {predicted})" if predicted != image["class_index"]
+                    else "the target is the source's own class" if index == image["class_index"] else None)
+        if note:
+            row.update(status="skipped", note=note)
+        pairs.append(row)
+    return pairs
+
+
+def _attack(cfg: AdversarialConfig, output: Output, pairs: list[dict[str, Any]], log) -> dict[int, dict[str, Any]]:
+    """Attack every pair not yet skipped, as actor tasks over shards; resumes from the shards on disk."""
+    todo = [p for p in pairs if p.get("status") is None]
+    shards = [(i // cfg.attack_shard, todo[i:i + cfg.attack_shard]) for i in range(0, len(todo), cfg.attack_shard)]
+    done = set(output.list("adversarial", "shards", suffix=".parquet"))
+    pending = [(s, rows) for s, rows in shards if shard_file(s) not in done]
+    if len(pending) < len(shards):
+        log(f"resuming: {len(shards) - len(pending)} of {len(shards)} attack shards already complete")
+    if pending:
+        actors, gpus = model_actors(cfg.actors, cfg.gpus_per_actor)
+        workers = [AttackWorker.options(num_gpus=gpus, num_cpus=cfg.cpus_per_actor).remote(
+            cfg.out, cfg.model, cfg.space, cfg.eps, cfg.step, cfg.steps, cfg.momentum, cfg.batch_size, cfg.torch_threads)
+            for _ in range(min(actors, len(pending)))]
+        progress = Progress(len(todo), "pairs", f"attack {cfg.model} ({cfg.steps} steps)")
+        progress.done = len(todo) - sum(len(rows) for _, rows in pending)
+        for n in ActorPool(workers).map_unordered(lambda w, item: w.attack_shard.remote(*item), pending):
+            progress.update(n)
+        progress.close()
+    results = {}
+    for s, _ in shards:
+        results.update({r["pair"]: r for r in output.read_table("adversarial", "shards", shard_file(s)).to_pylist()})
+    return results
+
+
+def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
+    """Choose pairs, attack, extract the adversarial images, 1 vs. 2 through the layers by target rank; report."""
+    output = Output(cfg.out)
+    requested = _read_pairs(cfg.pairs) if cfg.pairs else None
+    ctx = prepare(cfg, output, log)
+    r = min(cfg.references, len(ctx.order) - 2)
+    check_references(r)
+    pairs = requested_pairs(requested, ctx) if requested is not None else chosen_pairs(cfg, ctx)
+    n_misclassified = sum(1 for m in ctx.manifest if ctx.predictions.get(m["image_id"]) not in (None, m["class_index"]))
+    log(f"adversarial: {len(pairs)} (source, target) pairs from {len({p['image_id'] for p in pairs})} source images "
+        f"({n_misclassified} misclassified image(s) are no sources); eps {cfg.eps}, step {cfg.step}, {cfg.steps} steps, "
+        f"momentum {cfg.momentum} in {cfg.space}; R = {r}")
+    results = _attack(cfg, output, pairs, log)
+
+    rows = []
+    for p in pairs:
+        merged = {**p, **results.get(p["pair"], {})}
+        row = {k: merged.get(k) for k in schema.ADVERSARIAL.names} | {"uri": merged.get("uri")}
+        row["adversarial_id"] = f"pair-{p['pair']:05d}" if row["status"] == "success" else None
+        rows.append(row)
+    table = pa.Table.from_pylist([{k: row[k] for k in schema.ADVERSARIAL.names} for row in rows], schema=schema.ADVERSARIAL)
+    exp = cfg.experiment_id()
+    output.write_table(schema.stamp(table, exp), "adversarial.parquet")
+    success = [row for row in rows if row["status"] == "success"]
+    count = {s: sum(1 for row in rows if row["status"] == s) for s in ("success", "missed", "skipped")}
+    log(f"adversarial: {count['success']} reached their target, {count['missed']} did not (discarded), {count['skipped']} skipped")
+    summary = {"model": ctx.plan.model, "n_pairs": len(rows), **{f"n_{k}": v for k, v in count.items()}, "references": r,
+               "n_misclassified_images": n_misclassified,
+               "mean_linf": float(np.mean([row["linf"] for row in success])) if success else None}
+    figures, one_vs_two_rows = {}, []
+    if success:
+        for row in success:
+            output.write_bytes(row["png"], "adversarial", "images", f"{row['adversarial_id']}.png")
+        manifest = pa.table({"image_id": [row["adversarial_id"] for row in success],
+                             "uri": [posixpath.join(output.uri, "adversarial", "images", f"{row['adversarial_id']}.png") for row in success],
+                             "label": pa.array([row["source_index"] for row in success], pa.int32())})
+        output.write_table(manifest, "adversarial", "manifest.parquet")
+        ecfg = dataclasses.replace(cfg.extract_config(cfg.model, posixpath.join(cfg.out, "extract-adversarial"), [cfg.words]),
+                                   images=posixpath.join(output.uri, "adversarial", "manifest.parquet"), precropped=True).validate()
+        extracted = run_extract(ecfg, log=log)
+        if extracted["n_errors"]:
+            raise InputError(f"{extracted['n_errors']} adversarial image(s) failed to extract: see {ecfg.out}/errors.parquet")
+        predicted = {p["image_id"]: p["predicted_index"] for p in pq.read_table(
+            Output(ecfg.out).path("predictions"), filesystem=output.fs).to_pylist()}
+        summary["n_extraction_agrees"] = sum(predicted[row["adversarial_id"]] == row["target_index"] for row in success)
+        groups = {}
+        ranks = sorted({row["target_rank"] for row in success if row["target_rank"] is not None})
+        for rank in ranks:
+            label = {1: " (most similar)", cfg.targets_per_source: " (least similar)"}.get(rank, "")
+            groups[f"target rank {rank}{label}"] = [i for i, row in enumerate(success) if row["target_rank"] == rank]
+        groups["all targets"] = list(range(len(success)))
+        one_vs_two_rows = one_vs_two_through_layers(
+            cfg, output, ctx, ("extract-adversarial", "activations"), [row["adversarial_id"] for row in success],
+            [row["source_index"] for row in success], [row["target_index"] for row in success], r, groups)
+        title = f"{ctx.plan.model}: {len(success)} targeted adversarial images (MIM, eps {cfg.eps} in {cfg.space}), R = {r}"
+        figures["one_vs_two.png"] = save_figure(output, one_vs_two_figure(one_vs_two_rows, title, "source beats target", "all targets"), "one_vs_two.png")
+        figures["examples.png"] = save_figure(output, _examples(ctx, rows), "examples.png")
+    output.write_json(summary, "summary.json")
+    report = write_failure_report(output, cfg, "adversarial", summary, one_vs_two_rows, figures, _report_notes(cfg, rows))
+    log(f"adversarial: report at {report}")
+    return summary
+
+
+def _examples(ctx: FailureContext, rows: list[dict[str, Any]], n_sources: int = 3) -> Any:
+    """The first sources with at least one success: the clean image, then each target's adversarial image."""
+    pre = ctx.plan.preprocess
+    panel = []
+    for image_id in dict.fromkeys(row["image_id"] for row in rows if row["status"] == "success"):
+        mine = [row for row in rows if row["image_id"] == image_id and row.get("png")]
+        clean = decode_image(read_bytes(mine[0]["uri"]), pre.size, pre.resize_size, pre.interpolation)
+        attacked = [(np.asarray(Image.open(io.BytesIO(row["png"])).convert("RGB")),
+                     f"-> {row['target_word']}" + (f" (rank {row['target_rank']})" if row["target_rank"] else "")
+                     + ("" if row["status"] == "success" else " missed")) for row in mine]
+        panel.append((clean, f"source: {mine[0]['source_word']}", attacked))
+        if len(panel) == n_sources:
+            break
+    return adversarial_panel(panel)
+
+
+def _report_notes(cfg: AdversarialConfig, rows: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """Tables for the report: per target rank, and what was skipped or missed."""
+    ranks = sorted({row["target_rank"] for row in rows if row["target_rank"] is not None})
+    per_rank = []
+    for rank in ranks:
+        mine = [row for row in rows if row["target_rank"] == rank]
+        won = [row for row in mine if row["status"] == "success"]
+        per_rank.append([rank, len(mine), len(won), f"{np.mean([row['word_cosine'] for row in mine]):.3f}",
+                         f"{np.mean([row['linf'] for row in won]):.4f}" if won else "-"])
+    failed = [[row["pair"], row["image_id"], row["target_word"] or row["target_index"], row["status"], row["note"]]
+              for row in rows if row["status"] != "success"]
+    notes = []
+    if per_rank:
+        notes.append(("by target rank", ["rank", "pairs", "reached the target", "mean word cosine", "mean L-inf"], per_rank))
+    notes.append((f"pairs not used ({len(failed)})", ["pair", "source image", "target", "status", "why"], failed))
+    return notes
