@@ -71,6 +71,8 @@ def foolbox_model(loaded: LoadedModel, space: str, device=None) -> foolbox.PyTor
     pre = loaded.preprocess
     mean = [low + scale * m for m in pre.mean]
     std = [scale * s for s in pre.std]
+    # eagerpy's gradient calls loss.backward(), which would also fill every weight's .grad: only the input's is needed
+    loaded.module.requires_grad_(False)
     return foolbox.PyTorchModel(loaded.module.eval(), bounds=(low, high), device=device,
                                 preprocessing={"mean": mean, "std": std, "axis": -3})
 

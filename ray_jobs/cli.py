@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--out", help="output folder or URI (default: runs/adversarial-<experiment id>)")
     v.set_defaults(func=_job)
     b = sub.add_parser("bench", help="benchmarks, each beside its floor")
-    b.add_argument("bench", choices=["extract", "twovtwo", "permutations", "affine"])
+    b.add_argument("bench", choices=["extract", "twovtwo", "permutations", "affine", "attack"])
     b.add_argument("--images", default="sample:imagenet")
     b.add_argument("--model", default="efficientnet_lite0")
     b.add_argument("--batch-size", type=int, default=32, dest="batch_size")
@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--pairs", type=int, default=300, help="twovtwo: pairs sampled for the naive loop")
     b.add_argument("--w", type=int, default=838, help="permutations: concept count")
     b.add_argument("--permutations", type=int, default=1000, help="permutations: how many")
+    b.add_argument("--steps", type=int, default=10, help="attack: iterations")
+    b.add_argument("--repeats", type=int, default=3, help="attack: interleaved repeats of the attack and its floor (medians)")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:

@@ -33,3 +33,10 @@ def test_bench_permutations(capsys):
     assert [r["threads"] for r in report["results"]] == ["1 thread", "all cores"]
     for r in report["results"]:
         assert all(_positive(r[k]) for k in ("permutation_null_s", "ms_per_permutation", "floor_matmuls_s", "ratio"))
+
+
+def test_bench_attack(capsys):
+    report = _report(capsys, ["bench", "attack", "--batch-size", "2", "--steps", "2", "--repeats", "1"])
+    assert (report["batch_size"], report["steps"], report["target_ratio"]) == (2, 2, 1.3)
+    assert all(_positive(report[k]) for k in ("figure_ms_per_image_iteration", "floor_ms_forward_backward_per_image", "ratio"))
+    assert 0 <= report["reached_target"] <= 2
