@@ -11,6 +11,7 @@ import posixpath
 from html import escape
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -135,13 +136,18 @@ def write_failure_report(output: Output, cfg, command: str, summary: dict[str, A
             f"<code>{escape(cfg.layers)}</code> · R = {summary['references']} reference concepts, each with one correctly "
             f"classified image, never the true (source) or predicted (target) class · {cfg.permutations} permutations of the "
             f"reference words (seed {cfg.seed}) · BHY at alpha {cfg.alpha} over every row below.</p>",
-            _table(["", "value"], [[k, v] for k, v in summary.items()])]
+            _table(["", "value"], [[k, _f(v, ".4g") if isinstance(v, float) else v] for k, v in summary.items()])]
     for name, png in figures.items():
         html.append(f'<img alt="{escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
     if rows:
         html.append("<h2>1 vs. 2 through the layers</h2><p>An image passes when its layer activation, correlated with the "
                     "references', agrees better with the true (source) word's correlations than with the predicted (target) "
                     "word's; chance is 0.5.</p>")
+        n = min(r["n"] for r in rows)
+        stds = [r["null_std"] for r in rows if r["null_std"] is not None]
+        html.append(f'<p class="note">Each accuracy is a fraction of its group\'s n images: with n = {n} one image moves it by '
+                    f"{1 / n:.3f}" + (f"; under permuted reference words it scatters by about {np.mean(stds):.3f} (std)" if stds else "")
+                    + ". Read small groups as a demonstration, not a measurement (the paper: 100 sources x 6 targets, R = 100).</p>")
         html.append(_table(["group", "#", "layer", "accuracy", "n", "null mean", "null std", "p", "p (BHY)", "significant"],
                            [[r["group"], r["layer_index"], r["layer"], _f(r["accuracy"]), r["n"], _f(r["null_mean"]),
                              _f(r["null_std"]), _f(r["p_value"], ".4f"), _f(r["p_bhy"], ".4f"),
