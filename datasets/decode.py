@@ -13,6 +13,7 @@ import re
 import numpy as np
 from PIL import Image
 
+from datasets import cifar
 from datasets.images import filesystem
 
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -29,6 +30,8 @@ class ImageError(Exception):
 def read_bytes(uri: str) -> bytes:
     """The raw bytes at a local path or ``s3://`` / ``gs://`` URI."""
     try:
+        if uri.startswith(cifar.PREFIX):
+            return cifar.image_png(uri)
         fs, path = filesystem(uri)
         with fs.open_input_stream(path) as f:
             return f.read()

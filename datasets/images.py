@@ -3,6 +3,7 @@
 - ``DIR`` or ``s3://bucket/DIR`` / ``gs://...``: ImageFolder layout, ``<class>/<file>``,
   where ``<class>`` is an ImageNet wnid, a CIFAR-100 label name, or any name;
 - ``sample:imagenet`` / ``sample:cifar100``: the sample images inside ``foolbox``;
+- ``cifar100:DIR`` / ``cifar100:DIR?split=test``: CIFAR-100's python pickles (:mod:`datasets.cifar`);
 - ``FILE.parquet``: a manifest with columns image_id, uri, label (an ImageNet
   index, a wnid, a CIFAR-100 name or any class name).
 
@@ -25,9 +26,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from analysis.errors import InputError
+from datasets import cifar
 from datasets.classes import CLASS_SPACES, ClassInfo, imagenet_classes
 
-IMAGE_SOURCE_CHOICES = "a directory in ImageFolder layout (local, s3://, gs://), a manifest .parquet, sample:imagenet, sample:cifar100"
+IMAGE_SOURCE_CHOICES = ("a directory in ImageFolder layout (local, s3://, gs://), a manifest .parquet, sample:imagenet, sample:cifar100, "
+                        "cifar100:DIR[?split=test]")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 # The foolbox sample files are named <set>_<NN>_<class index>.<ext>.
@@ -71,6 +74,8 @@ def resolve_images(name: str) -> ImageSource:
     """Resolve an image-source string; raise InputError naming it when it is not one."""
     if name.startswith("sample:"):
         return _sample_source(name)
+    if name.startswith(cifar.PREFIX):
+        return _cifar_source(name)
     fs, path = filesystem(name)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
@@ -95,6 +100,14 @@ def _sample_source(name: str) -> ImageSource:
             rows.append((entry.name, str(entry), int(match.group(2))))
     space = CLASS_SPACES[kind]()
     return _build(name, kind, [(i, u, space[c]) for i, u, c in rows])
+
+
+def _cifar_source(name: str) -> ImageSource:
+    folder, split = cifar.parse(name)
+    labels = cifar.load_split(folder, split).labels
+    source = f"{cifar.PREFIX}{folder}?split={split}"
+    classes = CLASS_SPACES["cifar100"]()
+    return _build(name, "cifar100", [(f"{split}-{row:05d}", f"{source}#{row}", classes[int(c)]) for row, c in enumerate(labels)])
 
 
 def _folder_source(name: str, fs: pafs.FileSystem, root: str) -> ImageSource:
