@@ -52,6 +52,7 @@ JOBS = {
     "affine": ("ray_jobs.affine", "run_affine", "AffineConfig"),
     "misclassified": ("ray_jobs.failures", "run_misclassified", "MisclassifiedConfig"),
     "adversarial": ("ray_jobs.adversarial", "run_adversarial", "AdversarialConfig"),
+    "train": ("ray_jobs.train", "run_train", "TrainConfig"),
 }
 
 
@@ -125,6 +126,24 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--space", help="input space eps and step are measured in: -1,1 (default) or 0,1")
     v.add_argument("--out", help="output folder or URI (default: runs/adversarial-<experiment id>)")
     v.set_defaults(func=_job)
+    t = sub.add_parser("train", help="train a CIFAR-100 CNN (FractalNet) through Ray Train, checkpointing every few epochs")
+    t.add_argument("--config", help="TOML (or YAML/JSON) file of options; flags override it")
+    t.add_argument("--data", help="cifar100:DIR, the folder holding cifar-100-python/ (train and test pickles)")
+    t.add_argument("--download", action="store_true", default=None, help="fetch CIFAR-100 into DIR first (torchvision)")
+    t.add_argument("--model", help="fractalnet (default), fractalnet_tiny, or another zoo name with 100 classes")
+    t.add_argument("--epochs", type=int, help="default 400; the learning rate drops 10x whenever the remaining epochs halve")
+    t.add_argument("--every", type=int, help="epochs between checkpoints (default 5)")
+    t.add_argument("--permute-labels", action="store_true", default=None, dest="permute_labels",
+                   help="the control: train and test labels shuffled (seeded)")
+    t.add_argument("--until-train-accuracy", type=float, dest="until_train_accuracy",
+                   help="stop once an epoch's training accuracy reaches this (the control: 0.999)")
+    t.add_argument("--lr", type=float, help="default 0.02 (SGD, momentum 0.9)")
+    t.add_argument("--batch-size", type=int, dest="batch_size", help="the global batch (default 100)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
+    t.add_argument("--use-gpu", action="store_true", default=None, dest="use_gpu", help="one GPU per worker (default: when the cluster has GPUs)")
+    t.add_argument("--out", help="output folder (default: runs/train-<experiment id>)")
+    t.set_defaults(func=_job)
     b = sub.add_parser("bench", help="benchmarks, each beside its floor")
     b.add_argument("bench", choices=["extract", "twovtwo", "permutations", "affine", "attack"])
     b.add_argument("--images", default="sample:imagenet")

@@ -267,6 +267,54 @@ class AdversarialConfig(_FailureJob):
         return super().validate()
 
 
+@dataclass
+class TrainConfig(_Identity):
+    """``semprobe train``: a CIFAR-100 CNN trained through Ray Train, checkpointed every few epochs."""
+
+    data: str = ""  # cifar100:DIR, the folder holding cifar-100-python/
+    model: str = "fractalnet"
+    epochs: int = 400
+    every: int = 5  # epochs between checkpoints
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 100  # the global batch, split over the workers
+    permute_labels: bool = False  # the control: train and test labels shuffled (seeded)
+    until_train_accuracy: float | None = None  # stop once an epoch's training accuracy reaches it
+    seed: int = 0
+    download: bool = False  # fetch CIFAR-100 into the --data folder first (torchvision)
+    out: str | None = None  # None: runs/train-<experiment id>
+    # resources
+    workers: int = 1
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    cpus_per_worker: float = 1
+    torch_threads: int | None = None  # None: every CPU of the node on a CPU worker
+    max_failures: int = 3  # worker failures Ray Train recovers from, from the latest checkpoint
+
+    # The rest (checkpoint spacing, resources) may change when a run is resumed.
+    IDENTITY = ("data", "model", "epochs", "lr", "momentum", "weight_decay", "batch_size", "permute_labels",
+                "until_train_accuracy", "seed")
+
+    def validate(self) -> "TrainConfig":
+        if not self.data.startswith("cifar100:"):
+            raise InputError(f"--data '{self.data}' is not a CIFAR-100 source: pass cifar100:DIR (the folder of cifar-100-python/)")
+        for name in ("epochs", "every", "batch_size", "workers"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % self.workers:
+            raise InputError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
+        if self.lr <= 0 or not 0 <= self.momentum < 1:
+            raise InputError(f"--lr must be positive and --momentum in [0, 1), got {self.lr} and {self.momentum}")
+        if self.until_train_accuracy is not None and not 0 < self.until_train_accuracy <= 1:
+            raise InputError(f"--until-train-accuracy must lie in (0, 1], got {self.until_train_accuracy}")
+        self.out = absolute(self.out or os.path.join("runs", f"train-{self.experiment_id()}"))
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return "permuted" if self.permute_labels else "normal"
+
+
 def write_resolved(output, cfg, **extra: Any) -> None:
     """OUT/config.json: the fully resolved config, its identity and experiment id; unwritable output is bad input."""
     from datasets.schema import SCHEMA_VERSION

@@ -1,0 +1,108 @@
+"""``semprobe train``: a CIFAR-100 CNN (FractalNet by default) trained through Ray Train.
+
+The same code runs on one CPU, one GPU or several GPUs (``--workers``,
+``--use-gpu``): a ``TorchTrainer`` with a ``ScalingConfig``, checkpoints reported
+to the run's storage path. Rerunning the same command resumes from the latest
+checkpoint (Ray Train V2 restores a run from the same storage path and name).
+
+Layout under OUT::
+
+    config.json
+    train/<run>/checkpoint_*/   model.pt (plain state dict), state.pt, metrics.json  (run: normal | permuted)
+    checkpoints.parquet         epoch -> checkpoint folder, with that epoch's errors
+    training.parquet            every epoch's lr, train_error, train_loss, test_error
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from actors.trainer import METRICS_FILE, train_loop
+from analysis.errors import InputError
+from datasets import cifar, schema
+from ray_jobs.config import TrainConfig, write_resolved
+from ray_jobs.extract import check_same_experiment
+from ray_jobs.storage import Output
+
+
+def load_data(cfg: TrainConfig, log) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Both splits as (images, labels); with --permute-labels both label vectors shuffled, seeded."""
+    folder, split = cifar.parse(cfg.data)
+    if split != "train":
+        raise InputError(f"--data {cfg.data}: name the dataset folder (cifar100:DIR); training uses both splits")
+    if cfg.download:
+        folder = cifar.download(folder)
+    train, test = cifar.load_split(folder, "train"), cifar.load_split(folder, "test")
+    ys = [train.labels, test.labels]
+    if cfg.permute_labels:
+        ys = [y[np.random.default_rng([cfg.seed, 2, k]).permutation(len(y))] for k, y in enumerate(ys)]
+        log(f"train: labels permuted (seed {cfg.seed}): {np.mean(ys[0] == train.labels):.3f} of training labels unchanged")
+    if cfg.batch_size > len(train.labels):
+        raise InputError(f"--batch-size {cfg.batch_size} exceeds the {len(train.labels)} training images")
+    return (train.images, ys[0]), (test.images, ys[1])
+
+
+# Ray Train's record of the checkpoints it registered (complete ones only), beside them in the run's folder.
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def checkpoints(output: Output, run: str) -> list[dict[str, Any]]:
+    """The run's registered checkpoints by epoch: that epoch's metrics, run and path."""
+    try:
+        with output.fs.open_input_stream(output.path("train", run, SNAPSHOT)) as f:
+            snapshot = json.loads(f.read())
+    except (FileNotFoundError, json.JSONDecodeError):  # no run yet, or the record is being rewritten
+        return []
+    return sorted(({**c["metrics"], "run": run, "path": output.path("train", run, c["checkpoint_dir_name"])}
+                   for c in snapshot["checkpoint_results"]), key=lambda r: r["epoch"])
+
+
+def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    """Train (or resume); returns the summary of the run's checkpoints."""
+    output = Output(cfg.out)
+    check_same_experiment(output, cfg)
+    train, test = load_data(cfg, log)
+    if not ray.is_initialized():
+        ray.init()
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    write_resolved(output, cfg, run=cfg.run_name, use_gpu=use_gpu)
+    before = checkpoints(output, cfg.run_name)
+    if before:
+        log(f"train: resuming {cfg.run_name} from epoch {before[-1]['epoch']} of {cfg.epochs}")
+    threads = cfg.torch_threads or (None if use_gpu else max(1, int(cfg.cpus_per_worker)))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "model": cfg.model, "epochs": cfg.epochs, "every": cfg.every, "lr": cfg.lr, "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "until_train_accuracy": cfg.until_train_accuracy, "threads": threads,
+            "train": ray.put(train), "test": ray.put(test),
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name, storage_path=posixpath.join(cfg.out, "train"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    trainer.fit()
+    done = checkpoints(output, cfg.run_name)
+    with output.fs.open_input_stream(posixpath.join(done[-1]["path"], METRICS_FILE)) as f:
+        history = json.loads(f.read())
+    exp = cfg.experiment_id()
+    output.write_table(schema.stamp(pa.Table.from_pylist(history), exp), "training.parquet")
+    output.write_table(schema.stamp(pa.Table.from_pylist(done), exp), "checkpoints.parquet")
+    last = done[-1]
+    log(f"train: {cfg.run_name} at epoch {last['epoch']}: train error {last['train_error']:.3f}, test error "
+        f"{last['test_error']:.3f}; {len(done)} checkpoints in {posixpath.join(cfg.out, 'train', cfg.run_name)}")
+    return {"run": cfg.run_name, "epochs": last["epoch"], "checkpoints": len(done), "resumed_from": before[-1]["epoch"] if before else None,
+            "train_error": last["train_error"], "test_error": last["test_error"]}

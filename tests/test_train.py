@@ -1,0 +1,87 @@
+"""``semprobe train`` through Ray Train on a small CIFAR-format dataset written here: schedule, learning, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from actors.trainer import learning_rate, lr_drops
+from analysis.errors import InputError
+from ray_jobs.config import TrainConfig
+from ray_jobs.train import checkpoints, run_train
+from ray_jobs.storage import Output
+from test_cifar import write_cifar100
+
+TINY = {"model": "fractalnet_tiny", "batch_size": 50, "lr": 0.05}
+
+
+def test_the_learning_rate_drops_whenever_the_remaining_epochs_halve():
+    assert lr_drops(400) == [200, 300, 350, 375]
+    assert [learning_rate(0.02, e, 400) for e in (0, 199, 200, 299, 300, 350, 374, 375, 399)] == pytest.approx(
+        [0.02, 0.02, 2e-3, 2e-3, 2e-4, 2e-5, 2e-5, 2e-6, 2e-6])
+    assert lr_drops(8) == [4, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar100(root, n_train=400, n_test=100)
+    return f"cifar100:{root}"
+
+
+def test_training_reports_checkpoints_and_learns(ray_session, cifar, tmp_path):
+    cfg = TrainConfig(data=cifar, epochs=6, every=3, out=str(tmp_path / "run"), **TINY).validate()
+    summary = run_train(cfg, log=lambda m: None)
+    out = Output(cfg.out)
+    done = checkpoints(out, "normal")
+    assert [c["epoch"] for c in done] == [0, 3, 6] and summary["checkpoints"] == 3
+    history = pq.read_table(tmp_path / "run" / "training.parquet").to_pylist()
+    assert [h["epoch"] for h in history] == list(range(7))
+    assert [h["lr"] for h in history[1:]] == pytest.approx([0.05 * 0.1 ** sum(e >= d for d in lr_drops(6)) for e in range(6)])
+    assert history[0]["train_error"] > 0.95 and history[-1]["train_error"] < history[1]["train_error"]
+    # a checkpoint is a model of the zoo
+    from actors.zoo import load_model
+    model = load_model(f"fractalnet_tiny:checkpoint={done[-1]['path']}/model.pt")
+    assert model.name.startswith("fractalnet_tiny:checkpoint=")
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(ray_session, cifar, tmp_path):
+    args = dict(data=cifar, epochs=3, every=1, **TINY)
+    whole = run_train(TrainConfig(out=str(tmp_path / "whole"), **args).validate(), log=lambda m: None)
+    # the same run in its own process and Ray instance, killed once epoch 1's checkpoint has landed
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "ray_jobs.cli", "train", "--data", cifar, "--model", "fractalnet_tiny", "--epochs", "3",
+           "--every", "1", "--batch-size", "50", "--lr", "0.05", "--out", str(cut)]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(c["epoch"] >= 1 for c in checkpoints(Output(str(cut)), "normal")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    reached = checkpoints(Output(str(cut)), "normal")[-1]["epoch"]
+    assert 1 <= reached < 3
+    logs = []
+    resumed = run_train(TrainConfig(out=str(cut), **args).validate(), log=logs.append)
+    assert resumed["resumed_from"] == reached and f"train: resuming normal from epoch {reached} of 3" in logs
+    assert pq.read_table(cut / "training.parquet").drop(["lr"]).equals(pq.read_table(tmp_path / "whole" / "training.parquet").drop(["lr"]))
+    a = torch.load(checkpoints(Output(str(cut)), "normal")[-1]["path"] + "/model.pt")
+    b = torch.load(checkpoints(Output(str(tmp_path / "whole")), "normal")[-1]["path"] + "/model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (resumed["train_error"], resumed["test_error"]) == (whole["train_error"], whole["test_error"])
+
+
+def test_bad_training_input_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="--data 'sample:cifar100' is not a CIFAR-100 source: pass cifar100:DIR"):
+        TrainConfig(data="sample:cifar100").validate()
+    with pytest.raises(InputError, match="CIFAR-100 pickle not found"):
+        run_train(TrainConfig(data=f"cifar100:{tmp_path}", out=str(tmp_path / "o")).validate(), log=lambda m: None)
+    assert not (tmp_path / "o").exists()
