@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -38,7 +39,7 @@ def learning_rate(base: float, epoch: int, epochs: int) -> float:
     return base * 0.1 ** sum(epoch >= d for d in lr_drops(epochs))
 
 
-def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def to_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(n, 32, 32, 3) uint8 -> (n, 3, 32, 32) float, the model's input."""
     return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
 
@@ -49,7 +50,7 @@ def error_rate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, m
     model.eval()
     wrong = 0
     for lo in range(0, len(images), batch_size):
-        x = _normalise(torch.from_numpy(images[lo:lo + batch_size].copy()).to(device), mean, std)  # object-store arrays are read-only
+        x = to_input(torch.from_numpy(images[lo:lo + batch_size].copy()).to(device), mean, std)  # object-store arrays are read-only
         wrong += int((model(x).argmax(1).cpu() != torch.from_numpy(labels[lo:lo + batch_size])).sum())
     return wrong / len(images)
 
@@ -112,7 +113,7 @@ def train_loop(config: dict[str, Any]) -> None:
     epochs, per_worker = config["epochs"], config["batch_size"] // world
     if start == 0 and not history:
         metrics = {"epoch": 0, "lr": config["lr"], "train_error": error_rate(net, train_x, train_y, mean, std, device),
-                   "test_error": error_rate(net, test_x, test_y, mean, std, device), "train_loss": None}
+                   "test_error": error_rate(net, test_x, test_y, mean, std, device), "train_loss": None, "epoch_seconds": None}
         history.append(metrics)
         report(0, metrics, save=True)
     began = time.monotonic()
@@ -121,13 +122,14 @@ def train_loop(config: dict[str, Any]) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
+        tick = time.perf_counter()
         # One global batch per step, each worker its slice of it: every worker takes the same number of steps.
         order = np.random.default_rng([config["seed"], epoch]).permutation(len(train_x))
         counts = torch.zeros(3, dtype=torch.float64, device=device)  # wrong, seen, summed loss
         for step in range(len(order) // config["batch_size"]):
             lo = step * config["batch_size"] + rank * per_worker
             idx = np.sort(order[lo:lo + per_worker])
-            x = _normalise(torch.from_numpy(train_x[idx]).to(device), mean, std)
+            x = to_input(torch.from_numpy(train_x[idx]).to(device), mean, std)
             y = torch.from_numpy(train_y[idx]).to(device)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -139,16 +141,17 @@ def train_loop(config: dict[str, Any]) -> None:
         if world > 1:
             torch.distributed.all_reduce(counts)
         wrong, seen, loss_sum = counts.tolist()
+        seconds = time.perf_counter() - tick  # the training steps alone, for throughput
         train_error = wrong / seen  # during training, drop-path and dropout on, as Larsson et al. report it
         done = epoch + 1
         metrics = {"epoch": done, "lr": lr, "train_error": train_error, "train_loss": loss_sum / seen,
-                   "test_error": error_rate(net, test_x, test_y, mean, std, device)}
+                   "test_error": error_rate(net, test_x, test_y, mean, std, device), "epoch_seconds": seconds}
         history.append(metrics)
         if rank == 0:  # progress: done/total, rate, ETA
             rate = (done - start) / (time.monotonic() - began)
             eta = (epochs - done) / rate
             print(f"train {config['model']}: epoch {done}/{epochs} ({rate * 60:.2f} epochs/min, ETA {eta / 60:.1f} min) "
-                  f"train error {train_error:.3f} test error {metrics['test_error']:.3f} lr {lr:g}", flush=True)
+                  f"train error {train_error:.3f} test error {metrics['test_error']:.3f} lr {lr:g}", file=sys.stderr, flush=True)
         stop = config.get("until_train_accuracy") is not None and 1 - train_error >= config["until_train_accuracy"]
         report(done, metrics, save=done % config["every"] == 0 or done == epochs or stop)
         if stop:

@@ -89,6 +89,21 @@ def image_png(uri: str) -> bytes:
     return buf.getvalue()
 
 
+def write(folder: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> str:
+    """Write (images (n, 32, 32, 3) uint8, fine labels (n,)) per split as ``folder/cifar-100-python``; returns that folder."""
+    inner = os.path.join(folder, "cifar-100-python")
+    os.makedirs(inner, exist_ok=True)
+    for split, (images, labels) in (("train", train), ("test", test)):
+        data = np.asarray(images, np.uint8).transpose(0, 3, 1, 2).reshape(len(images), 3072)  # rows: red, then green, then blue
+        labels = [int(y) for y in labels]
+        with open(os.path.join(inner, split), "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": labels, b"coarse_labels": [y // 5 for y in labels],
+                         b"filenames": [f"{i}.png".encode() for i in range(len(labels))]}, f)
+    with open(os.path.join(inner, "meta"), "wb") as f:
+        pickle.dump({b"fine_label_names": [c.encode() for c in CIFAR100_CLASSES]}, f)
+    return inner
+
+
 def download(folder: str) -> str:
     """Fetch the dataset with torchvision (the only place semprobe downloads it); returns its folder."""
     import torchvision

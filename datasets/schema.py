@@ -213,3 +213,15 @@ ADVERSARIAL = pa.schema(
         ("png", pa.binary()),  # the adversarial image at the model's input size
     ]
 )
+
+# One row per epoch of ``semprobe train`` (epoch 0: the untrained network).
+TRAINING = pa.schema(
+    [
+        ("epoch", pa.int32()),
+        ("lr", pa.float64()),
+        ("train_error", pa.float64()),  # during the epoch, drop-path and dropout on
+        ("train_loss", pa.float64()),
+        ("test_error", pa.float64()),  # after the epoch, eval mode
+        ("epoch_seconds", pa.float64()),  # the training steps alone
+    ]
+)

@@ -10,6 +10,7 @@ import time
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from scipy.stats import pearsonr
 from threadpoolctl import threadpool_limits
@@ -274,5 +275,48 @@ def bench_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_train(args: argparse.Namespace) -> int:
+    """Training throughput of the model through Ray Train (one worker, every core) against the same
+    steps in a plain PyTorch loop in this process, on the same synthetic CIFAR-100 images and batch."""
+    from actors.trainer import to_input
+    from datasets import cifar
+    from ray_jobs.config import TrainConfig
+    from ray_jobs.train import run_train
+
+    cpus = len(os.sched_getaffinity(0))
+    n = args.batch_size * args.steps
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 100, n)
+    torch.set_num_threads(cpus)
+    loaded = load_model(args.model)
+    net = loaded.module.train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (loaded.preprocess.mean, loaded.preprocess.std))
+    order = np.random.default_rng([0, 0]).permutation(n)
+    start = time.perf_counter()
+    for step in range(args.steps):  # the trainer's steps, written out
+        idx = np.sort(order[step * args.batch_size:(step + 1) * args.batch_size])
+        loss = torch.nn.functional.cross_entropy(net(to_input(torch.from_numpy(images[idx]), mean, std)), torch.from_numpy(labels[idx]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    plain = n / (time.perf_counter() - start)
+    with tempfile.TemporaryDirectory() as tmp:
+        cifar.write(tmp, (images, labels), (images[:100], labels[:100]))
+        cfg = TrainConfig(data=f"cifar100:{tmp}", model=args.model, epochs=1, batch_size=args.batch_size, torch_threads=cpus,
+                          cpus_per_worker=cpus, out=os.path.join(tmp, "run")).validate()
+        run_train(cfg, log=lambda m: None)
+        seconds = pq.read_table(os.path.join(tmp, "run", "training.parquet"))["epoch_seconds"][-1].as_py()
+    ray_rate = n / seconds
+    result = {"benchmark": "train", "model": args.model, "cpus": cpus, "gpus": torch.cuda.device_count(), "batch_size": args.batch_size,
+              "steps": args.steps, "figure_ray_train_images_per_s": _sig(ray_rate), "floor_plain_loop_images_per_s": _sig(plain),
+              "overhead": _sig(plain / ray_rate - 1), "target_overhead": 0.10}
+    print(json.dumps(result, indent=2))
+    print(f"\n| benchmark | figure | floor (plain PyTorch loop) | ratio | target |\n|---|---|---|---|---|\n"
+          f"| train {args.model} through Ray Train, batch {args.batch_size}, {args.steps} steps | {ray_rate:.1f} img/s | {plain:.1f} img/s "
+          f"| {ray_rate / plain:.2f} | overhead <= 10% |")
+    return 0
+
+
 BENCHMARKS = {"extract": bench_extract, "twovtwo": bench_twovtwo, "permutations": bench_permutations, "affine": bench_affine,
-              "attack": bench_attack}
+              "attack": bench_attack, "train": bench_train}

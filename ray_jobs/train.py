@@ -99,7 +99,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     with output.fs.open_input_stream(posixpath.join(done[-1]["path"], METRICS_FILE)) as f:
         history = json.loads(f.read())
     exp = cfg.experiment_id()
-    output.write_table(schema.stamp(pa.Table.from_pylist(history), exp), "training.parquet")
+    output.write_table(schema.stamp(pa.Table.from_pylist(history, schema=schema.TRAINING), exp), "training.parquet")
     output.write_table(schema.stamp(pa.Table.from_pylist(done), exp), "checkpoints.parquet")
     last = done[-1]
     log(f"train: {cfg.run_name} at epoch {last['epoch']}: train error {last['train_error']:.3f}, test error "

@@ -40,3 +40,9 @@ def test_bench_attack(capsys):
     assert (report["batch_size"], report["steps"], report["target_ratio"]) == (2, 2, 1.3)
     assert all(_positive(report[k]) for k in ("figure_ms_per_image_iteration", "floor_ms_forward_backward_per_image", "ratio"))
     assert 0 <= report["reached_target"] <= 2
+
+
+def test_bench_train(capsys, ray_session):
+    report = _report(capsys, ["bench", "train", "--model", "fractalnet_tiny", "--batch-size", "10", "--steps", "3"])
+    assert (report["model"], report["batch_size"], report["steps"], report["target_overhead"]) == ("fractalnet_tiny", 10, 3, 0.1)
+    assert all(_positive(report[k]) for k in ("figure_ray_train_images_per_s", "floor_plain_loop_images_per_s"))

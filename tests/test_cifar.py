@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from analysis.errors import InputError
+from datasets import cifar
 from datasets.classes import CIFAR100_CLASSES
 from datasets.decode import decode_image, read_bytes
 from datasets.images import resolve_images
@@ -14,20 +15,13 @@ from datasets.images import resolve_images
 def write_cifar100(root, n_train: int = 200, n_test: int = 100, seed: int = 0):
     """``root/cifar-100-python/{train,test,meta}`` with class-dependent patterns; returns {split: (images, labels)}."""
     rng = np.random.default_rng(seed)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
     made = {}
     for split, n in (("train", n_train), ("test", n_test)):
         labels = np.arange(n) % 100
         images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
         images[np.arange(n), labels % 32, :, labels % 3] = 255  # a class-dependent stripe
-        data = images.transpose(0, 3, 1, 2).reshape(n, 3072)  # CIFAR's rows: all red, then green, then blue
-        with open(folder / split, "wb") as f:
-            pickle.dump({b"data": data, b"fine_labels": labels.tolist(), b"coarse_labels": (labels // 5).tolist(),
-                         b"filenames": [f"{i}.png".encode() for i in range(n)]}, f)
         made[split] = (images, labels)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [c.encode() for c in CIFAR100_CLASSES]}, f)
+    cifar.write(str(root), made["train"], made["test"])
     return made
 
 
