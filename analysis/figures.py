@@ -112,3 +112,56 @@ def adversarial_panel(panel: Sequence[tuple[Any, str, Sequence[tuple[Any, str]]]
             ax.imshow(image)
             ax.set_title(label, fontsize=8)
     return fig
+
+
+def training_dynamics(rows: Sequence[dict[str, Any]], errors: dict[str, Sequence[dict[str, Any]]], word_model: str,
+                      alpha: float) -> Figure:
+    """Fig. 4 of the 2021 paper: per training run, train/test error by epoch beside 2 vs. 2 by epoch, one line per layer.
+
+    ``rows`` are rows of the dynamics table (mean-over-sets rows, set_index None,
+    are drawn for ``word_model``), keyed to runs by their ``run_label``;
+    ``errors`` maps each run label to its per-epoch rows (epoch, train_error,
+    test_error). One figure row per run; one 2 vs. 2 panel per image split.
+    Filled markers: significant after BHY at ``alpha``.
+    """
+    rows = [r for r in rows if r["set_index"] is None and r["word_model"] == word_model]
+    runs = list(errors)
+    splits = sorted({r["split"] for r in rows}, key=lambda s: (s != "train", s))  # training images first, as in the paper
+    layers = sorted({(r["layer_index"], r["layer"]) for r in rows})
+    fig = Figure(figsize=(4.2 * (1 + len(splits)), 3.4 * len(runs) + 0.4), layout="constrained")
+    axes = fig.subplots(len(runs), 1 + len(splits), squeeze=False)
+    low = min([r["accuracy"] for r in rows] + [0.45]) - 0.02
+    high = max([r["accuracy"] for r in rows] + [0.55]) + 0.02
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        ax = axes[i][0]
+        history = sorted(errors[run], key=lambda h: h["epoch"])
+        for column, style in (("train_error", "-"), ("test_error", "--")):
+            ax.plot([h["epoch"] for h in history], [h[column] for h in history], style, color="black", label=column.replace("_", " "))
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{run}: error")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+        for j, split in enumerate(splits):
+            ax = axes[i][1 + j]
+            for k, (_, layer) in enumerate(layers):
+                line = sorted((r for r in rows if r["run_label"] == run and r["split"] == split and r["layer"] == layer),
+                              key=lambda r: r["epoch"])
+                if not line:
+                    continue
+                colour = colours[k % len(colours)]
+                x, y = [r["epoch"] for r in line], [r["accuracy"] for r in line]
+                ax.plot(x, y, color=colour, label=layer, lw=1.2)
+                sig = [bool(r["significant"]) for r in line]
+                ax.scatter([a for a, s in zip(x, sig) if s], [b for b, s in zip(y, sig) if s], color=colour, s=12, zorder=3)
+                ax.scatter([a for a, s in zip(x, sig) if not s], [b for b, s in zip(y, sig) if not s], facecolors="white",
+                           edgecolors=colour, s=12, zorder=3)
+            ax.axhline(0.5, color="black", lw=0.6, ls=":")
+            ax.set_ylim(low, high)  # one scale for every 2 vs. 2 panel, so runs and splits compare at a glance
+            ax.set_title(f"{run}: 2 vs. 2 on {split} images ({word_model})")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("2 vs. 2 accuracy")
+            ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"training dynamics: filled markers significant after BHY at {alpha}; dotted line: chance", fontsize=8,
+                 color="dimgrey")
+    return fig

@@ -225,3 +225,19 @@ TRAINING = pa.schema(
         ("epoch_seconds", pa.float64()),  # the training steps alone
     ]
 )
+
+# One row per (training run, checkpoint epoch, image split, layer, word model, set) of ``semprobe dynamics``:
+# the scores columns of that checkpoint's 2 vs. 2, BHY over the experiment's whole family (every run x epoch x
+# split x layer x word model), beside the checkpoint's errors.
+DYNAMICS = pa.schema(
+    [
+        ("run", pa.string()),  # the training run's --out folder
+        ("run_name", pa.string()),  # normal | permuted
+        ("epoch", pa.int32()),
+        ("split", pa.string()),  # whose images the K sets are: train | test
+        *[SCORES.field(name) for name in SCORES.names if name != "model"],
+        ("model", pa.string()),  # the checkpoint as a model of the zoo
+        ("train_error", pa.float64()),  # the checkpoint's, as training reported it
+        ("test_error", pa.float64()),
+    ]
+)

@@ -29,19 +29,24 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder or s3:// / gs:// URI")
 
 
+def _two_vs_two_args(p: argparse.ArgumentParser, sets: str, layers: str, family: str) -> None:
+    """The options of the jobs that run the 2 vs. 2 test (run, dynamics)."""
+    p.add_argument("--words", help="word models, comma-separated: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH")
+    p.add_argument("--sets", type=int, help=f"K image sets, one image per concept each (default {sets})")
+    p.add_argument("--layers", help=f"kinds (activations, concat, blocks, pool, logits) and/or node names, comma-separated (default {layers})")
+    p.add_argument("--permutations", type=int, help="permutations for the null (default 1000; 0: no p-values)")
+    p.add_argument("--seed", type=int, help="seeds the image sets and the permutations")
+    p.add_argument("--alpha", type=float, help=f"BHY false discovery rate over {family} (default 0.05)")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
+    p.add_argument("--gpus-per-actor", type=float, dest="gpus_per_actor")
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML (or YAML/JSON) file of options, or a packaged config's name; flags override it")
     p.add_argument("--images", help="image source: DIR, s3://..., manifest .parquet, sample:imagenet, sample:cifar100")
     p.add_argument("--models", help="CNNs, comma-separated: efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH")
-    p.add_argument("--words", help="word models, comma-separated: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH")
-    p.add_argument("--sets", type=int, help="K image sets, one image per concept each (default 1)")
-    p.add_argument("--layers", help="kinds (activations, concat, blocks, pool, logits) and/or node names, comma-separated")
-    p.add_argument("--permutations", type=int, help="permutations for the null (default 1000; 0: no p-values)")
-    p.add_argument("--seed", type=int, help="seeds the image sets and the permutations")
-    p.add_argument("--alpha", type=float, help="BHY false discovery rate (default 0.05)")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
-    p.add_argument("--gpus-per-actor", type=float, dest="gpus_per_actor")
+    _two_vs_two_args(p, sets="1", layers="blocks", family="every model x layer x word model")
     p.add_argument("--out", help="output folder or s3:// / gs:// URI (default: runs/<experiment id>)")
 
 
@@ -53,6 +58,7 @@ JOBS = {
     "misclassified": ("ray_jobs.failures", "run_misclassified", "MisclassifiedConfig"),
     "adversarial": ("ray_jobs.adversarial", "run_adversarial", "AdversarialConfig"),
     "train": ("ray_jobs.train", "run_train", "TrainConfig"),
+    "dynamics": ("ray_jobs.dynamics", "run_dynamics", "DynamicsConfig"),
 }
 
 
@@ -142,8 +148,24 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int)
     t.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
     t.add_argument("--use-gpu", action="store_true", default=None, dest="use_gpu", help="one GPU per worker (default: when the cluster has GPUs)")
+    t.add_argument("--words", help="analyse the checkpoints while training goes on (semprobe dynamics into OUT/dynamics) "
+                   "against these word models, comma-separated")
+    t.add_argument("--sets", type=int, help="with --words: K image sets per split (default 5)")
+    t.add_argument("--layers", help="with --words: the layers to analyse (default blocks,logits)")
+    t.add_argument("--permutations", type=int, help="with --words: permutations for the null (default 1000)")
     t.add_argument("--out", help="output folder (default: runs/train-<experiment id>)")
     t.set_defaults(func=_job)
+    d = sub.add_parser("dynamics", help="2 vs. 2 of every checkpoint of semprobe train runs, by epoch (Fig. 4)")
+    d.add_argument("--config", help="TOML (or YAML/JSON) file of options; flags override it")
+    d.add_argument("--runs", help="semprobe train output folders, comma-separated (e.g. the normal and the permuted run)")
+    d.add_argument("--images", help="cifar100:DIR (default: the folder each run trained on)")
+    d.add_argument("--splits", help="whose images: train, test or train,test (default)")
+    _two_vs_two_args(d, sets="5 per split", layers="blocks,logits: every join and the classifier",
+                     family="every run x epoch x split x layer x word model")
+    d.add_argument("--follow", action="store_true", default=None, help="keep analysing new checkpoints until the runs finish")
+    d.add_argument("--poll-seconds", type=float, dest="poll_seconds", help="with --follow: how often to look (default 30)")
+    d.add_argument("--out", help="output folder (default: RUN/dynamics for one run, runs/dynamics-<experiment id> for several)")
+    d.set_defaults(func=_job)
     b = sub.add_parser("bench", help="benchmarks, each beside its floor")
     b.add_argument("bench", choices=["extract", "twovtwo", "permutations", "affine", "attack", "train"])
     b.add_argument("--images", default="sample:imagenet")

@@ -24,6 +24,16 @@ from ray_jobs.storage import STORE_FORMATS, absolute
 DTYPE_CHOICES = ("float16", "float32")
 
 
+def names(value: str | list[str], option: str) -> list[str]:
+    """A list option given as a list or a comma-separated string, checked: at least one name, none repeated."""
+    value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    if not value:
+        raise InputError(f"--{option} needs at least one name")
+    if len(set(value)) != len(value):
+        raise InputError(f"--{option} must not repeat a name")
+    return value
+
+
 class _Identity:
     """An experiment's identity: the options (IDENTITY) that decide the bytes of its outputs.
 
@@ -108,14 +118,14 @@ class _ExtractingJob(_Identity):
     decode_cpus: float = 1
     task_cpus: float = 1  # per analysis task
 
-    def extract_config(self, model: str, out: str, words: list[str], sets: int | None = None) -> ExtractConfig:
-        """The extraction this job runs for ``model``, checked."""
+    def extract_config(self, model: str, out: str, words: list[str], sets: int | None = None, images: str | None = None) -> ExtractConfig:
+        """The extraction this job runs for ``model`` (on ``images``, default the job's), checked."""
         if int(self.permutations) < 0:
             raise InputError(f"--permutations must be at least 0, got {self.permutations}")
         if not 0 < self.alpha < 1:
             raise InputError(f"--alpha must lie between 0 and 1, got {self.alpha}")
         return ExtractConfig(
-            images=self.images, model=model, out=out, layers=self.layers, words=words, sets=sets, seed=self.seed,
+            images=images or self.images, model=model, out=out, layers=self.layers, words=words, sets=sets, seed=self.seed,
             batch_size=self.batch_size, shard_size=self.shard_size, dtype=self.dtype, actors=self.actors,
             gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor, torch_threads=self.torch_threads,
             decode_cpus=self.decode_cpus,
@@ -123,36 +133,68 @@ class _ExtractingJob(_Identity):
 
 
 @dataclass
-class RunConfig(_ExtractingJob):
-    """``semprobe run``: extraction of every model, then 2 vs. 2, permutations and the reducer."""
+class _TwoVsTwoJob(_ExtractingJob):
+    """The options of a job that runs the 2 vs. 2 test on its extractions (``run``, ``dynamics``)."""
 
-    models: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
     words: list[str] = field(default_factory=lambda: ["glove-50d"])
     sets: int = 1
-    out: str | None = None  # None: runs/<experiment id>, so the same command resumes
     permutation_shard: int = 50  # permutations per task
     gram_memory_mb: int = 256  # features read per Gram chunk: at most this much float32 per task
     gram_compute: str = "float32"  # precision of each chunk's Gram product (sums are float64)
 
-    IDENTITY = ("images", "models", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size", "dtype")
-
-    def validate(self) -> "RunConfig":
-        for name in ("models", "words"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",") if v.strip()]
-            if not value:
-                raise InputError(f"--{name} needs at least one name")
-            setattr(self, name, list(value))
-        if len(set(self.models)) != len(self.models) or len(set(self.words)) != len(self.words):
-            raise InputError("--models and --words must not repeat a name")
+    def check_two_vs_two(self, model: str) -> None:
+        """Check the analysis options (``words`` may be a comma-separated string) and those of ``model``'s extraction."""
+        self.words = names(self.words, "words")
         for name in ("sets", "permutation_shard", "gram_memory_mb"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.gram_compute not in ("float32", "float64"):
             raise InputError(f"unknown gram_compute '{self.gram_compute}': choose float32 or float64")
-        self.extract_config(self.models[0], "unused", self.words, self.sets)  # the extraction options, checked now
+        self.extract_config(model, "unused", self.words, self.sets)  # the extraction options, checked now
+
+
+@dataclass
+class RunConfig(_TwoVsTwoJob):
+    """``semprobe run``: extraction of every model, then 2 vs. 2, permutations and the reducer."""
+
+    models: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
+    out: str | None = None  # None: runs/<experiment id>, so the same command resumes
+
+    IDENTITY = ("images", "models", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size", "dtype")
+
+    def validate(self) -> "RunConfig":
+        self.models = names(self.models, "models")
+        self.check_two_vs_two(self.models[0])
         self.out = absolute(self.out or os.path.join("runs", self.experiment_id()))
+        return self
+
+
+@dataclass
+class DynamicsConfig(_TwoVsTwoJob):
+    """``semprobe dynamics``: 2 vs. 2 of every checkpoint of one or more ``semprobe train`` runs."""
+
+    runs: list[str] = field(default_factory=list)  # the --out folders of semprobe train
+    images: str | None = None  # None: each run's own CIFAR-100 folder
+    splits: list[str] = field(default_factory=lambda: ["train", "test"])  # whose images: K sets of each split
+    layers: str = "blocks,logits"
+    sets: int = 5
+    follow: bool = False  # keep analysing new checkpoints until every run has finished training
+    poll_seconds: float = 30
+    out: str | None = None  # None: RUN/dynamics for one run, runs/dynamics-<experiment id> for several
+
+    IDENTITY = ("runs", "images", "splits", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size", "dtype")
+
+    def validate(self) -> "DynamicsConfig":
+        self.runs = [absolute(r) for r in names(self.runs, "runs")]
+        self.splits = names(self.splits, "splits")
+        bad = [s for s in self.splits if s not in ("train", "test")]
+        if bad:
+            raise InputError(f"unknown split '{bad[0]}': choose train, test or train,test")
+        if self.poll_seconds <= 0:
+            raise InputError(f"--poll-seconds must be positive, got {self.poll_seconds}")
+        self.check_two_vs_two("fractalnet")  # the analysis options; each checkpoint's own model is checked when it is planned
+        default = posixpath.join(self.runs[0], "dynamics") if len(self.runs) == 1 else os.path.join("runs", f"dynamics-{self.experiment_id()}")
+        self.out = absolute(self.out or default)
         return self
 
 
@@ -290,6 +332,11 @@ class TrainConfig(_Identity):
     cpus_per_worker: float = 1
     torch_threads: int | None = None  # None: every CPU of the node on a CPU worker
     max_failures: int = 3  # worker failures Ray Train recovers from, from the latest checkpoint
+    # the analysis of the checkpoints while training goes on (semprobe dynamics into OUT/dynamics); none without words
+    words: list[str] = field(default_factory=list)
+    sets: int = 5
+    layers: str = "blocks,logits"
+    permutations: int = 1000
 
     # The rest (checkpoint spacing, resources) may change when a run is resumed.
     IDENTITY = ("data", "model", "epochs", "lr", "momentum", "weight_decay", "batch_size", "permute_labels",
@@ -308,11 +355,19 @@ class TrainConfig(_Identity):
         if self.until_train_accuracy is not None and not 0 < self.until_train_accuracy <= 1:
             raise InputError(f"--until-train-accuracy must lie in (0, 1], got {self.until_train_accuracy}")
         self.out = absolute(self.out or os.path.join("runs", f"train-{self.experiment_id()}"))
+        if self.words:
+            self.words = names(self.words, "words")
+            self.dynamics_config()  # its options, checked before training starts
         return self
 
     @property
     def run_name(self) -> str:
         return "permuted" if self.permute_labels else "normal"
+
+    def dynamics_config(self) -> "DynamicsConfig":
+        """The analysis of this run's checkpoints as training reports them."""
+        return DynamicsConfig(runs=[self.out], words=self.words, sets=self.sets, layers=self.layers, permutations=self.permutations,
+                              seed=self.seed, follow=True).validate()
 
 
 def write_resolved(output, cfg, **extra: Any) -> None:

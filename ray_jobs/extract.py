@@ -24,6 +24,7 @@ rest, so an interrupted job resumes and ends with the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -55,8 +56,15 @@ from ray_jobs.storage import Output, TableFileWriter
 
 
 def model_key(name: str) -> str:
-    """A folder name for a model string (which may hold ':' and a checkpoint path)."""
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
+    """A folder name for a model string (which may hold ':' and a checkpoint path).
+
+    A long name (a deep checkpoint path) keeps its head and tail around a hash of
+    the whole, within file systems' 255-byte limit on a name.
+    """
+    key = re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
+    if len(key) <= 120:
+        return key
+    return f"{key[:40]}-{hashlib.sha1(name.encode()).hexdigest()[:16]}-{key[-60:]}"
 
 
 def shard_file(shard: int, suffix: str = ".parquet") -> str:

@@ -81,10 +81,11 @@ def layer_views(output: Output, folder: tuple[str, ...], scratch: str) -> tuple[
 
 @ray.remote
 def gram_task(out: str, folder: tuple[str, ...], model: str, layer: str, layer_index: int, set_index: int,
-              images: list[str], concept_ids: list[str], memory_mb: int, compute: str) -> np.ndarray:
+              images: list[str], concept_ids: list[str], memory_mb: int, compute: str, key: str | None = None) -> np.ndarray:
     """The (w, w) concept correlation matrix of one image set of one layer, written and returned (float32).
 
-    ``images`` lists the set's image per concept, in ``concept_ids`` order. The
+    ``images`` lists the set's image per concept, in ``concept_ids`` order; the
+    matrix is written under the analysis key (default: the model's). The
     Gram is summed over chunks of features so that at most ``memory_mb`` of
     float32 is converted at a time, however wide the layer.
     """
@@ -115,7 +116,7 @@ def gram_task(out: str, folder: tuple[str, ...], model: str, layer: str, layer_i
          pa.FixedShapeTensorArray.from_numpy_ndarray(matrix[None].copy())],
         schema=schema.similarity(w),
     )
-    output.write_table(table, *similarity_file(model_key(model), layer, set_index))
+    output.write_table(table, *similarity_file(key or model_key(model), layer, set_index))
     return matrix
 
 
@@ -228,8 +229,8 @@ class Analysis:
                     sets.append(ray.put(_matrices(out.read_table(*parts))[0]))
                 else:
                     sets.append(gram_task.options(**options).remote(
-                        out.uri, ("extract", mp.extract_key, "activations", mp.key, layer), mp.model, layer, layer_index,
-                        set_index, images, mp.concept_ids, cfg.gram_memory_mb, cfg.gram_compute,
+                        out.uri, ("extract", mp.extract_key, "activations", model_key(mp.model), layer), mp.model, layer, layer_index,
+                        set_index, images, mp.concept_ids, cfg.gram_memory_mb, cfg.gram_compute, mp.key,
                     ))
                     self.grams.append(sets[-1])
             for wm in todo:
@@ -320,11 +321,16 @@ def reduce_scores(tests: list[pa.Table], alpha: float) -> tuple[pa.Table, pa.Tab
         for set_index, rates in [(None, per_concept.mean(axis=0))] + [(x["set_index"], per_concept[s]) for s, x in enumerate(r)]:
             concept_rows += [{**base, "set_index": set_index, "concept_id": c, "word": None, "pass_rate": float(v)}
                              for c, v in zip(words, rates)]
+    adjust_family(rows, alpha)
+    return pa.Table.from_pylist(rows, schema=schema.SCORES), pa.Table.from_pylist(concept_rows, schema=schema.CONCEPT_SCORES)
+
+
+def adjust_family(rows: list[dict[str, Any]], alpha: float) -> None:
+    """Set p_bhy and significant on every mean-over-sets row with a p-value: BHY over them all, one family."""
     means = [i for i, row in enumerate(rows) if row["set_index"] is None and row["p_value"] is not None]
     significant, adjusted = bhy([rows[i]["p_value"] for i in means], alpha)
     for i, sig, adj in zip(means, significant, adjusted):
         rows[i]["p_bhy"], rows[i]["significant"] = float(adj), bool(sig)
-    return pa.Table.from_pylist(rows, schema=schema.SCORES), pa.Table.from_pylist(concept_rows, schema=schema.CONCEPT_SCORES)
 
 
 def _name_concepts(concept_scores: pa.Table, concepts: pa.Table) -> pa.Table:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import threading
 from typing import Any
 
 import numpy as np
@@ -94,15 +95,50 @@ def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    trainer.fit()
-    done = checkpoints(output, cfg.run_name)
+    analysis = _AnalysisThread(cfg, log) if cfg.words else None
+    try:
+        trainer.fit()
+        done = checkpoints(output, cfg.run_name)
+        _finish(cfg, output, done)
+    finally:
+        if analysis:
+            analysis.join()
+    last = done[-1]
+    log(f"train: {cfg.run_name} at epoch {last['epoch']}: train error {last['train_error']:.3f}, test error "
+        f"{last['test_error']:.3f}; {len(done)} checkpoints in {posixpath.join(cfg.out, 'train', cfg.run_name)}")
+    return {"run": cfg.run_name, "epochs": last["epoch"], "checkpoints": len(done), "resumed_from": before[-1]["epoch"] if before else None,
+            "train_error": last["train_error"], "test_error": last["test_error"],
+            **({"dynamics": analysis.result} if analysis else {})}
+
+
+def _finish(cfg: TrainConfig, output: Output, done: list[dict[str, Any]]) -> None:
+    """training.parquet (every epoch) and checkpoints.parquet; training.parquet also marks the run finished."""
     with output.fs.open_input_stream(posixpath.join(done[-1]["path"], METRICS_FILE)) as f:
         history = json.loads(f.read())
     exp = cfg.experiment_id()
     output.write_table(schema.stamp(pa.Table.from_pylist(history, schema=schema.TRAINING), exp), "training.parquet")
     output.write_table(schema.stamp(pa.Table.from_pylist(done), exp), "checkpoints.parquet")
-    last = done[-1]
-    log(f"train: {cfg.run_name} at epoch {last['epoch']}: train error {last['train_error']:.3f}, test error "
-        f"{last['test_error']:.3f}; {len(done)} checkpoints in {posixpath.join(cfg.out, 'train', cfg.run_name)}")
-    return {"run": cfg.run_name, "epochs": last["epoch"], "checkpoints": len(done), "resumed_from": before[-1]["epoch"] if before else None,
-            "train_error": last["train_error"], "test_error": last["test_error"]}
+
+
+class _AnalysisThread(threading.Thread):
+    """``semprobe dynamics --follow`` on this run, beside the trainer; join() ends it once training has ended."""
+
+    def __init__(self, cfg: TrainConfig, log):
+        from ray_jobs.dynamics import run_dynamics
+
+        super().__init__(name="semprobe-dynamics", daemon=True)
+        self.stop, self.result, self.error = threading.Event(), None, None
+        self.job = lambda: run_dynamics(cfg.dynamics_config(), log=log, stop=self.stop)
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = self.job()
+        except BaseException as err:  # re-raised by join(), in the driver's thread
+            self.error = err
+
+    def join(self, timeout: float | None = None) -> None:
+        self.stop.set()
+        super().join(timeout)
+        if self.error is not None:
+            raise self.error

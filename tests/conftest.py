@@ -1,4 +1,5 @@
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,13 @@ def shared_sample() -> Path:
     if not SHARED_SAMPLE.is_dir():
         pytest.skip(f"development images not present at {SHARED_SAMPLE}")
     return SHARED_SAMPLE
+
+
+# A line a Ray worker or actor printed, forwarded to the driver (e.g. Ray Train's placement-group
+# cleaner, which warns while no dashboard serves the State API); it may land in any later test's capture.
+_FORWARDED = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+(, ip=[\d.]+)?\)")
+
+
+def cli_stderr(capsys) -> str:
+    """What the command itself wrote to stderr since the last read, without lines forwarded from Ray workers."""
+    return "".join(line for line in capsys.readouterr().err.splitlines(keepends=True) if not _FORWARDED.match(line))

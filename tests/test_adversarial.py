@@ -21,6 +21,7 @@ from ray_jobs.cli import main
 from ray_jobs.config import AdversarialConfig
 from test_attack import reference_mim
 from test_failures import r, reference_pool
+from conftest import cli_stderr
 
 EPS, STEP, STEPS = 0.3, 0.06, 3  # in [-1, 1]: 0.3 is 38.25 levels of 255
 
@@ -159,7 +160,7 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys):
     with pytest.raises(InputError, match=r"--eps 1.5 lies outside the range of the input space \[0,1\]"):
         AdversarialConfig(eps=1.5, space="0,1").validate()
     assert main(["adversarial", "--space", "0,255", "--out", str(tmp_path / "x")]) == 2
-    assert capsys.readouterr().err.strip() == "semprobe: error: unknown input space '[0,255]': choose one of [0,1], [-1,1]"
+    assert cli_stderr(capsys).strip() == "semprobe: error: unknown input space '[0,255]': choose one of [0,1], [-1,1]"
     assert main(["adversarial", "--pairs", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "y")]) == 2
-    assert "expected a .csv or .parquet file with columns image_id, target" in capsys.readouterr().err
+    assert "expected a .csv or .parquet file with columns image_id, target" in cli_stderr(capsys)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

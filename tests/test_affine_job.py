@@ -12,6 +12,7 @@ from datasets.images import resolve_images
 from ray_jobs.affine import run_affine
 from ray_jobs.cli import main
 from ray_jobs.config import AffineConfig
+from conftest import cli_stderr
 
 MODELS = ["efficientnet_lite0", "efficientnet_lite1"]
 
@@ -25,7 +26,7 @@ def fitted(ray_session, tmp_path_factory):
 
 def test_offline_default_is_underdetermined_and_refused_clearly(tmp_path, capsys):
     assert main(["affine", "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr(capsys).strip()
     assert err == ("semprobe: error: underdetermined: 20 training images for the 1280 features (+ bias) of "
                    "efficientnet_lite0; use more images than features, or pass --ridge L > 0")
     assert not (tmp_path / "out").exists()

@@ -20,6 +20,7 @@ from datasets.images import resolve_images
 from ray_jobs.cli import main
 from ray_jobs.config import ExtractConfig
 from ray_jobs.extract import plan_extraction, run_extract
+from conftest import cli_stderr
 
 SAMPLES = {Path(u).name: Path(u) for u in resolve_images("sample:imagenet").images["uri"].to_pylist()}
 LAYER = "blocks.1.0.bn1"  # timm BatchNormAct2d: an in-place ReLU6 inside a leaf module
@@ -178,7 +179,7 @@ def test_sets_are_drawn_per_concept(tmp_path):
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, message):
     out = tmp_path / "out"
     code = main(["extract", "--images", "sample:imagenet", "--out", str(out), *args])
-    err = capsys.readouterr().err
+    err = cli_stderr(capsys)
     assert code == 2
     assert err.count("\n") == 1 and message in err
     assert not out.exists()

@@ -20,6 +20,7 @@ from datasets.words import load_word_model
 from ray_jobs.cli import main
 from ray_jobs.config import RunConfig, load_config, packaged_configs
 from ray_jobs.run import _get, gram_task, run
+from conftest import cli_stderr
 
 LAYERS = ["blocks.1.0.bn3", "blocks.3.1.add", "blocks.5.1.add"]
 
@@ -225,7 +226,7 @@ def test_rerun_resumes_what_is_missing_and_ends_identical(two_sets):
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, culprit):
     out = tmp_path / "out"
     assert main(["run", *argv, "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
+    err = cli_stderr(capsys).strip()
     assert err.startswith("semprobe: error: ") and culprit in err and "\n" not in err
     assert not out.exists()
 
