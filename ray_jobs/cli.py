@@ -91,6 +91,9 @@ def _failure_args(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from ray_jobs.bench import BENCHMARKS
 
+    cifar = args.bench == "train"
+    args.model = args.model or ("fractalnet" if cifar else "efficientnet_lite0")
+    args.batch_size = args.batch_size or (100 if cifar else 32)
     return BENCHMARKS[args.bench](args)
 
 
@@ -169,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="benchmarks, each beside its floor")
     b.add_argument("bench", choices=["extract", "twovtwo", "permutations", "affine", "attack", "train"])
     b.add_argument("--images", default="sample:imagenet")
-    b.add_argument("--model", default="efficientnet_lite0")
-    b.add_argument("--batch-size", type=int, default=32, dest="batch_size")
+    b.add_argument("--model", help="default: fractalnet for train, efficientnet_lite0 for the others")
+    b.add_argument("--batch-size", type=int, dest="batch_size", help="default: 100 for train (the paper's), 32 for the others")
     b.add_argument("--out", help="where to write the benchmark's extraction (default: a temporary folder)")
     b.add_argument("--sizes", type=lambda s: [int(w) for w in s.split(",")], default="166,838,2000",
                    help="twovtwo: concept counts w, comma-separated")

@@ -86,3 +86,14 @@ def test_bad_training_input_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="CIFAR-100 pickle not found"):
         run_train(TrainConfig(data=f"cifar100:{tmp_path}", out=str(tmp_path / "o")).validate(), log=lambda m: None)
     assert not (tmp_path / "o").exists()
+
+
+def test_two_data_parallel_workers_train_one_model(ray_session, cifar, tmp_path):
+    """The same code on two workers (DDP over gloo): each takes half of every global batch, one model comes out."""
+    cfg = TrainConfig(data=cifar, epochs=2, every=2, workers=2, out=str(tmp_path / "ddp"), **TINY).validate()
+    summary = run_train(cfg, log=lambda m: None)
+    history = pq.read_table(tmp_path / "ddp" / "training.parquet").to_pylist()
+    assert summary["checkpoints"] == 2 and [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[2]["train_loss"] < history[1]["train_loss"]  # the averaged gradients train it
+    state = torch.load(checkpoints(Output(cfg.out), "normal")[-1]["path"] + "/model.pt")
+    assert not any(k.startswith("module.") for k in state)  # a plain state dict, loadable as fractalnet_tiny:checkpoint=
