@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--w", type=int, default=838, help="permutations: concept count")
     b.add_argument("--permutations", type=int, default=1000, help="permutations: how many")
     b.add_argument("--steps", type=int, default=10, help="attack: iterations; train: training steps")
-    b.add_argument("--repeats", type=int, default=3, help="attack: interleaved repeats of the attack and its floor (medians)")
+    b.add_argument("--repeats", type=int, default=3, help="attack, train: interleaved repeats of the figure and its floor (medians)")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:

@@ -332,11 +332,12 @@ class TrainConfig(_Identity):
     cpus_per_worker: float = 1
     torch_threads: int | None = None  # None: every CPU of the node on a CPU worker
     max_failures: int = 3  # worker failures Ray Train recovers from, from the latest checkpoint
-    # the analysis of the checkpoints while training goes on (semprobe dynamics into OUT/dynamics); none without words
+    # the analysis of the checkpoints while training goes on (semprobe dynamics into OUT/dynamics); none without words.
+    # None: semprobe dynamics' default.
     words: list[str] = field(default_factory=list)
-    sets: int = 5
-    layers: str = "blocks,logits"
-    permutations: int = 1000
+    sets: int | None = None
+    layers: str | None = None
+    permutations: int | None = None
 
     # The rest (checkpoint spacing, resources) may change when a run is resumed.
     IDENTITY = ("data", "model", "epochs", "lr", "momentum", "weight_decay", "batch_size", "permute_labels",
@@ -366,8 +367,8 @@ class TrainConfig(_Identity):
 
     def dynamics_config(self) -> "DynamicsConfig":
         """The analysis of this run's checkpoints as training reports them."""
-        return DynamicsConfig(runs=[self.out], words=self.words, sets=self.sets, layers=self.layers, permutations=self.permutations,
-                              seed=self.seed, follow=True).validate()
+        chosen = {k: getattr(self, k) for k in ("sets", "layers", "permutations") if getattr(self, k) is not None}
+        return DynamicsConfig(runs=[self.out], words=self.words, seed=self.seed, follow=True, **chosen).validate()
 
 
 def write_resolved(output, cfg, **extra: Any) -> None:

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from actors.trainer import MODEL_FILE
 from analysis.errors import InputError
 from analysis.figures import training_dynamics
 from datasets import cifar, schema
@@ -41,8 +42,6 @@ from ray_jobs.extract import check_same_experiment, model_key, plan_extraction, 
 from ray_jobs.run import Analysis, adjust_family, plan_model, reduce_scores
 from ray_jobs.storage import Output
 from ray_jobs.train import checkpoints
-
-MODEL_FILE = "model.pt"  # as actors.trainer writes it; importing the trainer would pull Ray Train into every job
 
 
 @dataclass

@@ -43,6 +43,8 @@ def test_bench_attack(capsys):
 
 
 def test_bench_train(capsys, ray_session):
-    report = _report(capsys, ["bench", "train", "--model", "fractalnet_tiny", "--batch-size", "10", "--steps", "3"])
+    report = _report(capsys, ["bench", "train", "--model", "fractalnet_tiny", "--batch-size", "10", "--steps", "3", "--repeats", "1"])
     assert (report["model"], report["batch_size"], report["steps"], report["target_overhead"]) == ("fractalnet_tiny", 10, 3, 0.1)
-    assert all(_positive(report[k]) for k in ("figure_ray_train_images_per_s", "floor_plain_loop_images_per_s"))
+    assert all(_positive(report[k]) for k in ("figure_ray_train_images_per_s", "floor_plain_loop_images_per_s",
+                                               "plain_loop_in_a_ray_task_images_per_s"))
+    assert report["max_weight_difference"] == 0.0  # Ray Train ran exactly the steps of the plain loop
