@@ -116,3 +116,18 @@ def test_bad_dynamics_input_is_a_clear_error(trained, tmp_path):
     with pytest.raises(InputError, match="--runs needs at least one name"):
         DynamicsConfig().validate()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_normal_and_permuted_runs_in_one_family(ray_session, trained, tmp_path):
+    """Fig. 4's pair: the permuted-label control beside the normal run, one BHY family, one figure row each."""
+    permuted = TrainConfig(data=f"cifar100:{trained / 'data'}", epochs=1, every=1, permute_labels=True, out=str(trained / "permuted"),
+                           **TINY).validate()
+    run_train(permuted, log=lambda m: None)
+    cfg = DynamicsConfig(runs=[str(trained / "run"), permuted.out], splits="test", sets=1, layers="fc", permutations=10,
+                         out=str(tmp_path / "fig4")).validate()
+    summary = run_dynamics(cfg, log=lambda m: None)
+    means = [r for r in pq.read_table(tmp_path / "fig4" / "dynamics.parquet").to_pylist() if r["set_index"] is None]
+    assert sorted((r["run_name"], r["epoch"]) for r in means) == [("normal", 0), ("normal", 1), ("normal", 2), ("permuted", 0), ("permuted", 1)]
+    assert summary["checkpoints"] == 5 and {r["run"] for r in means} == {str(trained / "run"), permuted.out}
+    np.testing.assert_allclose([r["p_bhy"] for r in means], by_hand_bhy([r["p_value"] for r in means]))
+    assert (tmp_path / "fig4" / "figures" / "dynamics-glove-50d.png").read_bytes()[:4] == b"\x89PNG"
