@@ -94,6 +94,7 @@ def _bench(args: argparse.Namespace) -> int:
     cifar = args.bench == "train"
     args.model = args.model or ("fractalnet" if cifar else "efficientnet_lite0")
     args.batch_size = args.batch_size or (100 if cifar else 32)
+    args.steps = args.steps or (30 if cifar else 10)  # training: enough steps that warm-up weighs little
     return BENCHMARKS[args.bench](args)
 
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--pairs", type=int, default=300, help="twovtwo: pairs sampled for the naive loop")
     b.add_argument("--w", type=int, default=838, help="permutations: concept count")
     b.add_argument("--permutations", type=int, default=1000, help="permutations: how many")
-    b.add_argument("--steps", type=int, default=10, help="attack: iterations; train: training steps")
+    b.add_argument("--steps", type=int, help="attack: iterations (default 10); train: training steps (default 30)")
     b.add_argument("--repeats", type=int, default=3, help="attack, train: interleaved repeats of the figure and its floor (medians)")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
