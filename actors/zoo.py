@@ -206,6 +206,11 @@ def load_checkpoint(model: nn.Module, path: str, name: str) -> None:
         raise InputError(f"checkpoint {path} does not fit {name}: {', '.join(mismatch)}")
 
 
+def untrained(name: str) -> LoadedModel:
+    """The architecture alone, randomly initialised: nothing is read or downloaded (to count its layers and FLOPs)."""
+    return _resolve(name, pretrained=False)
+
+
 def load_model(name: str) -> LoadedModel:
     """Resolve a model string to a network in eval mode with its preprocessing.
 

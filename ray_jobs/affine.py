@@ -42,6 +42,7 @@ from analysis.figures import affine_heatmap
 from datasets import schema
 from datasets.decode import ImageError, decode_image, read_bytes
 from datasets.images import resolve_images
+from ray_jobs.cluster import connect
 from ray_jobs.config import AffineConfig, write_resolved
 from ray_jobs.extract import check_same_experiment, model_actors, model_key
 from ray_jobs.progress import Progress
@@ -142,8 +143,7 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
         wide = names[int(np.argmax(widths))]
         raise InputError(f"underdetermined: {train.num_rows} training images for the {max(widths)} features (+ bias) of {wide}; "
                          "use more images than features, or pass --ridge L > 0")
-    if not ray.is_initialized():
-        ray.init()
+    connect(log)
     exp = cfg.experiment_id()
     write_resolved(output, cfg, models=names, widths=widths)
     actors, gpus = model_actors(cfg.actors, cfg.gpus_per_actor)

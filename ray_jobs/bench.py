@@ -59,13 +59,9 @@ def bench_extract(args: argparse.Namespace) -> int:
         "ratio": round(rate / forward_rate, 3), "target_ratio": 0.5,
         "end_to_end_images_per_s": summary["images_per_second"], "end_to_end_seconds": summary["seconds"],
     }
-    print(json.dumps(result, indent=2))
-    print(
-        f"\n| benchmark | figure | floor (bare forward) | ratio | target |\n|---|---|---|---|---|\n"
-        f"| extract {args.model}, {summary['n_layers']} activation layers, {n_images} images | {rate:.2f} img/s "
-        f"| {forward_rate:.2f} img/s | {result['ratio']:.2f} | >= 0.5 |"
-    )
-    return 0
+    result["rows"] = [row(f"extract {args.model}, {summary['n_layers']} activation layers, {n_images} images, batch {args.batch_size}",
+                          f"{rate:.2f} img/s", f"{forward_rate:.2f} img/s (bare forward)", rate / forward_rate, ">=", 0.5)]
+    return result
 
 
 @contextmanager
@@ -93,6 +89,22 @@ def _median_seconds(fn, repeats: int) -> float:
     """Median wall time of ``repeats`` calls of fn, after one warm-up call."""
     fn()
     return float(np.median([_timed(fn) for _ in range(repeats)]))
+
+
+def row(benchmark: str, figure: str, floor: str, ratio: float | None, op: str | None, target: float | None) -> dict:
+    """One line of the benchmark table: the figure beside its floor, their ratio and the target it must meet."""
+    return {"benchmark": benchmark, "figure": figure, "floor": floor, "ratio": None if ratio is None else _sig(ratio),
+            "target": None if target is None else f"{op} {target:g}",
+            "met": None if target is None else bool(ratio >= target if op == ">=" else ratio <= target)}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| benchmark | figure | floor | ratio | target | met |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3g}"
+        met = {True: "yes", False: "**no**", None: "-"}[r["met"]]
+        lines.append(f"| {r['benchmark']} | {r['figure']} | {r['floor']} | {ratio} | {r['target'] or '-'} | {met} |")
+    return "\n".join(lines)
 
 
 def _sig(x: float) -> float:
@@ -138,16 +150,16 @@ def bench_twovtwo(args: argparse.Namespace) -> int:
                 "speedup": _sig(per_pair * n_pairs / seconds), "naive_pairs": len(pairs),
                 "naive_agree": int(sum(n == result.passed[i, j] for n, (i, j) in zip(naive, pairs))),
             })
-    print(json.dumps({"benchmark": "twovtwo", "cpus": len(os.sched_getaffinity(0)), "target_ratio_w838": 3,
-                      "target_speedup": 1000, "results": rows}, indent=2))
-    print("\n| benchmark | figure | floor (w x w x w matmul) | ratio | target | naive pearsonr loop (extrapolated) "
-          "| speedup | target |\n|---|---|---|---|---|---|---|---|")
+    table = []
     for r in rows:
-        print(f"| two_vs_two w={r['w']}, {r['threads']} | {r['two_vs_two_s'] * 1e3:.3g} ms | {r['floor_matmul_s'] * 1e3:.3g} ms "
-              f"| {r['ratio']:.2f} | {'<= 3' if r['w'] == 838 else '-'} | {r['naive_extrapolated_s']:.4g} s "
-              f"({r['naive_ms_per_pair']:.3g} ms/pair, {r['naive_agree']}/{r['naive_pairs']} agree) "
-              f"| {r['speedup']:.0f}x | >= 1000x |")
-    return 0
+        name = f"two_vs_two w={r['w']}, {r['threads']}"
+        table.append(row(name, f"{r['two_vs_two_s'] * 1e3:.3g} ms", f"{r['floor_matmul_s'] * 1e3:.3g} ms (one w x w x w matmul)",
+                         r["ratio"], "<=", 3 if r["w"] == 838 else None))
+        table.append(row(f"{name}: speedup on the naive pearsonr loop", f"{r['two_vs_two_s'] * 1e3:.3g} ms",
+                         f"{r['naive_extrapolated_s']:.4g} s (naive loop, {r['naive_agree']}/{r['naive_pairs']} pairs agree)",
+                         r["speedup"], ">=", 1000))
+    return {"benchmark": "twovtwo", "cpus": len(os.sched_getaffinity(0)), "target_ratio_w838": 3, "target_speedup": 1000,
+            "results": rows, "rows": table}
 
 
 def bench_permutations(args: argparse.Namespace) -> int:
@@ -169,14 +181,10 @@ def bench_permutations(args: argparse.Namespace) -> int:
         rows.append({"threads": threads, "permutation_null_s": _sig(seconds), "ms_per_permutation": _sig(seconds / n * 1e3),
                      "floor_matmuls_s": _sig(floor), "floor_ms_per_matmul": _sig(floor / n * 1e3),
                      "ratio": _sig(seconds / floor)})
-    print(json.dumps({"benchmark": "permutations", "w": args.w, "K": 1, "permutations": n,
-                      "cpus": len(os.sched_getaffinity(0)), "target_ratio": 2, "results": rows}, indent=2))
-    print(f"\n| benchmark | figure | floor ({n} w x w x w matmuls) | ratio | target |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| permutation_null w={args.w}, K=1, {n} permutations, {r['threads']} | {r['permutation_null_s']:.4g} s "
-              f"({r['ms_per_permutation']:.3g} ms/perm) | {r['floor_matmuls_s']:.4g} s ({r['floor_ms_per_matmul']:.3g} ms/matmul) "
-              f"| {r['ratio']:.2f} | <= 2 |")
-    return 0
+    table = [row(f"permutation_null w={args.w}, {n} permutations, {r['threads']}", f"{r['permutation_null_s']:.4g} s",
+                 f"{r['floor_matmuls_s']:.4g} s ({n} w x w x w matmuls)", r["ratio"], "<=", 2) for r in rows]
+    return {"benchmark": "permutations", "w": args.w, "K": 1, "permutations": n, "cpus": len(os.sched_getaffinity(0)),
+            "target_ratio": 2, "results": rows, "rows": table}
 
 
 THESIS_WIDTHS = [1024, 1280, 1536, 1792, 2048, 2048, 2560, 3072, 4096, 4320]  # N = 10 CNNs, widths as in the thesis
@@ -205,25 +213,25 @@ def bench_affine(args: argparse.Namespace) -> int:
     accumulate = _median_seconds(lambda: gram.add(feats), 5)
     floor = _median_seconds(lambda: z.T @ z2, 5)
     start = time.perf_counter()
-    big = synthetic_gram(THESIS_WIDTHS, n=1_281_167)
+    widths_solve = args.widths or THESIS_WIDTHS
+    big = synthetic_gram(widths_solve, n=1_281_167)
     for source in big.names:
         fit_affine(big, source, [t for t in big.names if t != source])
     solve = time.perf_counter() - start
-    n_maps = len(THESIS_WIDTHS) * (len(THESIS_WIDTHS) - 1)
+    n_maps = len(widths_solve) * (len(widths_solve) - 1)
     result = {
         "benchmark": "affine", "cpus": len(os.sched_getaffinity(0)), "gram_width": d, "batch": batch,
         "accumulate_gflops": _sig(flops / accumulate / 1e9), "floor_matmul_gflops": _sig(flops / floor / 1e9),
         "ratio": _sig(floor / accumulate), "target_ratio": 0.5,
-        "solve_widths": THESIS_WIDTHS, "solve_maps": n_maps, "solve_s": _sig(solve), "solve_s_per_map": _sig(solve / n_maps),
+        "solve_widths": widths_solve, "solve_maps": n_maps, "solve_s": _sig(solve), "solve_s_per_map": _sig(solve / n_maps),
     }
-    print(json.dumps(result, indent=2))
-    print(f"\n| benchmark | figure | floor | ratio | target |\n|---|---|---|---|---|\n"
-          f"| joint Gram accumulation, width {d}, batch {batch} (float32 features into float64) | "
-          f"{result['accumulate_gflops']:.1f} GFLOP/s | {result['floor_matmul_gflops']:.1f} GFLOP/s (float64 z^T z' of the same shape) "
-          f"| {result['ratio']:.2f} | >= 0.5 |\n"
-          f"| solve all {n_maps} maps, N = 10, widths {min(THESIS_WIDTHS)}-{max(THESIS_WIDTHS)} | {solve:.1f} s "
-          f"({solve / n_maps:.2f} s/map) | - | - | - |")
-    return 0
+    result["rows"] = [
+        row(f"joint Gram accumulation, width {d}, batch {batch}", f"{result['accumulate_gflops']:.1f} GFLOP/s",
+            f"{result['floor_matmul_gflops']:.1f} GFLOP/s (float64 matmul of the same shape)", floor / accumulate, ">=", 0.5),
+        row(f"solve all {n_maps} maps, N = {len(widths_solve)}, widths {min(widths_solve)}-{max(widths_solve)}",
+            f"{solve:.1f} s ({solve / n_maps:.2f} s/map)", "-", None, None, None),
+    ]
+    return result
 
 
 def bench_attack(args: argparse.Namespace) -> int:
@@ -268,11 +276,11 @@ def bench_attack(args: argparse.Namespace) -> int:
         "floor_ms_forward_backward_per_image": _sig(1e3 * floor), "ratio": _sig(figure / floor), "target_ratio": 1.3,
         "reached_target": int(np.count_nonzero(results[-1]["predicted"] == targets)),
     }
-    print(json.dumps(result, indent=2))
-    print(f"\n| benchmark | figure | floor (bare forward+backward) | ratio | target |\n|---|---|---|---|---|\n"
-          f"| MIM attack {args.model}, batch {args.batch_size}, {args.steps} steps | {result['figure_ms_per_image_iteration']:.1f} ms "
-          f"per image-iteration | {result['floor_ms_forward_backward_per_image']:.1f} ms per image | {result['ratio']:.2f} | <= 1.3 |")
-    return 0
+    result["rows"] = [row(f"MIM attack {args.model}, batch {args.batch_size}, {args.steps} steps",
+                          f"{result['figure_ms_per_image_iteration']:.1f} ms per image-iteration",
+                          f"{result['floor_ms_forward_backward_per_image']:.1f} ms per image (bare forward+backward)",
+                          figure / floor, "<=", 1.3)]
+    return result
 
 
 def _plain_training(model: str, images: np.ndarray, labels: np.ndarray, batch_size: int, threads: int) -> tuple[float, dict]:
@@ -305,6 +313,7 @@ def bench_train(args: argparse.Namespace) -> int:
     import ray
 
     from datasets import cifar
+    from ray_jobs.cluster import connect
     from ray_jobs.config import TrainConfig
     from ray_jobs.storage import Output
     from ray_jobs.train import checkpoints, run_train
@@ -313,8 +322,7 @@ def bench_train(args: argparse.Namespace) -> int:
     n = args.batch_size * args.steps
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 100, n)
-    if not ray.is_initialized():
-        ray.init()
+    connect(lambda m: None)
     in_task = ray.remote(num_cpus=cpus)(_plain_training)
     rates = {"plain": [], "ray_task": [], "ray_train": []}
     apart = 0.0
@@ -338,14 +346,64 @@ def bench_train(args: argparse.Namespace) -> int:
               "floor_plain_loop_images_per_s": _sig(plain), "plain_loop_in_a_ray_task_images_per_s": _sig(task),
               "overhead": _sig(plain / figure - 1), "target_overhead": 0.10, "max_weight_difference": apart,
               "rates": {k: [_sig(v) for v in vs] for k, vs in rates.items()}}
-    print(json.dumps(result, indent=2))
-    print(f"\n| benchmark | figure | floor (plain PyTorch loop) | ratio | target | the plain loop in a bare Ray task |\n"
-          f"|---|---|---|---|---|---|\n"
-          f"| train {args.model} through Ray Train, batch {args.batch_size}, {args.steps} steps, median of {args.repeats} "
-          f"| {figure:.1f} img/s | {plain:.1f} img/s | {figure / plain:.2f} (overhead {plain / figure - 1:.1%}) | overhead <= 10% "
-          f"| {task:.1f} img/s |")
-    return 0
+    result["rows"] = [row(f"train {args.model} through Ray Train, batch {args.batch_size}, {args.steps} steps, median of {args.repeats} "
+                          f"(the plain loop in a bare Ray task: {task:.1f} img/s)", f"{figure:.1f} img/s",
+                          f"{plain:.1f} img/s (plain PyTorch loop)", figure / plain, ">=", round(1 / 1.1, 3))]
+    return result
 
 
 BENCHMARKS = {"extract": bench_extract, "twovtwo": bench_twovtwo, "permutations": bench_permutations, "affine": bench_affine,
               "attack": bench_attack, "train": bench_train}
+
+# --quick: every benchmark at toy sizes, to check the suite runs (a minute or two); its figures mean nothing
+QUICK = {"sizes": [30], "pairs": 20, "w": 30, "permutations": 20, "steps": 2, "repeats": 1, "widths": [64, 96, 128]}
+
+
+def with_defaults(name: str, args: argparse.Namespace) -> argparse.Namespace:
+    """The options of one benchmark: what was given, else its own defaults (training: FractalNet at the paper's batch)."""
+    a = argparse.Namespace(**vars(args))
+    if a.quick:
+        for k, v in QUICK.items():
+            setattr(a, k, getattr(a, k) if getattr(a, k) is not None else v)
+    cifar = name == "train"
+    a.model = a.model or (("fractalnet_tiny" if a.quick else "fractalnet") if cifar else "efficientnet_lite0")
+    a.batch_size = a.batch_size or ((10 if a.quick else 100) if cifar else (2 if a.quick else 32))
+    a.steps = a.steps or (30 if cifar else 10)  # training: enough steps that warm-up weighs little
+    a.sizes, a.pairs, a.w = a.sizes or [166, 838, 2000], a.pairs or 300, a.w or 838
+    a.permutations, a.repeats = a.permutations or 1000, a.repeats or 3
+    return a
+
+
+def machine() -> dict:
+    """Where the figures were measured."""
+    import platform
+
+    import ray
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "cpus": len(os.sched_getaffinity(0)),
+            "gpus": torch.cuda.device_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__, "numpy": np.__version__}
+
+
+def bench_all(args: argparse.Namespace, log=print) -> dict:
+    """Every benchmark in one run; writes RESULTS/bench.json and RESULTS/bench.md (one table, every figure beside its floor)."""
+    results = []
+    for name, fn in BENCHMARKS.items():
+        log(f"bench {name} ...")
+        started = time.perf_counter()
+        results.append({**fn(with_defaults(name, args)), "seconds": round(time.perf_counter() - started, 1)})
+    report = {"benchmark": "all", "quick": bool(args.quick), "machine": machine(), "results": results,
+              "rows": [r for result in results for r in result["rows"]]}
+    os.makedirs(args.results, exist_ok=True)
+    with open(os.path.join(args.results, "bench.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    m = report["machine"]
+    header = (f"Measured {m['date']} on {m['cpus']} x {m['cpu']}, {m['gpus']} GPU; torch {m['torch']}, ray {m['ray']}"
+              f"{' (--quick: toy sizes, the figures mean nothing)' if args.quick else ''}. Reproduce: `semprobe bench all"
+              f"{' --images ' + args.images if args.images != 'sample:imagenet' else ''}`.\n\n")
+    from ray_jobs.scaling import projection
+
+    with open(os.path.join(args.results, "bench.md"), "w") as f:
+        f.write(header + markdown(report["rows"]) + "\n\n" + projection(report) + "\n")
+    return report

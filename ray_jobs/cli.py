@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
 
 from analysis.errors import InputError
+from ray_jobs.storage import write_error
 
 
 def _extract_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +73,16 @@ def _job(args: argparse.Namespace) -> int:
     # needs, Ray Data's INFO lines restate its execution plan on every run.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    runner(config.load_config(getattr(config, cls), args.config, overrides), log=lambda m: print(m, file=sys.stderr))
+    cfg = config.load_config(getattr(config, cls), args.config, overrides)
+    try:
+        runner(cfg, log=lambda m: print(m, file=sys.stderr))
+    except Exception as err:
+        cause = write_error(err)
+        if cause is None:
+            raise
+        # Every file is published whole or not at all: what is there is complete, and a rerun resumes.
+        raise InputError(f"cannot write to {cfg.out}: {os.strerror(cause.errno)}; free space (or fix the permissions) "
+                         "and run the same command again to resume, or choose another --out") from None
     return 0
 
 
@@ -89,13 +100,17 @@ def _failure_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from ray_jobs.bench import BENCHMARKS
+    from ray_jobs.bench import BENCHMARKS, bench_all, markdown, with_defaults
 
-    cifar = args.bench == "train"
-    args.model = args.model or ("fractalnet" if cifar else "efficientnet_lite0")
-    args.batch_size = args.batch_size or (100 if cifar else 32)
-    args.steps = args.steps or (30 if cifar else 10)  # training: enough steps that warm-up weighs little
-    return BENCHMARKS[args.bench](args)
+    if args.bench == "all":
+        report = bench_all(args, log=lambda m: print(m, file=sys.stderr))
+        print(markdown(report["rows"]))
+        print(f"\nwrote {os.path.join(args.results, 'bench.json')} and {os.path.join(args.results, 'bench.md')}")
+    else:
+        report = BENCHMARKS[args.bench](with_defaults(args.bench, args))
+        print(json.dumps(report, indent=2))
+        print("\n" + markdown(report["rows"]))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,19 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--poll-seconds", type=float, dest="poll_seconds", help="with --follow: how often to look (default 30)")
     d.add_argument("--out", help="output folder (default: RUN/dynamics for one run, runs/dynamics-<experiment id> for several)")
     d.set_defaults(func=_job)
-    b = sub.add_parser("bench", help="benchmarks, each beside its floor")
-    b.add_argument("bench", choices=["extract", "twovtwo", "permutations", "affine", "attack", "train"])
-    b.add_argument("--images", default="sample:imagenet")
+    b = sub.add_parser("bench", help="benchmarks, each figure beside its floor (the bare operation, measured in the same run)")
+    b.add_argument("bench", choices=["all", "extract", "twovtwo", "permutations", "affine", "attack", "train"])
+    b.add_argument("--images", default="sample:imagenet", help="extract, attack: the images")
     b.add_argument("--model", help="default: fractalnet for train, efficientnet_lite0 for the others")
     b.add_argument("--batch-size", type=int, dest="batch_size", help="default: 100 for train (the paper's), 32 for the others")
     b.add_argument("--out", help="where to write the benchmark's extraction (default: a temporary folder)")
-    b.add_argument("--sizes", type=lambda s: [int(w) for w in s.split(",")], default="166,838,2000",
-                   help="twovtwo: concept counts w, comma-separated")
-    b.add_argument("--pairs", type=int, default=300, help="twovtwo: pairs sampled for the naive loop")
-    b.add_argument("--w", type=int, default=838, help="permutations: concept count")
-    b.add_argument("--permutations", type=int, default=1000, help="permutations: how many")
+    b.add_argument("--results", default=os.path.join("runs", "bench"), help="all: the folder for bench.json and bench.md")
+    b.add_argument("--quick", action="store_true", help="every benchmark at toy sizes: checks the suite runs; the figures mean nothing")
+    b.add_argument("--sizes", type=lambda s: [int(w) for w in s.split(",")], help="twovtwo: concept counts w (default 166,838,2000)")
+    b.add_argument("--pairs", type=int, help="twovtwo: pairs sampled for the naive loop (default 300)")
+    b.add_argument("--w", type=int, help="permutations: concept count (default 838)")
+    b.add_argument("--permutations", type=int, help="permutations: how many (default 1000)")
+    b.add_argument("--widths", type=lambda s: [int(w) for w in s.split(",")],
+                   help="affine: feature widths of the N CNNs whose maps are solved (default the thesis's ten, 1024-4320)")
     b.add_argument("--steps", type=int, help="attack: iterations (default 10); train: training steps (default 30)")
-    b.add_argument("--repeats", type=int, default=3, help="attack, train: interleaved repeats of the figure and its floor (medians)")
+    b.add_argument("--repeats", type=int, help="attack, train: interleaved repeats of the figure and its floor, medians (default 3)")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:

@@ -74,6 +74,7 @@ class ExtractConfig(_Identity):
     cpus_per_actor: float = 1
     torch_threads: int | None = None  # None: every CPU of the node when the actor runs on the CPU
     decode_cpus: float = 1
+    actor_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per model actor
 
     # Fields that decide the bytes of the outputs; a rerun into the same --out must agree on them.
     IDENTITY = ("images", "model", "layers", "words", "sets", "seed", "batch_size", "shard_size", "dtype", "store_format", "compression",
@@ -94,8 +95,19 @@ class ExtractConfig(_Identity):
         if self.compression not in STORE_FORMATS[self.store_format]:
             choices = ", ".join(STORE_FORMATS[self.store_format])
             raise InputError(f"compression '{self.compression}' is not available for {self.store_format}: choose one of {choices}")
+        check_resources(self.actor_resources)
         self.out = absolute(self.out)
         return self
+
+
+def check_resources(resources: dict[str, float]) -> None:
+    """Custom Ray resources (``{accelerator = 1}``: only nodes that declare them take the actor), checked."""
+    if not isinstance(resources, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for k, v in resources.items()):
+        raise InputError(f"actor_resources must map resource names to amounts >= 0 (e.g. {{accelerator = 1}}), got {resources!r}")
+    builtin = sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"})
+    if builtin:
+        raise InputError(f"actor_resources names {', '.join(builtin)}: use cpus_per_actor / gpus_per_actor for those")
 
 
 @dataclass
@@ -116,6 +128,7 @@ class _ExtractingJob(_Identity):
     cpus_per_actor: float = 1
     torch_threads: int | None = None
     decode_cpus: float = 1
+    actor_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per model actor
     task_cpus: float = 1  # per analysis task
 
     def extract_config(self, model: str, out: str, words: list[str], sets: int | None = None, images: str | None = None) -> ExtractConfig:
@@ -128,7 +141,7 @@ class _ExtractingJob(_Identity):
             images=images or self.images, model=model, out=out, layers=self.layers, words=words, sets=sets, seed=self.seed,
             batch_size=self.batch_size, shard_size=self.shard_size, dtype=self.dtype, actors=self.actors,
             gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor, torch_threads=self.torch_threads,
-            decode_cpus=self.decode_cpus,
+            decode_cpus=self.decode_cpus, actor_resources=self.actor_resources,
         ).validate()
 
 

@@ -31,12 +31,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from actors.trainer import MODEL_FILE
 from analysis.errors import InputError
 from analysis.figures import training_dynamics
 from datasets import cifar, schema
+from ray_jobs.cluster import connect
 from ray_jobs.config import DynamicsConfig, write_resolved
 from ray_jobs.extract import check_same_experiment, model_key, plan_extraction, run_extract
 from ray_jobs.run import Analysis, adjust_family, plan_model, reduce_scores
@@ -96,7 +96,7 @@ class Dynamics:
     def __init__(self, cfg: DynamicsConfig, output: Output, runs: list[TrainingRun], log):
         self.cfg, self.output, self.runs, self.log = cfg, output, runs, log
         self.done: dict[str, dict[str, Any]] = {}  # key -> the checkpoint's run, split, epoch, errors, model, layers
-        self.extractions = self.tests_computed = self.gram_tasks = 0
+        self.tests_computed = self.gram_tasks = 0
 
     def new_checkpoints(self) -> list[dict[str, Any]]:
         items = []
@@ -117,10 +117,9 @@ class Dynamics:
             images = split_source(cfg.images or item["run"].data, item["split"])
             ecfg = cfg.extract_config(item["model"], posixpath.join(cfg.out, "extract", item["key"]), cfg.words, cfg.sets, images=images)
             self.log(f"dynamics: checkpoint {n}/{len(items)}: {item['key']}")
-            quiet = self.extractions > 0  # the concept coverage is the same for every checkpoint: say it once
+            quiet = n > 1 or self.done  # the concept coverage is the same for every checkpoint: say it once
             plan = plan_extraction(ecfg)
             run_extract(ecfg, log=(lambda m: None) if quiet else self.log, plan=plan)
-            self.extractions += 1
             mp = dataclasses.replace(plan_model(self.output, item["key"], plan, self.log), key=item["key"])
             analysis.submit(mp)
             item["layers"] = mp.layers
@@ -159,8 +158,7 @@ def run_dynamics(cfg: DynamicsConfig, log=print, stop: threading.Event | None = 
         raise InputError(f"--images {cfg.images}: dynamics reads CIFAR-100 (cifar100:DIR), the data the runs were trained on")
     if not cfg.follow and not any(run.checkpoints() for run in runs):
         raise InputError(f"no checkpoints in {', '.join(cfg.runs)} yet: train first, or pass --follow to wait for them")
-    if not ray.is_initialized():
-        ray.init()  # honours RAY_ADDRESS
+    connect(log)
     write_resolved(output, cfg)
     job, started = Dynamics(cfg, output, runs, log), time.monotonic()
     table = None

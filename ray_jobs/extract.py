@@ -50,6 +50,7 @@ from datasets.decode import ImageError, decode_image, read_bytes
 from datasets.image_sets import draw_image_sets
 from datasets.images import ImageSource, resolve_images
 from datasets.words import load_word_model
+from ray_jobs.cluster import connect
 from ray_jobs.config import ExtractConfig, write_resolved
 from ray_jobs.progress import Progress
 from ray_jobs.storage import Output, TableFileWriter
@@ -230,10 +231,10 @@ class ExtractShards:
                     out = m({"pixels": pixels[start:start + self.batch_size]})
                     writer.write(part, out)
                     predictions.extend(zip(out["predicted_index"].tolist(), out["predicted_prob"].tolist()))
+                writer.commit()
             except BaseException:
-                writer.abort()
+                writer.abort()  # no partial file stays behind, e.g. when the disk is full
                 raise
-            writer.commit()
             ids, concepts, sets = (list(col) for col in zip(*rows))
             table = pa.table(
                 [ids, concepts, sets, [m.model_name] * len(rows), [p for p, _ in predictions], [q for _, q in predictions]],
@@ -257,7 +258,7 @@ def model_actors(actors: int | None, gpus_per_actor: float | None) -> tuple[int,
 def _resources(cfg: ExtractConfig) -> dict[str, Any]:
     actors, gpus = model_actors(cfg.actors, cfg.gpus_per_actor)
     return {"actors": actors, "gpus_per_actor": gpus, "cpus_per_actor": cfg.cpus_per_actor,
-            "torch_threads": cfg.torch_threads, "decode_cpus": cfg.decode_cpus}
+            "torch_threads": cfg.torch_threads, "decode_cpus": cfg.decode_cpus, "actor_resources": cfg.actor_resources}
 
 
 def check_same_experiment(output: Output, cfg) -> None:
@@ -301,14 +302,14 @@ def run_extract(cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = Non
         log(plan.concepts.summary(len(plan.source.classes)))
     for cid, n in sorted(plan.dropped_for_sets.items()):
         log(f"  dropped {cid}: {n} image(s), fewer than --sets {cfg.sets}")
-    if not ray.is_initialized():
-        ray.init()  # honours RAY_ADDRESS, so `ray job submit` runs this on the cluster
+    connect(log)
     resources = _resources(cfg)
     try:
         write_plan(output, plan, resources)
     except OSError as err:
         raise InputError(f"cannot write to {cfg.out}: {err}") from None
 
+    output.sweep()
     shards = plan.shards()
     done = {int(name[6:11]) for name in output.list("shards", plan.model_key, suffix=".json")}
     pending = shards.filter(pc.invert(pc.is_in(shards["shard"], pa.array(sorted(done), pa.int32()))))
@@ -331,16 +332,22 @@ def run_extract(cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = Non
         ds = ds.map_batches(
             ExtractShards, batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
-            num_gpus=resources["gpus_per_actor"], num_cpus=resources["cpus_per_actor"],
+            num_gpus=resources["gpus_per_actor"], num_cpus=resources["cpus_per_actor"], resources=resources["actor_resources"],
             fn_constructor_kwargs={
                 "out": cfg.out, "model": cfg.model, "layers": cfg.layers, "dtype": cfg.dtype,
                 "store_format": cfg.store_format, "compression": cfg.compression, "batch_size": cfg.batch_size,
                 "gpus": resources["gpus_per_actor"], "torch_threads": resources["torch_threads"],
             },
         )
-        for row in ds.iter_rows():
-            progress.update(int(row["n_images"] + row["n_errors"]))
-            completions.append((time.monotonic(), int(row["n_images"])))
+        rows = iter(ds.iter_rows())
+        try:
+            for row in rows:
+                progress.update(int(row["n_images"] + row["n_errors"]))
+                completions.append((time.monotonic(), int(row["n_images"])))
+        finally:
+            # On a failure too: stops the execution and releases its actors at once, not when the
+            # traceback (which holds this frame) is collected.
+            getattr(rows, "close", lambda: None)()
         progress.close()
     elapsed = time.monotonic() - started
     summary = finish(output, plan, computed=pending.num_rows, elapsed=elapsed)

@@ -36,6 +36,7 @@ from datasets import schema
 from datasets.classes import imagenet_classes
 from datasets.concepts import match_concepts
 from datasets.words import load_word_model
+from ray_jobs.cluster import connect
 from ray_jobs.config import MisclassifiedConfig, write_resolved
 from ray_jobs.extract import ExtractionPlan, check_same_experiment, plan_extraction, run_extract
 from ray_jobs.report import write_failure_report
@@ -122,8 +123,7 @@ def prepare(cfg, output: Output, log) -> FailureContext:
     if plan.source.class_space != "imagenet":
         raise InputError(f"{cfg.images}: {cfg.COMMAND} needs ImageNet-labelled images (a folder of wnids, or sample:imagenet)")
     word_model = load_word_model(cfg.words)
-    if not ray.is_initialized():
-        ray.init()
+    connect(log)
     write_resolved(output, cfg)
     run_extract(ecfg, log=log, plan=plan)
     ext = Output(ecfg.out)

@@ -44,7 +44,8 @@ from analysis.stats import bhy, permutation_p_value
 from analysis.twovtwo import permutation_null, two_vs_two
 from datasets import schema
 from datasets.words import load_word_model
-from ray_jobs.config import RunConfig, write_resolved
+from ray_jobs.cluster import connect
+from ray_jobs.config import DynamicsConfig, RunConfig, write_resolved
 from ray_jobs.extract import ExtractionPlan, check_same_experiment, model_key, plan_extraction, run_extract
 from ray_jobs.progress import Progress
 from ray_jobs.report import write_report
@@ -207,7 +208,7 @@ def _matrices(table: pa.Table) -> np.ndarray:
 class Analysis:
     """Submits the tasks of each model as its extraction finishes; writes each test as its tasks finish."""
 
-    def __init__(self, cfg: RunConfig, output: Output):
+    def __init__(self, cfg: RunConfig | DynamicsConfig, output: Output):
         self.cfg, self.output = cfg, output
         self.pending: dict[tuple[str, str, str], dict[str, Any]] = {}  # (model key, word, layer) -> refs and metadata
         self.grams: list[ray.ObjectRef] = []
@@ -215,7 +216,8 @@ class Analysis:
 
     def submit(self, mp: ModelPlan) -> None:
         cfg, out = self.cfg, self.output
-        options = {"num_cpus": cfg.task_cpus}
+        # SPREAD: the statistics are CPU- and memory-bound; over every node they run side by side.
+        options = {"num_cpus": cfg.task_cpus, "scheduling_strategy": "SPREAD"}
         words = {wm: ray.put(word_matrix(out, mp, wm)) for wm in cfg.words}
         for layer, layer_index in mp.layers:
             todo = [wm for wm in cfg.words if not out.exists("tests", mp.key, model_key(wm), f"{model_key(layer)}.parquet")]
@@ -346,8 +348,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     check_same_experiment(output, cfg)
     extract_outs = {m: posixpath.join(cfg.out, "extract", model_key(m)) for m in cfg.models}
     plans = {m: plan_extraction(cfg.extract_config(m, extract_outs[m], cfg.words, cfg.sets)) for m in cfg.models}  # all bad input, before any write
-    if not ray.is_initialized():
-        ray.init()  # honours RAY_ADDRESS, so `ray job submit` runs this on the cluster
+    connect(log)
     exp = cfg.experiment_id()
     write_resolved(output, cfg)
     started = time.monotonic()

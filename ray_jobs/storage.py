@@ -8,9 +8,11 @@ file that a rerun would trust.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
+import re
 import uuid
 from typing import Any
 
@@ -29,6 +31,27 @@ PARQUET_OPTIONS = {"use_dictionary": False, "write_statistics": False}
 # image costs 3-4x the forward pass on a CPU; IPC writes the tensor buffers as
 # they are and reads back memory-mapped, zero-copy.
 STORE_FORMATS = {"arrow": ("none", "lz4", "zstd"), "parquet": ("none", "snappy", "zstd", "lz4", "gzip")}
+
+
+TEMPORARY = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")  # AtomicFile's name for a file being written
+
+# What a full disk, a quota or an unwritable output folder look like from a write.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_error(err: BaseException) -> OSError | None:
+    """The write failure (disk full, quota, read-only, no permission) behind an error, if any: raised here
+    or in a Ray task or actor, whose errors carry the original as their cause."""
+    seen, first = set(), err
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            return err
+        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
+    # Ray Data passes a failed actor's error on as text only (its remote traceback)
+    found = re.search(r"OSError: \[Errno (\d+)\]", str(first))
+    code = int(found.group(1)) if found else None
+    return OSError(code, os.strerror(code)) if code in WRITE_ERRNOS else None
 
 
 def absolute(uri: str) -> str:
@@ -54,6 +77,15 @@ class Output:
         """Names (not paths) of the files directly under a folder, sorted; [] if it is absent."""
         info = self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
         return sorted(posixpath.basename(i.path) for i in info if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+    def sweep(self) -> int:
+        """Delete the temporary files a killed writer left (hidden, never read); returns how many.
+        Run before resuming: a folder is written by one job at a time."""
+        found = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True, recursive=True))
+        stale = [i.path for i in found if i.type == pafs.FileType.File and TEMPORARY.match(posixpath.basename(i.path))]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
 
     def open_atomic(self, *parts: str) -> "AtomicFile":
         return AtomicFile(self, self.path(*parts))
@@ -104,8 +136,15 @@ class AtomicFile:
             self.output.fs.move(self._tmp, self.path)
 
     def abort(self) -> None:
-        self.stream.close()
-        self.output.fs.delete_file(self._tmp)
+        """Drop the partial file; also when closing it fails too (a full disk fails the final flush)."""
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+        try:
+            self.output.fs.delete_file(self._tmp)
+        except FileNotFoundError:
+            pass
 
 
 class TableFileWriter:
@@ -129,5 +168,6 @@ class TableFileWriter:
     def abort(self) -> None:
         try:
             self.writer.close()
-        finally:
-            self.file.abort()
+        except (OSError, pa.ArrowException):
+            pass  # the file is dropped anyway
+        self.file.abort()

@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 from actors.trainer import METRICS_FILE, train_loop
 from analysis.errors import InputError
 from datasets import cifar, schema
+from ray_jobs.cluster import connect
 from ray_jobs.config import TrainConfig, write_resolved
 from ray_jobs.extract import check_same_experiment
 from ray_jobs.storage import Output
@@ -71,8 +72,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     output = Output(cfg.out)
     check_same_experiment(output, cfg)
     train, test = load_data(cfg, log)
-    if not ray.is_initialized():
-        ray.init()
+    connect(log)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     write_resolved(output, cfg, run=cfg.run_name, use_gpu=use_gpu)
     before = checkpoints(output, cfg.run_name)

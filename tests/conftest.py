@@ -14,9 +14,43 @@ def ray_session():
     """One Ray instance for the whole test session (starting one takes ~10 s)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a cluster another test started
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def default_run(ray_session, tmp_path_factory) -> Path:
+    """`semprobe run` with no arguments, as a new user types it; its output folder."""
+    from ray_jobs.cli import main
+
+    cwd = tmp_path_factory.mktemp("default")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        assert main(["run"]) == 0
+    (out,) = (cwd / "runs").iterdir()
+    return out
+
+
+# A small main job: 13 images in 7 shards of 2, three layers, 60 permutations in shards of 20.
+BASE = {"images": "sample:imagenet", "layers": "blocks.1.0.bn3,blocks.3.1.add,blocks.5.1.add", "permutations": 60,
+        "permutation_shard": 20, "batch_size": 2, "shard_size": 2}
+
+
+def tables(out: Path) -> dict[str, bytes]:
+    """Every table (Parquet, Arrow) under an output folder, by relative path."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.suffix in (".parquet", ".arrow")}
+
+
+@pytest.fixture(scope="session")
+def single_node(ray_session, tmp_path_factory) -> Path:
+    """BASE run on one node (the tests' Ray): the reference the cluster, fault and storage tests must match byte for byte."""
+    from ray_jobs.config import RunConfig
+    from ray_jobs.run import run
+
+    out = tmp_path_factory.mktemp("single") / "out"
+    run(RunConfig(**BASE, out=str(out), actors=1).validate(), log=lambda m: None)
+    return out
 
 
 @pytest.fixture

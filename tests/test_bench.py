@@ -1,7 +1,9 @@
-"""Smoke tests of the 2 vs. 2 benchmarks at toy sizes: they run and report; speed is never asserted."""
+"""The benchmarks at toy sizes: they run and report each figure beside its floor; speed is never asserted."""
 
 import json
 import math
+
+import pytest
 
 from ray_jobs.cli import main
 
@@ -10,7 +12,7 @@ def _report(capsys, argv: list[str]) -> dict:
     assert main(argv) == 0
     out = capsys.readouterr().out
     report, end = json.JSONDecoder().raw_decode(out)
-    assert out[end:].strip().startswith("| benchmark |")
+    assert out[end:].strip().startswith("| benchmark | figure | floor | ratio | target | met |")
     return report
 
 
@@ -35,16 +37,28 @@ def test_bench_permutations(capsys):
         assert all(_positive(r[k]) for k in ("permutation_null_s", "ms_per_permutation", "floor_matmuls_s", "ratio"))
 
 
-def test_bench_attack(capsys):
-    report = _report(capsys, ["bench", "attack", "--batch-size", "2", "--steps", "2", "--repeats", "1"])
-    assert (report["batch_size"], report["steps"], report["target_ratio"]) == (2, 2, 1.3)
-    assert all(_positive(report[k]) for k in ("figure_ms_per_image_iteration", "floor_ms_forward_backward_per_image", "ratio"))
-    assert 0 <= report["reached_target"] <= 2
-
-
-def test_bench_train(capsys, ray_session):
-    report = _report(capsys, ["bench", "train", "--model", "fractalnet_tiny", "--batch-size", "10", "--steps", "3", "--repeats", "1"])
-    assert (report["model"], report["batch_size"], report["steps"], report["target_overhead"]) == ("fractalnet_tiny", 10, 3, 0.1)
-    assert all(_positive(report[k]) for k in ("figure_ray_train_images_per_s", "floor_plain_loop_images_per_s",
-                                               "plain_loop_in_a_ray_task_images_per_s"))
-    assert report["max_weight_difference"] == 0.0  # Ray Train ran exactly the steps of the plain loop
+def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path):
+    assert main(["bench", "all", "--quick", "--results", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    by_name = {r["benchmark"]: r for r in report["results"]}
+    assert list(by_name) == ["extract", "twovtwo", "permutations", "affine", "attack", "train"]
+    assert report["machine"]["cpus"] >= 1 and report["quick"] is True
+    for r in report["rows"]:  # each figure beside its floor, the ratio, and whether the target is met
+        if r["target"] is not None:
+            op, target = r["target"].split()
+            assert _positive(r["ratio"]) and r["met"] == (r["ratio"] >= float(target) if op == ">=" else r["ratio"] <= float(target))
+    extract = by_name["extract"]
+    assert extract["rows"][0]["ratio"] == pytest.approx(extract["figure_images_per_s"] / extract["floor_images_per_s"], rel=1e-3)
+    attack = by_name["attack"]
+    assert (attack["batch_size"], attack["steps"], attack["target_ratio"]) == (2, 2, 1.3) and 0 <= attack["reached_target"] <= 2
+    assert all(_positive(attack[k]) for k in ("figure_ms_per_image_iteration", "floor_ms_forward_backward_per_image", "ratio"))
+    train = by_name["train"]
+    assert (train["model"], train["batch_size"], train["steps"], train["target_overhead"]) == ("fractalnet_tiny", 10, 2, 0.1)
+    assert all(_positive(train[k]) for k in ("figure_ray_train_images_per_s", "floor_plain_loop_images_per_s",
+                                             "plain_loop_in_a_ray_task_images_per_s"))
+    assert train["max_weight_difference"] == 0.0  # Ray Train ran exactly the steps of the plain loop
+    assert by_name["affine"]["solve_maps"] == 6 and len(report["rows"]) == 1 + 4 + 2 + 2 + 1 + 1
+    header, table, projection = (tmp_path / "bench.md").read_text().split("\n\n", 2)
+    assert "--quick" in header and table.count("\n| ") == len(report["rows"])  # the rows under the header line
+    assert "Projected on N g5.2xlarge nodes" in projection and projection.count("total (cost)") == 3
+    assert capsys.readouterr().out.startswith("| benchmark | figure | floor | ratio | target | met |")

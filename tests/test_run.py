@@ -62,17 +62,6 @@ def stored_matrices(out: Path, *parts: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def default_run(ray_session, tmp_path_factory):
-    """`semprobe run` with no arguments, as a new user types it."""
-    cwd = tmp_path_factory.mktemp("default")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(cwd)
-        assert main(["run"]) == 0
-    (out,) = (cwd / "runs").iterdir()
-    return out
-
-
-@pytest.fixture(scope="module")
 def two_sets(ray_session, tmp_path_factory):
     """Two image sets: each packaged ImageNet sample and its mirror image, three layers, 40 permutations."""
     root = tmp_path_factory.mktemp("two_sets")
