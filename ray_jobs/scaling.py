@@ -38,21 +38,15 @@ class Node:
 
 
 @functools.cache
-def architecture(name: str) -> tuple[float, int, int]:
-    """(forward GFLOPs per image, activation values per image over every activation layer, feature width) of an untrained model."""
+def architecture(name: str) -> tuple[float, int, int, int]:
+    """(forward GFLOPs per image, activation layers, their values per image, feature width) of an untrained model."""
     loaded = untrained(name)
     module, size = loaded.module.eval(), loaded.preprocess.size
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(torch.zeros(1, 3, size, size))
-    catalog = LayerCatalog(module, size)
-    dims = sum(layer.dim for layer in catalog.select("activations"))
+    layers = LayerCatalog(module, size).select("activations")
     width = next(m for m in reversed(list(module.modules())) if isinstance(m, torch.nn.Linear)).in_features
-    return counter.get_total_flops() / 1e9, dims, width
-
-
-def _n_activation_layers(name: str) -> int:
-    loaded = untrained(name)
-    return len(LayerCatalog(loaded.module, loaded.preprocess.size).select("activations"))
+    return counter.get_total_flops() / 1e9, len(layers), sum(layer.dim for layer in layers), width
 
 
 def unit_costs(bench: dict) -> dict[str, float]:
@@ -76,9 +70,9 @@ def stages(costs: dict[str, float]) -> dict[str, dict[str, tuple[float, str]]]:
     e = NN2021
     w, k = e["concepts"], e["sets"]
     extract = sum(w * k * architecture(m)[0] for m in e["models"]) / costs["extract_gflops"]
-    gram = sum(k * 2 * w * w * architecture(m)[1] for m in e["models"]) / 1e9 / costs["gram_gflops"]
+    gram = sum(k * 2 * w * w * architecture(m)[2] for m in e["models"]) / 1e9 / costs["gram_gflops"]
     scale = (w / costs["permutation_w"]) ** 3  # a permutation is one w x w x w product per set
-    layers = sum(_n_activation_layers(m) for m in e["models"])
+    layers = sum(architecture(m)[1] for m in e["models"])
     perms = layers * e["word_models"] * k * e["permutations"] * costs["seconds_per_permutation"] * scale
     a = ADVERSARIAL
     gflops_a = architecture(a["model"])[0]
@@ -86,7 +80,7 @@ def stages(costs: dict[str, float]) -> dict[str, dict[str, tuple[float, str]]]:
     adv_extract = 2 * a["images"] * gflops_a / costs["extract_gflops"]  # the adversarial and the clean images
     f = AFFINE
     forward = f["images"] * sum(architecture(m)[0] for m in f["models"]) / costs["extract_gflops"]
-    width = sum(architecture(m)[2] for m in f["models"]) + 1
+    width = sum(architecture(m)[3] for m in f["models"]) + 1
     accumulate = f["images"] * 2 * width * width / 1e9 / costs["gram_gflops"]
     n = len(f["models"])
     solve = n * (n - 1) * costs["solve_seconds_per_map"]
@@ -101,28 +95,31 @@ def stages(costs: dict[str, float]) -> dict[str, dict[str, tuple[float, str]]]:
     }
 
 
+def hours(costs: dict[str, float], nodes: tuple[int, ...], node: Node) -> dict[str, dict[str, dict]]:
+    """Per experiment and stage: hours on this machine (``"here"``) and on each N of ``nodes`` GPU nodes.
+    CNN stages run ``gpu_factor`` times faster per node, statistics at the node's cores over this machine's,
+    and both spread over the N nodes; one reducer solves the affine maps."""
+    speed = {"gpu": node.gpu_factor, "cpu": node.cores / costs["cores"], "solve": 1.0}
+    return {experiment: {stage: {"here": seconds / 3600, **{n: seconds / 3600 / speed[kind] / (1 if kind == "solve" else n) for n in nodes}}
+                         for stage, (seconds, kind) in parts.items()}
+            for experiment, parts in stages(costs).items()}
+
+
 def projection(bench: dict, nodes: tuple[int, ...] = (1, 8, 32), node: Node = Node()) -> str:
-    """The Markdown table of the projection."""
+    """The Markdown table of the projection: stages add up (an upper bound: in the job they overlap),
+    and the largest on the most nodes bounds the experiment."""
     costs = unit_costs(bench)
     lines = [f"Projected on N {node.name} nodes (assumed: a GPU node runs CNN stages {node.gpu_factor:g}x as fast as this "
              f"{costs['cores']}-CPU machine, its {node.cores} cores run the statistics at this machine's per-core speed, "
              f"${node.dollars_per_hour}/h each). Hours per stage on N nodes; the bounding stage in bold.", "",
              "| experiment | stage | this machine (h) | " + " | ".join(f"N={n} (h)" for n in nodes) + " |",
              "|---|---|---|" + "---|" * len(nodes)]
-    for experiment, parts in stages(costs).items():
-        totals = {n: 0.0 for n in nodes}
-        hours = {}
-        for stage, (seconds, kind) in parts.items():
-            speed = {"gpu": node.gpu_factor, "cpu": node.cores / costs["cores"], "solve": 1.0}[kind]
-            spread = {n: (n if kind != "solve" else 1) for n in nodes}  # one reducer solves the maps
-            hours[stage] = {n: seconds / 3600 / speed / spread[n] for n in nodes}
-            for n in nodes:
-                totals[n] += hours[stage][n]
-            hours[stage]["here"] = seconds / 3600
-        bound = max(hours, key=lambda s: hours[s][nodes[-1]])
-        for i, (stage, h) in enumerate(hours.items()):
+    for experiment, by_stage in hours(costs, nodes, node).items():
+        bound = max(by_stage, key=lambda s: by_stage[s][nodes[-1]])
+        for i, (stage, h) in enumerate(by_stage.items()):
             name = f"**{stage}**" if stage == bound else stage
             lines.append(f"| {experiment if i == 0 else ''} | {name} | {h['here']:.3g} | " + " | ".join(f"{h[n]:.3g}" for n in nodes) + " |")
+        totals = {n: sum(h[n] for h in by_stage.values()) for n in nodes}
         lines.append("| | total (cost) | | " + " | ".join(f"{totals[n]:.3g} (${totals[n] * n * node.dollars_per_hour:,.0f})"
                                                           for n in nodes) + " |")
     return "\n".join(lines)

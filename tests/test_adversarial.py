@@ -8,6 +8,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
+from statsmodels.stats.multitest import multipletests
 from PIL import Image
 
 from actors.zoo import load_model
@@ -20,7 +21,7 @@ from ray_jobs.adversarial import run_adversarial
 from ray_jobs.cli import main
 from ray_jobs.config import AdversarialConfig
 from test_attack import reference_mim
-from test_failures import r, reference_pool
+from test_failures import naive_one_vs_two, reference_pool
 from conftest import cli_stderr
 
 EPS, STEP, STEPS = 0.3, 0.06, 3  # in [-1, 1]: 0.3 is 38.25 levels of 255
@@ -105,14 +106,16 @@ def test_one_vs_two_by_target_rank_matches_the_naive_reference(adversarial_run, 
             t = pads.dataset(out / folder / "activations" / "efficientnet_lite0" / row["layer"], format="arrow").to_table()
             acts.update(zip(t["image_id"].to_pylist(), t["values"].combine_chunks().to_numpy_ndarray()))
         members = [s for s in success if row["group"] == "all targets" or row["group"].startswith(f"target rank {s['target_rank']}")]
-        passed = []
+        cases = []
         for s in members:
             t, p = s["source_index"], s["target_index"]
             refs = [c for c in order if c not in (t, p)][:10]
-            i_x = [r(acts[s["adversarial_id"]], acts[pool[c]]) for c in refs]
-            passed.append(r(i_x, [r(vec(t), vec(c)) for c in refs]) - r(i_x, [r(vec(p), vec(c)) for c in refs]) > 1e-9)
-        assert row["n"] == len(members) and row["accuracy"] == np.mean(passed)
-        assert 1 / 31 <= row["p_value"] <= 1 and row["p_bhy"] >= row["p_value"]
+            cases.append((acts[s["adversarial_id"]], [acts[pool[c]] for c in refs], vec(t), vec(p), [vec(c) for c in refs]))
+        accuracy, p_value = naive_one_vs_two(cases, 30)
+        assert row["n"] == len(members) and row["accuracy"] == accuracy
+        assert row["p_value"] == pytest.approx(p_value, abs=1e-12)
+    _, p_bhy, _, _ = multipletests([row["p_value"] for row in rows], alpha=0.05, method="fdr_by")  # one family: groups x layers
+    assert [row["p_bhy"] for row in rows] == pytest.approx(list(p_bhy), abs=1e-12)
     for name in ("one_vs_two.png", "examples.png"):
         assert (out / "figures" / name).read_bytes()[:4] == b"\x89PNG"
     assert "target rank 1 (most similar)" in (out / "report.html").read_text()

@@ -68,9 +68,10 @@ def test_a_removed_worker_node_moves_its_actor(cluster_run):
     removed = result["remove-node"]
     gone, workers = removed["fault"]["removed_node"], result["worker_nodes"]
     assert len(workers) == 3 and gone in workers
-    # two actors, one accelerator per node: the lost actor came back on the one worker that held no actor
-    assert removed["actor_restarts"] >= 1
-    assert len(set(removed["actor_nodes"])) == 2 and set(removed["actor_nodes"]) <= set(workers) - {gone}
+    # the lost actor was restarted on a node that stayed (which one is the scheduler's choice: a free
+    # accelerator on the third worker, or the other actor's once that actor finished)
+    assert removed["actor_restarts"] >= 1 and len(removed["actor_nodes"]) == 2
+    assert set(removed["actor_nodes"]) <= set(workers) - {gone}
     assert removed["tests_computed"] == 3
 
 

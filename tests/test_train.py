@@ -68,7 +68,7 @@ def test_an_interrupted_run_resumes_to_the_same_model(ray_session, cifar, tmp_pa
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     reached = checkpoints(Output(str(cut)), "normal")[-1]["epoch"]
-    assert 1 <= reached < 3
+    assert 1 <= reached < 3, "the run was killed mid-training"
     logs = []
     resumed = run_train(TrainConfig(out=str(cut), **args).validate(), log=logs.append)
     assert resumed["resumed_from"] == reached and f"train: resuming normal from epoch {reached} of 3" in logs
