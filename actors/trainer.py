@@ -51,7 +51,7 @@ def error_rate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, m
     wrong = 0
     for lo in range(0, len(images), batch_size):
         x = to_input(torch.from_numpy(images[lo:lo + batch_size].copy()).to(device), mean, std)  # object-store arrays are read-only
-        wrong += int((model(x).argmax(1).cpu() != torch.from_numpy(labels[lo:lo + batch_size])).sum())
+        wrong += int(np.count_nonzero(model(x).argmax(1).cpu().numpy() != labels[lo:lo + batch_size]))
     return wrong / len(images)
 
 

@@ -91,6 +91,32 @@ def _median_seconds(fn, repeats: int) -> float:
     return float(np.median([_timed(fn) for _ in range(repeats)]))
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of every CPU since boot (Linux), else None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def settle(busy: float = 0.2, limit: float = 60.0) -> float:
+    """Wait until the machine's CPUs are at most ``busy`` in use (the last benchmark's Ray actors and workers
+    wind down in the background for seconds, and a multi-threaded product beside them runs many times slower),
+    at most ``limit`` seconds; returns the seconds waited."""
+    started = time.monotonic()
+    before = _cpu_times()
+    while before is not None and time.monotonic() - started < limit:
+        time.sleep(0.5)
+        after = _cpu_times()
+        idle, total = after[0] - before[0], after[1] - before[1]
+        if total and 1 - idle / total <= busy:
+            break
+        before = after
+    return time.monotonic() - started
+
+
 def row(benchmark: str, figure: str, floor: str, ratio: float | None, op: str | None, target: float | None) -> dict:
     """One line of the benchmark table: the figure beside its floor, their ratio and the target it must meet."""
     return {"benchmark": benchmark, "figure": figure, "floor": floor, "ratio": None if ratio is None else _sig(ratio),
@@ -329,9 +355,12 @@ def bench_train(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = cifar.write(tmp, (images, labels), (images[:100], labels[:100]))
         for r in range(args.repeats):
+            settle()
             rate, plain_state = _plain_training(args.model, images, labels, args.batch_size, cpus)
             rates["plain"].append(rate)
+            settle()
             rates["ray_task"].append(ray.get(in_task.remote(args.model, images, labels, args.batch_size, cpus))[0])
+            settle()
             cfg = TrainConfig(data=f"cifar100:{data}", model=args.model, epochs=1, batch_size=args.batch_size, torch_threads=cpus,
                               cpus_per_worker=cpus, out=os.path.join(tmp, f"run-{r}")).validate()
             run_train(cfg, log=lambda m: None)
@@ -390,7 +419,8 @@ def bench_all(args: argparse.Namespace, log=print) -> dict:
     """Every benchmark in one run; writes RESULTS/bench.json and RESULTS/bench.md (one table, every figure beside its floor)."""
     results = []
     for name, fn in BENCHMARKS.items():
-        log(f"bench {name} ...")
+        waited = settle()
+        log(f"bench {name} ..." + (f" (after {waited:.0f} s for the machine to settle)" if waited >= 1 else ""))
         started = time.perf_counter()
         results.append({**fn(with_defaults(name, args)), "seconds": round(time.perf_counter() - started, 1)})
     report = {"benchmark": "all", "quick": bool(args.quick), "machine": machine(), "results": results,

@@ -2,9 +2,14 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
+from ray_jobs.bench import settle
 from ray_jobs.cli import main
 
 
@@ -62,3 +67,15 @@ def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path):
     assert "--quick" in header and table.count("\n| ") == len(report["rows"])  # the rows under the header line
     assert "Projected on N g5.2xlarge nodes" in projection and projection.count("total (cost)") == 3
     assert capsys.readouterr().out.startswith("| benchmark | figure | floor | ratio | target | met |")
+
+
+def test_settle_waits_while_the_cpus_are_busy():
+    spinners = [subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 6: pass"])
+                for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.5)
+        assert settle(busy=0.2, limit=2.0) >= 2.0  # every core spinning: it waits out its limit
+    finally:
+        for s in spinners:
+            s.kill()
+            s.wait()
