@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -50,6 +51,16 @@ def test_training_reports_checkpoints_and_learns(ray_session, cifar, tmp_path):
     assert model.name.startswith("fractalnet_tiny:checkpoint=")
 
 
+def same_checkpoints(run: Path, reference: Path) -> list[int]:
+    """The epochs of ``run``'s checkpoints, each asserted to be ``reference``'s model of that epoch, bit for bit."""
+    models = {c["epoch"]: c["path"] for c in checkpoints(Output(str(reference)), "normal")}
+    kept = checkpoints(Output(str(run)), "normal")
+    for c in kept:
+        a, b = (torch.load(path + "/model.pt") for path in (c["path"], models[c["epoch"]]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"epoch {c['epoch']}"
+    return [c["epoch"] for c in kept]
+
+
 def test_an_interrupted_run_resumes_to_the_same_model(ray_session, cifar, tmp_path):
     args = dict(data=cifar, epochs=3, every=1, **TINY)
     whole = run_train(TrainConfig(out=str(tmp_path / "whole"), **args).validate(), log=lambda m: None)
@@ -67,16 +78,15 @@ def test_an_interrupted_run_resumes_to_the_same_model(ray_session, cifar, tmp_pa
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    reached = checkpoints(Output(str(cut)), "normal")[-1]["epoch"]
-    assert 1 <= reached < 3, "the run was killed mid-training"
+    epochs = same_checkpoints(cut, tmp_path / "whole")
+    reached = epochs[-1]
+    assert epochs == list(range(reached + 1)) and 1 <= reached < 3, "killed mid-training, with every epoch so far (0: the initial model)"
     logs = []
     resumed = run_train(TrainConfig(out=str(cut), **args).validate(), log=logs.append)
     assert resumed["resumed_from"] == reached and f"train: resuming normal from epoch {reached} of 3" in logs
     timeless = [pq.read_table(folder / "training.parquet").drop(["epoch_seconds"]) for folder in (cut, tmp_path / "whole")]
     assert timeless[0].equals(timeless[1])  # every number but the wall time
-    a = torch.load(checkpoints(Output(str(cut)), "normal")[-1]["path"] + "/model.pt")
-    b = torch.load(checkpoints(Output(str(tmp_path / "whole")), "normal")[-1]["path"] + "/model.pt")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_checkpoints(cut, tmp_path / "whole") == [0, 1, 2, 3]
     assert (resumed["train_error"], resumed["test_error"]) == (whole["train_error"], whole["test_error"])
 
 
