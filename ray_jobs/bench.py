@@ -44,7 +44,7 @@ def bare_forward(model: str, images: str, batch_size: int, min_images: int = 128
         return n / (time.perf_counter() - start), len(pixels)
 
 
-def bench_extract(args: argparse.Namespace) -> int:
+def bench_extract(args: argparse.Namespace) -> dict:
     forward_rate, n_images = bare_forward(args.model, args.images, args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or os.path.join(tmp, "extract")
@@ -154,7 +154,7 @@ def naive_pair(a: np.ndarray, b: np.ndarray, i: int, j: int) -> bool:
     return r(a_i, b_i) + r(a_j, b_j) > r(a_i, b_j) + r(a_j, b_i)
 
 
-def bench_twovtwo(args: argparse.Namespace) -> int:
+def bench_twovtwo(args: argparse.Namespace) -> dict:
     rows = []
     for w in args.sizes:
         a, b = similarity_pair(w)
@@ -188,7 +188,7 @@ def bench_twovtwo(args: argparse.Namespace) -> int:
             "results": rows, "rows": table}
 
 
-def bench_permutations(args: argparse.Namespace) -> int:
+def bench_permutations(args: argparse.Namespace) -> dict:
     a, b = similarity_pair(args.w)
     n = args.permutations
     out = np.empty_like(a)
@@ -227,7 +227,7 @@ def synthetic_gram(widths: list[int], n: int, seed: int = 0) -> JointGram:
     return g
 
 
-def bench_affine(args: argparse.Namespace) -> int:
+def bench_affine(args: argparse.Namespace) -> dict:
     names = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     widths, batch = [1280, 1280, 1280], args.batch_size * 8
     rng = np.random.default_rng(0)
@@ -260,7 +260,7 @@ def bench_affine(args: argparse.Namespace) -> int:
     return result
 
 
-def bench_attack(args: argparse.Namespace) -> int:
+def bench_attack(args: argparse.Namespace) -> dict:
     """The MIM attack's cost per image-iteration (the whole attacker call: the attack, the 8-bit
     projection, the clean and final predictions) against a bare forward+backward of the same batch."""
     from actors.attack import SPACES, TargetedAttacker
@@ -332,7 +332,7 @@ def _plain_training(model: str, images: np.ndarray, labels: np.ndarray, batch_si
     return len(images) / (time.perf_counter() - start), net.state_dict()
 
 
-def bench_train(args: argparse.Namespace) -> int:
+def bench_train(args: argparse.Namespace) -> dict:
     """Training throughput of the model through Ray Train (one worker, every core) against the same steps
     in a plain PyTorch loop in this process (the floor) and in a bare Ray task (what being a Ray worker
     process costs), on the same synthetic CIFAR-100 images and batch; interleaved repeats, medians."""
