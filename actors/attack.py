@@ -14,7 +14,6 @@ then projection onto the L-inf ball of radius eps and the input bounds.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import eagerpy as ep
 import foolbox
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 from foolbox.attacks.gradient_descent_base import LinfBaseGradientDescent, Optimizer
 
-from actors.extractor import pick_device
-from actors.zoo import LoadedModel, load_model
-from analysis.errors import InputError
+from semprobe.actors.extractor import pick_device
+from semprobe.actors.zoo import LoadedModel, load_model
+from semprobe.analysis.errors import InputError
 
 # The input spaces an attack's eps can be measured in, and their bounds.
 SPACES = {"[0,1]": (0.0, 1.0), "[-1,1]": (-1.0, 1.0)}
@@ -45,8 +44,15 @@ class _MomentumSign(Optimizer):
 class MomentumIterativeMethod(LinfBaseGradientDescent):
     """Dong et al.'s MIM as a foolbox attack: pass ``abs_stepsize`` (the step) and ``epsilon`` to ``attack(...)``."""
 
-    def __init__(self, *, momentum: float = 1.0, rel_stepsize: float = 0.2, abs_stepsize: Optional[float] = None,
-                 steps: int = 20, random_start: bool = False):
+    def __init__(
+        self,
+        *,
+        momentum: float = 1.0,
+        rel_stepsize: float = 0.2,
+        abs_stepsize: float | None = None,
+        steps: int = 20,
+        random_start: bool = False,
+    ):
         super().__init__(rel_stepsize=rel_stepsize, abs_stepsize=abs_stepsize, steps=steps, random_start=random_start)
         self.momentum = momentum
 
@@ -73,8 +79,9 @@ def foolbox_model(loaded: LoadedModel, space: str, device=None) -> foolbox.PyTor
     std = [scale * s for s in pre.std]
     # eagerpy's gradient calls loss.backward(), which would also fill every weight's .grad: only the input's is needed
     loaded.module.requires_grad_(False)
-    return foolbox.PyTorchModel(loaded.module.eval(), bounds=(low, high), device=device,
-                                preprocessing={"mean": mean, "std": std, "axis": -3})
+    return foolbox.PyTorchModel(
+        loaded.module.eval(), bounds=(low, high), device=device, preprocessing={"mean": mean, "std": std, "axis": -3}
+    )
 
 
 class TargetedAttacker:
@@ -86,13 +93,22 @@ class TargetedAttacker:
 
     Parameters
     ----------
-    model : a model string (see :mod:`actors.zoo`)
+    model : a model string (see :mod:`semprobe.actors.zoo`)
     space : "[0,1]" or "[-1,1]", where ``eps`` and ``step`` are measured
     eps, step, steps, momentum : the attack's L-inf radius, step size, iterations and decay
     """
 
-    def __init__(self, model: str, space: str, eps: float, step: float, steps: int, momentum: float,
-                 device: str = "auto", threads: int | None = None):
+    def __init__(
+        self,
+        model: str,
+        space: str,
+        eps: float,
+        step: float,
+        steps: int,
+        momentum: float,
+        device: str = "auto",
+        threads: int | None = None,
+    ):
         if threads:
             torch.set_num_threads(threads)
         loaded = load_model(model)

@@ -8,23 +8,25 @@ input size; every model runs on every image of a batch.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from actors.extractor import normalise, pick_device
-from actors.zoo import LoadedModel, Preprocess, load_model
-from analysis.errors import InputError
+from semprobe.actors.extractor import normalise, pick_device
+from semprobe.actors.zoo import LoadedModel, Preprocess, load_model
+from semprobe.analysis.errors import InputError
 
 
 def final_linear(loaded: LoadedModel) -> nn.Linear:
     """The model's classifier: its last ``nn.Linear`` producing the class logits."""
     linears = [m for m in loaded.module.modules() if isinstance(m, nn.Linear) and m.out_features == loaded.num_classes]
     if not linears:
-        raise InputError(f"{loaded.name} has no final linear classifier with {loaded.num_classes} outputs: "
-                         "the affine maps need one (features -> logits)")
+        raise InputError(
+            f"{loaded.name} has no final linear classifier with {loaded.num_classes} outputs: "
+            "the affine maps need one (features -> logits)"
+        )
     return linears[-1]
 
 
@@ -33,7 +35,7 @@ class FeatureEncoder:
 
     Parameters
     ----------
-    models : model strings (see :mod:`actors.zoo`)
+    models : model strings (see :mod:`semprobe.actors.zoo`)
     device : "auto" (CUDA when present), "cpu", ...
     threads : torch intra-op threads on the CPU (None: leave torch's choice)
     """
@@ -44,7 +46,10 @@ class FeatureEncoder:
         self.device = pick_device(device)
         self.loaded = [load_model(m) for m in models]
         if len({m.num_classes for m in self.loaded}) > 1:
-            raise InputError("the models classify different label sets: " + ", ".join(f"{m.name} {m.num_classes}" for m in self.loaded))
+            raise InputError(
+                "the models classify different label sets: "
+                + ", ".join(f"{m.name} {m.num_classes}" for m in self.loaded)
+            )
         self.classifiers = [final_linear(m) for m in self.loaded]
         self._captured: list[torch.Tensor | None] = [None] * len(self.loaded)
         for i, (m, fc) in enumerate(zip(self.loaded, self.classifiers)):
@@ -54,6 +59,7 @@ class FeatureEncoder:
     def _hook(self, i: int):
         def capture(module, inputs, output):
             self._captured[i] = inputs[0].flatten(1)
+
         return capture
 
     @property

@@ -9,14 +9,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from actors.layers import LayerCatalog
-from actors.zoo import Preprocess, load_model
+from semprobe.actors.layers import LayerCatalog
+from semprobe.actors.zoo import Preprocess, load_model
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    return torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
 
 
 def normalise(pixels: np.ndarray, preprocess: Preprocess, device: torch.device) -> torch.Tensor:
@@ -33,14 +35,16 @@ class ActivationExtractor:
 
     Parameters
     ----------
-    model : a model string (see :mod:`actors.zoo`)
-    layers : a layer spec (see :mod:`actors.layers`)
+    model : a model string (see :mod:`semprobe.actors.zoo`)
+    layers : a layer spec (see :mod:`semprobe.actors.layers`)
     dtype : "float16" or "float32", the dtype of the returned rows
     device : "auto" (CUDA when present), "cpu", "cuda:1", ...
     threads : torch intra-op threads on the CPU (None: leave torch's choice)
     """
 
-    def __init__(self, model: str, layers: str, dtype: str = "float16", device: str = "auto", threads: int | None = None):
+    def __init__(
+        self, model: str, layers: str, dtype: str = "float16", device: str = "auto", threads: int | None = None
+    ):
         if threads:
             torch.set_num_threads(threads)
         loaded = load_model(model)

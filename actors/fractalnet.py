@@ -44,13 +44,15 @@ class ConvUnit(nn.Sequential):
     """Conv3x3 -> BatchNorm -> ReLU -> Dropout: (n, c_in, h, w) -> (n, c_out, h, w)."""
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float):
-        super().__init__(OrderedDict(
-            conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-            bn=nn.BatchNorm2d(out_channels),
-            relu=nn.ReLU(),
-            # Identity when the rate is 0 keeps the first block's graph free of no-op nodes.
-            drop=nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
-        ))
+        super().__init__(
+            OrderedDict(
+                conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                bn=nn.BatchNorm2d(out_channels),
+                relu=nn.ReLU(),
+                # Identity when the rate is 0 keeps the first block's graph free of no-op nodes.
+                drop=nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+            )
+        )
 
 
 class FractalBlock(nn.Module):
@@ -76,9 +78,7 @@ class FractalBlock(nn.Module):
         self.depth = 2 ** (columns - 1)
         self.span = [2 ** (columns - 1 - c) for c in range(columns)]
         self.columns = nn.ModuleList(
-            nn.ModuleList(
-                ConvUnit(in_channels if k == 0 else out_channels, out_channels, dropout) for k in range(2**c)
-            )
+            nn.ModuleList(ConvUnit(in_channels if k == 0 else out_channels, out_channels, dropout) for k in range(2**c))
             for c in range(columns)
         )
         # depth step d (1-based) -> the columns whose conv unit ends there

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import timm.layers
 import timm.models._efficientnet_blocks as timm_blocks
@@ -36,15 +36,25 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 from torchvision.models.feature_extraction import NodePathTracer
 
-from actors.fractalnet import FractalBlock
-from analysis.errors import InputError
-from analysis.similarity import zscore_rows
+from semprobe.actors.fractalnet import FractalBlock
+from semprobe.analysis.errors import InputError
+from semprobe.analysis.similarity import zscore_rows
 
 LAYER_KINDS = ("activations", "concat", "blocks", "pool", "logits")
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
 ACTIVATION_FUNCTIONS = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu, F.elu, F.mish,
+    F.relu,
+    F.relu_,
+    torch.relu,
+    torch.relu_,
+    F.relu6,
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.leaky_relu,
+    F.elu,
+    F.mish,
 }
 ACTIVATION_METHODS = {"relu", "relu_"}
 CONCAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
@@ -52,12 +62,23 @@ POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, timm.l
 POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, torch.mean}
 POOL_METHODS = {"mean"}
 BLOCK_MODULES = (
-    tv_resnet.BasicBlock, tv_resnet.Bottleneck,
-    tv_mobilenetv2.InvertedResidual, tv_mobilenetv3.InvertedResidual,
-    tv_efficientnet.MBConv, tv_efficientnet.FusedMBConv,
-    tv_inception.InceptionA, tv_inception.InceptionB, tv_inception.InceptionC, tv_inception.InceptionD, tv_inception.InceptionE,
-    timm_resnet.BasicBlock, timm_resnet.Bottleneck,
-    timm_blocks.DepthwiseSeparableConv, timm_blocks.InvertedResidual, timm_blocks.EdgeResidual, timm_blocks.CondConvResidual,
+    tv_resnet.BasicBlock,
+    tv_resnet.Bottleneck,
+    tv_mobilenetv2.InvertedResidual,
+    tv_mobilenetv3.InvertedResidual,
+    tv_efficientnet.MBConv,
+    tv_efficientnet.FusedMBConv,
+    tv_inception.InceptionA,
+    tv_inception.InceptionB,
+    tv_inception.InceptionC,
+    tv_inception.InceptionD,
+    tv_inception.InceptionE,
+    timm_resnet.BasicBlock,
+    timm_resnet.Bottleneck,
+    timm_blocks.DepthwiseSeparableConv,
+    timm_blocks.InvertedResidual,
+    timm_blocks.EdgeResidual,
+    timm_blocks.CondConvResidual,
     FractalBlock,
 )
 
@@ -106,7 +127,9 @@ class LayerCatalog:
         tracer = _tracer()
         graph = tracer.trace(model)
         self.module = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-        self._qualname = {node: tracer.node_to_qualname[node] for node in graph.nodes if node in tracer.node_to_qualname}
+        self._qualname = {
+            node: tracer.node_to_qualname[node] for node in graph.nodes if node in tracer.node_to_qualname
+        }
         self._node = {q: n for n, q in self._qualname.items()}
         with torch.no_grad():
             ShapeProp(self.module).propagate(torch.zeros(1, 3, input_size, input_size))
@@ -175,7 +198,9 @@ class LayerCatalog:
                 hint = f"; did you mean {', '.join(near)}?" if near else ""
                 raise InputError(f"unknown layer '{item}': choose kinds {', '.join(LAYER_KINDS)} or a node name{hint}")
         if not chosen:
-            raise InputError(f"layer spec '{spec}' selects no layers: choose kinds {', '.join(LAYER_KINDS)} or node names")
+            raise InputError(
+                f"layer spec '{spec}' selects no layers: choose kinds {', '.join(LAYER_KINDS)} or node names"
+            )
         order = {q: i for i, q in enumerate(self._qualname.values())}
         names = sorted(chosen, key=order.__getitem__)
         return [Layer(q, i, chosen[q], self._shape(self._node[q])) for i, q in enumerate(names)]
@@ -206,4 +231,3 @@ def _first_node(arg) -> fx.Node:
         return arg
     values = arg.values() if isinstance(arg, dict) else arg
     return next(_first_node(v) for v in values if v is not None)
-

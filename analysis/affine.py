@@ -12,13 +12,13 @@ Convention: features are rows; a map is ``x_B ~ x_A @ weight + bias``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import scipy.linalg
 
-from analysis.errors import InputError
+from semprobe.analysis.errors import InputError
 
 # A normal-equation matrix whose reciprocal condition number (1-norm) is below this
 # gives a fit that rounding, not the data, decides.
@@ -47,7 +47,7 @@ class JointGram:
         z[:, -1] = 1.0
         self.gram += z.T @ z  # numpy runs a^T a as a symmetric rank-k update
 
-    def merge(self, other: "JointGram") -> "JointGram":
+    def merge(self, other: JointGram) -> JointGram:
         self.gram += other.gram
         return self
 
@@ -98,8 +98,10 @@ def fit_affine(gram: JointGram, source: str, targets: Sequence[str], ridge: floa
     if ridge < 0:
         raise InputError(f"--ridge must be at least 0, got {ridge}")
     if ridge == 0 and n <= d:
-        raise InputError(f"underdetermined: {n} training images for the {d} features (+ bias) of {source}; "
-                         "use more images than features, or pass --ridge L > 0")
+        raise InputError(
+            f"underdetermined: {n} training images for the {d} features (+ bias) of {source}; "
+            "use more images than features, or pass --ridge L > 0"
+        )
     mean_a, sums_a = gram.moments(source)
     s = gram.slices[source]
     cov_aa = sums_a[:, s] / n - np.outer(mean_a, mean_a)
@@ -110,8 +112,10 @@ def fit_affine(gram: JointGram, source: str, targets: Sequence[str], ridge: floa
     except scipy.linalg.LinAlgError:
         rcond = 0.0
     if rcond < RCOND_MIN:
-        raise InputError(f"the features of {source} are (numerically) linearly dependent on the training images "
-                         f"(reciprocal condition {rcond:.1e}): pass --ridge L > 0" + (f" larger than {ridge}" if ridge else ""))
+        raise InputError(
+            f"the features of {source} are (numerically) linearly dependent on the training images "
+            f"(reciprocal condition {rcond:.1e}): pass --ridge L > 0" + (f" larger than {ridge}" if ridge else "")
+        )
     maps = []
     for target in targets:
         mean_b, sums_b = gram.moments(target)
@@ -158,13 +162,14 @@ def naive_map(source: str, target: str, d_a: int, d_b: int) -> AffineMap:
     return AffineMap(source, target, np.eye(d_a, d_b), np.zeros(d_b), rcond=float("nan"))
 
 
-def accuracy(features: np.ndarray, labels: np.ndarray, mapping: AffineMap | None, w: np.ndarray, b: np.ndarray,
-             rows: int = 4096) -> float:
+def accuracy(
+    features: np.ndarray, labels: np.ndarray, mapping: AffineMap | None, w: np.ndarray, b: np.ndarray, rows: int = 4096
+) -> float:
     """Top-1 accuracy of a linear classifier (w, b) on (optionally mapped) features, in row chunks."""
     correct = 0
     for lo in range(0, len(features), rows):
-        x = np.asarray(features[lo:lo + rows], np.float64)
+        x = np.asarray(features[lo : lo + rows], np.float64)
         if mapping is not None:
             x = mapping(x)
-        correct += int(np.count_nonzero((x @ w.T + b).argmax(axis=1) == labels[lo:lo + rows]))
+        correct += int(np.count_nonzero((x @ w.T + b).argmax(axis=1) == labels[lo : lo + rows]))
     return correct / len(features)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -29,21 +30,43 @@ def layer_curves(scores: Sequence[dict[str, Any]], model: str, alpha: float) -> 
         acc = [r["accuracy"] for r in line]
         std = [r["std"] for r in line]
         ax.plot(x, acc, color=colour, label=f"{wm} ({line[0]['n_concepts']} concepts, {line[0]['n_pairs']} pairs)")
-        ax.fill_between(x, [a - s for a, s in zip(acc, std)], [a + s for a, s in zip(acc, std)], color=colour, alpha=0.2, lw=0)
+        ax.fill_between(
+            x, [a - s for a, s in zip(acc, std)], [a + s for a, s in zip(acc, std)], color=colour, alpha=0.2, lw=0
+        )
         if line[0]["null_mean"] is not None:
-            ax.fill_between(x, [r["null_mean"] - 2 * r["null_std"] for r in line], [r["null_mean"] + 2 * r["null_std"] for r in line],
-                            color="grey", alpha=0.15, lw=0)
+            ax.fill_between(
+                x,
+                [r["null_mean"] - 2 * r["null_std"] for r in line],
+                [r["null_mean"] + 2 * r["null_std"] for r in line],
+                color="grey",
+                alpha=0.15,
+                lw=0,
+            )
         sig = [bool(r["significant"]) for r in line]
         ax.scatter([j for j in x if sig[j]], [acc[j] for j in x if sig[j]], color=colour, zorder=3, s=18)
-        ax.scatter([j for j in x if not sig[j]], [acc[j] for j in x if not sig[j]], facecolors="white", edgecolors=colour,
-                   zorder=3, s=18)
+        ax.scatter(
+            [j for j in x if not sig[j]],
+            [acc[j] for j in x if not sig[j]],
+            facecolors="white",
+            edgecolors=colour,
+            zorder=3,
+            s=18,
+        )
     ax.axhline(0.5, color="black", lw=0.6, ls=":", label="chance")
     ax.set_title(f"{model}: 2 vs. 2 through the layers")
     ax.set_xlabel("layer (input to output)")
     ax.set_ylabel("2 vs. 2 accuracy (mean over image sets)")
     ax.legend(fontsize=8, loc="upper left")
-    ax.text(0.99, 0.01, f"band: +-1 std over sets; grey: permutation null +-2 std; filled: significant after BHY at {alpha}",
-            transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="dimgrey")
+    ax.text(
+        0.99,
+        0.01,
+        f"band: +-1 std over sets; grey: permutation null +-2 std; filled: significant after BHY at {alpha}",
+        transform=ax.transAxes,
+        ha="right",
+        va="bottom",
+        fontsize=7,
+        color="dimgrey",
+    )
     return fig
 
 
@@ -61,19 +84,29 @@ def affine_heatmap(scores: Sequence[dict[str, Any]], names: Sequence[str], metho
     for i, s in enumerate(names):
         for j, t in enumerate(names):
             dark = abs(change[i][j]) > limit / 2
-            ax.text(j, i, f"{100 * cell[(s, t)]['accuracy']:.1f}", ha="center", va="center", fontsize=9,
-                    color="white" if dark else "black")
+            ax.text(
+                j,
+                i,
+                f"{100 * cell[(s, t)]['accuracy']:.1f}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if dark else "black",
+            )
     ax.set_xticks(range(n), labels, rotation=30, ha="right")
     ax.set_yticks(range(n), labels)
     ax.set_xlabel("target CNN (its classifier)")
     ax.set_ylabel("source CNN (its features)")
-    ax.set_title(f"{method} maps: top-1 accuracy (%)\nshaded by change from the source CNN alone (diagonal)", fontsize=10)
+    ax.set_title(
+        f"{method} maps: top-1 accuracy (%)\nshaded by change from the source CNN alone (diagonal)", fontsize=10
+    )
     fig.colorbar(image, ax=ax, label="% change vs. source")
     return fig
 
 
-def one_vs_two_figure(rows: Sequence[dict[str, Any]], title: str, sides: str = "true class beats predicted",
-                      overall: str | None = None) -> Figure:
+def one_vs_two_figure(
+    rows: Sequence[dict[str, Any]], title: str, sides: str = "true class beats predicted", overall: str | None = None
+) -> Figure:
     """1 vs. 2 accuracy through the layers, one line per group, chance (0.5) marked, BHY-significant layers filled.
 
     ``sides`` names what a pass means (the y label); the group ``overall``, if any, is drawn black and bold.
@@ -86,14 +119,29 @@ def one_vs_two_figure(rows: Sequence[dict[str, Any]], title: str, sides: str = "
         style = {"color": "black", "lw": 2.2} if group == overall else {"lw": 1.2}
         (drawn,) = ax.plot(range(len(line)), acc, label=f"{group} (n = {line[0]['n']})", **style)
         sig = [bool(r["significant"]) for r in line]
-        ax.scatter([i for i, s in enumerate(sig) if s], [a for a, s in zip(acc, sig) if s], color=drawn.get_color(), s=18, zorder=3)
+        ax.scatter(
+            [i for i, s in enumerate(sig) if s],
+            [a for a, s in zip(acc, sig) if s],
+            color=drawn.get_color(),
+            s=18,
+            zorder=3,
+        )
     ax.axhline(0.5, color="black", lw=0.6, ls=":", label="chance")
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("layer (input to output)")
     ax.set_ylabel(f"1 vs. 2 accuracy ({sides})")
     ax.legend(fontsize=8)
-    ax.text(0.99, 0.01, "filled: significant after BHY", transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="dimgrey")
+    ax.text(
+        0.99,
+        0.01,
+        "filled: significant after BHY",
+        transform=ax.transAxes,
+        ha="right",
+        va="bottom",
+        fontsize=7,
+        color="dimgrey",
+    )
     return fig
 
 
@@ -114,9 +162,11 @@ def adversarial_panel(panel: Sequence[tuple[Any, str, Sequence[tuple[Any, str]]]
     return fig
 
 
-def training_dynamics(rows: Sequence[dict[str, Any]], errors: dict[str, Sequence[dict[str, Any]]], word_model: str,
-                      alpha: float) -> Figure:
-    """Fig. 4 of the 2021 paper: per training run, train/test error by epoch beside 2 vs. 2 by epoch, one line per layer.
+def training_dynamics(
+    rows: Sequence[dict[str, Any]], errors: dict[str, Sequence[dict[str, Any]]], word_model: str, alpha: float
+) -> Figure:
+    """Fig. 4 of the 2021 paper: per training run, train/test error by epoch beside 2 vs. 2 by epoch, one line
+    per layer.
 
     ``rows`` are rows of the dynamics table (mean-over-sets rows, set_index None,
     are drawn for ``word_model``), keyed to runs by their ``run_label``;
@@ -126,7 +176,9 @@ def training_dynamics(rows: Sequence[dict[str, Any]], errors: dict[str, Sequence
     """
     rows = [r for r in rows if r["set_index"] is None and r["word_model"] == word_model]
     runs = list(errors)
-    splits = sorted({r["split"] for r in rows}, key=lambda s: (s != "train", s))  # training images first, as in the paper
+    splits = sorted(
+        {r["split"] for r in rows}, key=lambda s: (s != "train", s)
+    )  # training images first, as in the paper
     layers = sorted({(r["layer_index"], r["layer"]) for r in rows})
     fig = Figure(figsize=(4.2 * (1 + len(splits)), 3.4 * len(runs) + 0.4), layout="constrained")
     axes = fig.subplots(len(runs), 1 + len(splits), squeeze=False)
@@ -137,7 +189,13 @@ def training_dynamics(rows: Sequence[dict[str, Any]], errors: dict[str, Sequence
         ax = axes[i][0]
         history = sorted(errors[run], key=lambda h: h["epoch"])
         for column, style in (("train_error", "-"), ("test_error", "--")):
-            ax.plot([h["epoch"] for h in history], [h[column] for h in history], style, color="black", label=column.replace("_", " "))
+            ax.plot(
+                [h["epoch"] for h in history],
+                [h[column] for h in history],
+                style,
+                color="black",
+                label=column.replace("_", " "),
+            )
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{run}: error")
         ax.set_xlabel("epoch")
@@ -145,23 +203,36 @@ def training_dynamics(rows: Sequence[dict[str, Any]], errors: dict[str, Sequence
         for j, split in enumerate(splits):
             ax = axes[i][1 + j]
             for k, (_, layer) in enumerate(layers):
-                line = sorted((r for r in rows if r["run_label"] == run and r["split"] == split and r["layer"] == layer),
-                              key=lambda r: r["epoch"])
+                line = sorted(
+                    (r for r in rows if r["run_label"] == run and r["split"] == split and r["layer"] == layer),
+                    key=lambda r: r["epoch"],
+                )
                 if not line:
                     continue
                 colour = colours[k % len(colours)]
                 x, y = [r["epoch"] for r in line], [r["accuracy"] for r in line]
                 ax.plot(x, y, color=colour, label=layer, lw=1.2)
                 sig = [bool(r["significant"]) for r in line]
-                ax.scatter([a for a, s in zip(x, sig) if s], [b for b, s in zip(y, sig) if s], color=colour, s=12, zorder=3)
-                ax.scatter([a for a, s in zip(x, sig) if not s], [b for b, s in zip(y, sig) if not s], facecolors="white",
-                           edgecolors=colour, s=12, zorder=3)
+                ax.scatter(
+                    [a for a, s in zip(x, sig) if s], [b for b, s in zip(y, sig) if s], color=colour, s=12, zorder=3
+                )
+                ax.scatter(
+                    [a for a, s in zip(x, sig) if not s],
+                    [b for b, s in zip(y, sig) if not s],
+                    facecolors="white",
+                    edgecolors=colour,
+                    s=12,
+                    zorder=3,
+                )
             ax.axhline(0.5, color="black", lw=0.6, ls=":")
             ax.set_ylim(low, high)  # one scale for every 2 vs. 2 panel, so runs and splits compare at a glance
             ax.set_title(f"{run}: 2 vs. 2 on {split} images ({word_model})")
             ax.set_xlabel("epoch")
             ax.set_ylabel("2 vs. 2 accuracy")
             ax.legend(fontsize=6, ncol=2)
-    fig.suptitle(f"training dynamics: filled markers significant after BHY at {alpha}; dotted line: chance", fontsize=8,
-                 color="dimgrey")
+    fig.suptitle(
+        f"training dynamics: filled markers significant after BHY at {alpha}; dotted line: chance",
+        fontsize=8,
+        color="dimgrey",
+    )
     return fig

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.errors import InputError
-from analysis.twovtwo import TIE_TOLERANCE, permutations
+from semprobe.analysis.errors import InputError
+from semprobe.analysis.twovtwo import TIE_TOLERANCE, permutations
 
 
 @dataclass(frozen=True)
@@ -60,19 +60,22 @@ def one_vs_two(i_x: np.ndarray, d_true: np.ndarray, d_pred: np.ndarray) -> OneVs
     """
     i_x, d_true, d_pred = (np.atleast_2d(np.asarray(m, np.float64)) for m in (i_x, d_true, d_pred))
     if not (i_x.shape == d_true.shape == d_pred.shape) or i_x.shape[1] < 3:
-        raise InputError(f"1 vs. 2 needs three (n, R >= 3) matrices of one shape, got {i_x.shape}, {d_true.shape}, {d_pred.shape}")
+        raise InputError(
+            f"1 vs. 2 needs three (n, R >= 3) matrices of one shape, got {i_x.shape}, {d_true.shape}, {d_pred.shape}"
+        )
     passed = _margins(i_x, d_true, d_pred) > TIE_TOLERANCE
     return OneVsTwo(float(passed.mean()), passed)
 
 
-def one_vs_two_null(i_x: np.ndarray, d_true: np.ndarray, d_pred: np.ndarray, n_perm: int, seed: int,
-                    start: int = 0) -> np.ndarray:
+def one_vs_two_null(
+    i_x: np.ndarray, d_true: np.ndarray, d_pred: np.ndarray, n_perm: int, seed: int, start: int = 0
+) -> np.ndarray:
     """(n_perm,) 1 vs. 2 accuracy with the reference concepts shuffled on the word side.
 
     As the authors did: permutation ``p`` reorders the R reference columns of
     ``d_true`` and ``d_pred`` (the same ``p`` for every image), so the word side
     no longer lines up with the image side. Permutations are numbers ``start`` ..
-    ``start + n_perm - 1`` of :func:`analysis.twovtwo.permutations`: any split into
+    ``start + n_perm - 1`` of :func:`semprobe.analysis.twovtwo.permutations`: any split into
     shards reproduces the unsharded null exactly.
     """
     i_x, d_true, d_pred = (np.atleast_2d(np.asarray(m, np.float64)) for m in (i_x, d_true, d_pred))

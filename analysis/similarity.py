@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analysis.errors import InputError, ZeroVarianceError
+from semprobe.analysis.errors import InputError, ZeroVarianceError
 
 # A row whose standard deviation is below this fraction of its mean is constant to
 # float32 precision: its "z-scores" would be rounding noise blown up to norm 1.
@@ -82,7 +82,7 @@ class GramAccumulator:
         self.sums += x.sum(axis=1, dtype=np.float64)
         self.n_features += x.shape[1]
 
-    def merge(self, other: "GramAccumulator") -> "GramAccumulator":
+    def merge(self, other: GramAccumulator) -> GramAccumulator:
         """Add another accumulator's sums over other features of the same rows (same shift)."""
         self.gram += other.gram
         self.sums += other.sums
@@ -137,8 +137,8 @@ def correlation_matrix(x, compute: str = "float64", block: int | None = None) ->
         return acc.correlation()
     means = np.zeros(w, np.float64)
     for start in range(0, d, block):
-        means += rows[:, start:start + block].sum(axis=1, dtype=np.float64)
+        means += rows[:, start : start + block].sum(axis=1, dtype=np.float64)
     acc = GramAccumulator(w, compute, shift=means / d)
     for start in range(0, d, block):
-        acc.add(rows[:, start:start + block])
+        acc.add(rows[:, start : start + block])
     return acc.correlation()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.errors import InputError
+from semprobe.analysis.errors import InputError
 
 # Sums of correlations that differ by less than this are ties: exact ties (w = 4 makes
 # every correlation +-1) must fail whatever the rounding of the method that computed them.
@@ -44,7 +44,9 @@ class TwoVsTwo:
 def _check(a: np.ndarray, b: np.ndarray) -> int:
     w = a.shape[0]
     if a.shape != (w, w) or b.shape != (w, w) or w < 4:
-        raise InputError(f"2 vs. 2 needs two square matrices over the same w >= 4 concepts, got {a.shape} and {b.shape}")
+        raise InputError(
+            f"2 vs. 2 needs two square matrices over the same w >= 4 concepts, got {a.shape} and {b.shape}"
+        )
     return w
 
 
@@ -88,8 +90,9 @@ class _ImageSide(_Side):
         self.v = z.T - z
 
 
-def _margins(img: _ImageSide, b: np.ndarray, sb: np.ndarray, rb: np.ndarray, q: np.ndarray,
-             out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+def _margins(
+    img: _ImageSide, b: np.ndarray, sb: np.ndarray, rb: np.ndarray, q: np.ndarray, out: np.ndarray, tmp: np.ndarray
+) -> np.ndarray:
     """(..., w, w) into ``out``: matched - mismatched sums of correlations per pair; diagonal meaningless.
 
     ``b``, ``sb``, ``rb`` are the word side's matrix and row terms (any leading
@@ -149,8 +152,11 @@ def permutations(w: int, n_perm: int, seed: int, start: int = 0) -> np.ndarray:
     Permutation k depends only on (seed, k), so any split of the sequence into
     shards reproduces it exactly.
     """
-    return np.stack([np.random.default_rng([seed, k]).permutation(w) for k in range(start, start + n_perm)]) \
-        if n_perm else np.zeros((0, w), np.int64)
+    return (
+        np.stack([np.random.default_rng([seed, k]).permutation(w) for k in range(start, start + n_perm)])
+        if n_perm
+        else np.zeros((0, w), np.int64)
+    )
 
 
 @dataclass(frozen=True)
@@ -175,8 +181,9 @@ class NullDistribution:
 BATCH_ENTRIES = 1 << 20
 
 
-def permutation_null(c_img_sets, c_word: np.ndarray, n_perm: int, seed: int, start: int = 0,
-                     batch: int | None = None) -> NullDistribution:
+def permutation_null(
+    c_img_sets, c_word: np.ndarray, n_perm: int, seed: int, start: int = 0, batch: int | None = None
+) -> NullDistribution:
     """Null distribution of the set-averaged 2 vs. 2 accuracy under permuted concept labels.
 
     Each permutation ``p`` relabels the concepts on the word side, ``c_word[p][:, p]``,
@@ -217,7 +224,7 @@ def _null_passes(sets: list[np.ndarray], b: np.ndarray, perms: np.ndarray, batch
     flat = [np.ascontiguousarray(m).ravel() for m in (b, word.s, word.r)]
     out, tmp = np.empty(work.shape[1:]), np.empty(work.shape[1:])
     for lo in range(0, n_perm, batch):
-        p = perms[lo:lo + batch]
+        p = perms[lo : lo + batch]
         nb = len(p)
         bp, sbp, rbp, q = work[:, :nb]
         idx = p[:, :, None] * w + p[:, None, :]  # flat indices of m[p][:, p]
@@ -227,6 +234,5 @@ def _null_passes(sets: list[np.ndarray], b: np.ndarray, perms: np.ndarray, batch
             np.matmul(bp, img.m.T, out=q)
             margin = _margins(img, bp, sbp, rbp, q, out[:nb], tmp[:nb])
             np.einsum("...ii->...i", margin)[...] = 0  # the diagonal is not a pair
-            passes[lo:lo + nb, k] = np.count_nonzero(margin > TIE_TOLERANCE, axis=(1, 2)) // 2
+            passes[lo : lo + nb, k] = np.count_nonzero(margin > TIE_TOLERANCE, axis=(1, 2)) // 2
     return passes
-

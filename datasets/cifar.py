@@ -2,7 +2,7 @@
 
 ``cifar100:DIR`` names the training split and ``cifar100:DIR?split=test`` the test
 split, where DIR holds ``cifar-100-python/`` (or is it). Each image is addressed
-as ``<source>#<row>``; :func:`datasets.decode.read_bytes` turns such a URI into a
+as ``<source>#<row>``; :func:`semprobe.datasets.decode.read_bytes` turns such a URI into a
 PNG of that row, so every job reads CIFAR through the image-source machinery.
 Downloading (``torchvision.datasets.CIFAR100(download=True)``) happens only when
 a user asks for it: see :func:`download`.
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from analysis.errors import InputError
-from datasets.classes import CIFAR100_CLASSES
+from semprobe.analysis.errors import InputError
+from semprobe.datasets.classes import CIFAR100_CLASSES
 
 PREFIX = "cifar100:"
 SPLITS = ("train", "test")
@@ -51,8 +51,10 @@ def load_split(folder: str, split: str) -> CifarSplit:
     """One split's pickle, checked; a missing or corrupt file is an InputError naming it."""
     path = os.path.join(folder, split)
     if not os.path.isfile(path):
-        raise InputError(f"CIFAR-100 pickle not found: {path} (expected cifar-100-python/{{train,test,meta}}; "
-                         "semprobe train --download fetches it)")
+        raise InputError(
+            f"CIFAR-100 pickle not found: {path} (expected cifar-100-python/{{train,test,meta}}; "
+            "semprobe train --download fetches it)"
+        )
     try:
         with open(path, "rb") as f:
             raw = pickle.load(f, encoding="bytes")
@@ -60,8 +62,10 @@ def load_split(folder: str, split: str) -> CifarSplit:
     except Exception as err:  # a truncated or foreign pickle fails in many ways
         raise InputError(f"corrupt CIFAR-100 pickle {path}: {type(err).__name__}: {err}") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or labels.min() < 0 or labels.max() > 99:
-        raise InputError(f"corrupt CIFAR-100 pickle {path}: expected data (n, 3072) and n fine labels 0..99, "
-                         f"got data {data.shape} and {len(labels)} labels")
+        raise InputError(
+            f"corrupt CIFAR-100 pickle {path}: expected data (n, 3072) and n fine labels 0..99, "
+            f"got data {data.shape} and {len(labels)} labels"
+        )
     _check_meta(folder)
     return CifarSplit(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels)
 
@@ -90,15 +94,25 @@ def image_png(uri: str) -> bytes:
 
 
 def write(folder: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> str:
-    """Write (images (n, 32, 32, 3) uint8, fine labels (n,)) per split as ``folder/cifar-100-python``; returns that folder."""
+    """Write (images (n, 32, 32, 3) uint8, fine labels (n,)) per split as ``folder/cifar-100-python``; returns
+    that folder."""
     inner = os.path.join(folder, "cifar-100-python")
     os.makedirs(inner, exist_ok=True)
     for split, (images, labels) in (("train", train), ("test", test)):
-        data = np.asarray(images, np.uint8).transpose(0, 3, 1, 2).reshape(len(images), 3072)  # rows: red, then green, then blue
+        data = (
+            np.asarray(images, np.uint8).transpose(0, 3, 1, 2).reshape(len(images), 3072)
+        )  # rows: red, then green, then blue
         labels = [int(y) for y in labels]
         with open(os.path.join(inner, split), "wb") as f:
-            pickle.dump({b"data": data, b"fine_labels": labels, b"coarse_labels": [y // 5 for y in labels],
-                         b"filenames": [f"{i}.png".encode() for i in range(len(labels))]}, f)
+            pickle.dump(
+                {
+                    b"data": data,
+                    b"fine_labels": labels,
+                    b"coarse_labels": [y // 5 for y in labels],
+                    b"filenames": [f"{i}.png".encode() for i in range(len(labels))],
+                },
+                f,
+            )
     with open(os.path.join(inner, "meta"), "wb") as f:
         pickle.dump({b"fine_label_names": [c.encode() for c in CIFAR100_CLASSES]}, f)
     return inner

@@ -9,14 +9,14 @@ are compared on the same concepts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pyarrow as pa
 
-from datasets.classes import ClassInfo
-from datasets.schema import CONCEPTS
-from datasets.words import WordModel
+from semprobe.datasets.classes import ClassInfo
+from semprobe.datasets.schema import CONCEPTS
+from semprobe.datasets.words import WordModel
 
 
 def spellings(lemma: str) -> list[str]:
@@ -38,7 +38,9 @@ class ConceptMatch:
 
     def summary(self, n_classes: int) -> str:
         kept = len(self.concept_ids)
-        lines = [f"concepts: {kept}/{n_classes} classes matched in every word model ({100 * kept / max(n_classes, 1):.1f}%)"]
+        lines = [
+            f"concepts: {kept}/{n_classes} classes matched in every word model ({100 * kept / max(n_classes, 1):.1f}%)"
+        ]
         for cid, models in sorted(self.dropped.items()):
             lines.append(f"  dropped {cid}: no lemma found in {', '.join(models)}")
         return "\n".join(lines)

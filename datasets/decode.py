@@ -13,8 +13,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from datasets import cifar
-from datasets.images import filesystem
+from semprobe.datasets import cifar
+from semprobe.datasets.images import filesystem
 
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
@@ -39,7 +39,9 @@ def read_bytes(uri: str) -> bytes:
         raise ImageError("read", f"{type(err).__name__}: {err}") from None
 
 
-def decode_image(data: bytes, size: int, resize_size: int, interpolation: str = "bicubic", precropped: bool = False) -> np.ndarray:
+def decode_image(
+    data: bytes, size: int, resize_size: int, interpolation: str = "bicubic", precropped: bool = False
+) -> np.ndarray:
     """Decode, resize the shorter side to ``resize_size``, centre-crop ``size`` x ``size``.
 
     ``precropped``: the image is already the model's ``size`` x ``size`` input
@@ -55,7 +57,9 @@ def decode_image(data: bytes, size: int, resize_size: int, interpolation: str = 
             rgb = im.convert("RGB")
     except Exception as err:
         # PIL names the in-memory file by its address; drop it so reruns record the same message.
-        raise ImageError("decode", f"{type(err).__name__}: {re.sub(r' <[^>]* at 0x[0-9a-f]+>', '', str(err))}") from None
+        raise ImageError(
+            "decode", f"{type(err).__name__}: {re.sub(r' <[^>]* at 0x[0-9a-f]+>', '', str(err))}"
+        ) from None
     w, h = rgb.size
     if precropped:
         if (w, h) != (size, size):

@@ -3,21 +3,21 @@
 - ``DIR`` or ``s3://bucket/DIR`` / ``gs://...``: ImageFolder layout, ``<class>/<file>``,
   where ``<class>`` is an ImageNet wnid, a CIFAR-100 label name, or any name;
 - ``sample:imagenet`` / ``sample:cifar100``: the sample images inside ``foolbox``;
-- ``cifar100:DIR`` / ``cifar100:DIR?split=test``: CIFAR-100's python pickles (:mod:`datasets.cifar`);
+- ``cifar100:DIR`` / ``cifar100:DIR?split=test``: CIFAR-100's python pickles (:mod:`semprobe.datasets.cifar`);
 - ``FILE.parquet``: a manifest with columns image_id, uri, label (an ImageNet
   index, a wnid, a CIFAR-100 name or any class name).
 
 Each resolves to an :class:`ImageSource`: a table of images and the classes they
-belong to. Nothing is decoded here; see :mod:`datasets.decode`.
+belong to. Nothing is decoded here; see :mod:`semprobe.datasets.decode`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import posixpath
 import re
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,12 +25,14 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from analysis.errors import InputError
-from datasets import cifar
-from datasets.classes import CLASS_SPACES, ClassInfo, imagenet_classes
+from semprobe.analysis.errors import InputError
+from semprobe.datasets import cifar
+from semprobe.datasets.classes import CLASS_SPACES, ClassInfo, imagenet_classes
 
-IMAGE_SOURCE_CHOICES = ("a directory in ImageFolder layout (local, s3://, gs://), a manifest .parquet, sample:imagenet, sample:cifar100, "
-                        "cifar100:DIR[?split=test]")
+IMAGE_SOURCE_CHOICES = (
+    "a directory in ImageFolder layout (local, s3://, gs://), a manifest .parquet, sample:imagenet, sample:cifar100, "
+    "cifar100:DIR[?split=test]"
+)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 # The foolbox sample files are named <set>_<NN>_<class index>.<ext>.
@@ -107,7 +109,9 @@ def _cifar_source(name: str) -> ImageSource:
     labels = cifar.load_split(folder, split).labels
     source = f"{cifar.PREFIX}{folder}?split={split}"
     classes = CLASS_SPACES["cifar100"]()
-    return _build(name, "cifar100", [(f"{split}-{row:05d}", f"{source}#{row}", classes[int(c)]) for row, c in enumerate(labels)])
+    return _build(
+        name, "cifar100", [(f"{split}-{row:05d}", f"{source}#{row}", classes[int(c)]) for row, c in enumerate(labels)]
+    )
 
 
 def _folder_source(name: str, fs: pafs.FileSystem, root: str) -> ImageSource:
@@ -119,7 +123,9 @@ def _folder_source(name: str, fs: pafs.FileSystem, root: str) -> ImageSource:
         if e.type == pafs.FileType.File and len(parts) == 2 and rel.lower().endswith(IMAGE_SUFFIXES):
             files.append((rel, parts[0]))
     if not files:
-        raise InputError(f"no images in {name}: expected ImageFolder layout <class>/<file> with suffixes {', '.join(IMAGE_SUFFIXES)}")
+        raise InputError(
+            f"no images in {name}: expected ImageFolder layout <class>/<file> with suffixes {', '.join(IMAGE_SUFFIXES)}"
+        )
     prefix = name.rstrip("/")
     space, classes = _class_space(sorted({c for _, c in files}))
     return _build(name, space, [(rel, f"{prefix}/{rel}", classes[c]) for rel, c in files])
@@ -152,9 +158,7 @@ def _class_space(labels: list[str]) -> tuple[str, dict[str, ClassInfo]]:
         by_id = {c.concept_id: c for c in classes()}
         if all(label in by_id for label in labels):
             return space, {label: by_id[label] for label in labels}
-    return "folder", {
-        label: ClassInfo(label, i, None, (label.replace("_", " "),)) for i, label in enumerate(labels)
-    }
+    return "folder", {label: ClassInfo(label, i, None, (label.replace("_", " "),)) for i, label in enumerate(labels)}
 
 
 def _build(name: str, space: str, rows: list[tuple[str, str, ClassInfo]]) -> ImageSource:

@@ -85,7 +85,9 @@ def activations(dim: int, dtype: str) -> pa.Schema:
 def stamp(table: pa.Table, experiment_id: str) -> pa.Table:
     """Attach the experiment id and schema version to a table's metadata."""
     meta = dict(table.schema.metadata or {})
-    meta.update({b"semprobe.schema_version": SCHEMA_VERSION.encode(), b"semprobe.experiment_id": experiment_id.encode()})
+    meta.update(
+        {b"semprobe.schema_version": SCHEMA_VERSION.encode(), b"semprobe.experiment_id": experiment_id.encode()}
+    )
     return table.replace_schema_metadata(meta)
 
 

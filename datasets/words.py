@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from analysis.errors import InputError
+from semprobe.analysis.errors import InputError
 
 WORD_MODEL_CHOICES = "glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH"
 
@@ -140,7 +140,7 @@ def _open(path: str, binary: bool) -> IO:
         return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
     # newline="\n": a stray '\r' inside a word must not split the line.
     kw = dict(encoding="utf-8", errors="replace", newline="\n")
-    return gzip.open(path, "rt", **kw) if path.endswith(".gz") else open(path, "r", **kw)
+    return gzip.open(path, "rt", **kw) if path.endswith(".gz") else open(path, **kw)
 
 
 def _parse_header(fmt: str, path: str, line: str) -> tuple[int, int]:

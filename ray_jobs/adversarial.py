@@ -36,23 +36,27 @@ import ray
 from PIL import Image
 from ray.util import ActorPool
 
-from actors.attack import TargetedAttacker
-from analysis.errors import InputError
-from analysis.figures import adversarial_panel, one_vs_two_figure
-from datasets import schema
-from datasets.classes import imagenet_classes
-from datasets.decode import ImageError, decode_image, read_bytes
-from datasets.images import filesystem
-from ray_jobs.config import AdversarialConfig
-from ray_jobs.extract import model_actors, run_extract, shard_file
-from ray_jobs.failures import (FailureContext, check_references, one_vs_two_through_layers, prepare, save_figure)
-from ray_jobs.progress import Progress
-from ray_jobs.report import write_failure_report
-from ray_jobs.storage import Output
+from semprobe.actors.attack import TargetedAttacker
+from semprobe.analysis.errors import InputError
+from semprobe.analysis.figures import adversarial_panel, one_vs_two_figure
+from semprobe.datasets import schema
+from semprobe.datasets.classes import imagenet_classes
+from semprobe.datasets.decode import ImageError, decode_image, read_bytes
+from semprobe.datasets.images import filesystem
+from semprobe.ray_jobs.config import AdversarialConfig
+from semprobe.ray_jobs.extract import model_actors, run_extract, shard_file
+from semprobe.ray_jobs.failures import FailureContext, check_references, one_vs_two_through_layers, prepare, save_figure
+from semprobe.ray_jobs.progress import Progress
+from semprobe.ray_jobs.report import write_failure_report
+from semprobe.ray_jobs.storage import Output
 
 # What an attack task returns per pair.
-ATTACK_RESULT = pa.schema([(name, schema.ADVERSARIAL.field(name).type) for name in
-                           ("pair", "status", "note", "clean_predicted", "predicted", "linf", "png")])
+ATTACK_RESULT = pa.schema(
+    [
+        (name, schema.ADVERSARIAL.field(name).type)
+        for name in ("pair", "status", "note", "clean_predicted", "predicted", "linf", "png")
+    ]
+)
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -65,8 +69,18 @@ def _png(pixels: np.ndarray) -> bytes:
 class AttackWorker:
     """The model on one device; attacks shards of (source, target) pairs and writes each shard's results."""
 
-    def __init__(self, out: str, model: str, space: str, eps: float, step: float, steps: int, momentum: float,
-                 batch_size: int, threads: int | None):
+    def __init__(
+        self,
+        out: str,
+        model: str,
+        space: str,
+        eps: float,
+        step: float,
+        steps: int,
+        momentum: float,
+        batch_size: int,
+        threads: int | None,
+    ):
         if threads is None and not ray.get_gpu_ids():
             threads = len(os.sched_getaffinity(0))  # a CPU-only attack wants the node
         self.attacker = TargetedAttacker(model, space, eps, step, steps, momentum, threads=threads)
@@ -77,11 +91,13 @@ class AttackWorker:
         results, decoded = [], []
         for pair in pairs:
             try:
-                decoded.append((pair, decode_image(read_bytes(pair["uri"]), pre.size, pre.resize_size, pre.interpolation)))
+                decoded.append(
+                    (pair, decode_image(read_bytes(pair["uri"]), pre.size, pre.resize_size, pre.interpolation))
+                )
             except ImageError as err:  # this pair's failure, not the job's
                 results.append({"pair": pair["pair"], "status": "skipped", "note": f"{err.stage}: {err}"})
         for lo in range(0, len(decoded), self.batch_size):
-            part = decoded[lo:lo + self.batch_size]
+            part = decoded[lo : lo + self.batch_size]
             out = self.attacker(np.stack([x for _, x in part]), np.array([p["target_index"] for p, _ in part]))
             for k, (pair, _) in enumerate(part):
                 clean, predicted = int(out["clean_predicted"][k]), int(out["predicted"][k])
@@ -90,8 +106,13 @@ class AttackWorker:
                     row.update(status="skipped", note=f"source already misclassified (as class {clean})")
                 else:
                     reached = predicted == pair["target_index"]
-                    row.update(status="success" if reached else "missed", note=None if reached else f"ended at class {predicted}",
-                               predicted=predicted, linf=float(out["linf"][k]), png=_png(out["adversarial"][k]))
+                    row.update(
+                        status="success" if reached else "missed",
+                        note=None if reached else f"ended at class {predicted}",
+                        predicted=predicted,
+                        linf=float(out["linf"][k]),
+                        png=_png(out["adversarial"][k]),
+                    )
                 results.append(row)
         table = pa.Table.from_pylist(sorted(results, key=lambda r: r["pair"]), schema=ATTACK_RESULT)
         self.output.write_table(table, "adversarial", "shards", shard_file(shard))
@@ -106,8 +127,10 @@ def _read_pairs(path: str) -> list[tuple[str, str]]:
             table = pq.read_table(inner, filesystem=fs)
         elif path.endswith(".csv"):
             with fs.open_input_stream(inner) as f:
-                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types={"image_id": pa.string(),
-                                                                                            "target": pa.string()}))
+                table = pacsv.read_csv(
+                    f,
+                    convert_options=pacsv.ConvertOptions(column_types={"image_id": pa.string(), "target": pa.string()}),
+                )
         else:
             raise InputError(f"--pairs {path}: expected a .csv or .parquet file with columns image_id, target")
     except (pa.ArrowInvalid, OSError) as err:
@@ -120,20 +143,33 @@ def _read_pairs(path: str) -> list[tuple[str, str]]:
 
 def _pair(ctx: FailureContext, n: int, image: dict[str, Any], target: int, rank: int | None) -> dict[str, Any]:
     t = image["class_index"]
-    return {"pair": n, "image_id": image["image_id"], "uri": image["uri"], "source_index": t, "source_word": ctx.words[t],
-            "target_index": target, "target_word": ctx.words.get(target), "target_rank": rank,
-            "word_cosine": float(ctx.cosine([t], [target])[0]) if target in ctx.words else None}
+    return {
+        "pair": n,
+        "image_id": image["image_id"],
+        "uri": image["uri"],
+        "source_index": t,
+        "source_word": ctx.words[t],
+        "target_index": target,
+        "target_word": ctx.words.get(target),
+        "target_rank": rank,
+        "word_cosine": float(ctx.cosine([t], [target])[0]) if target in ctx.words else None,
+    }
 
 
 def chosen_pairs(cfg: AdversarialConfig, ctx: FailureContext) -> list[dict[str, Any]]:
-    """S sources (one correctly classified image per class, classes in the seed's order) x K targets by word similarity."""
-    classes = [int(c) for c in np.random.default_rng([cfg.seed, 1]).permutation(sorted(ctx.pool))][:cfg.sources]
+    """S sources (one correctly classified image per class, classes in the seed's order) x K targets by word
+    similarity."""
+    classes = [int(c) for c in np.random.default_rng([cfg.seed, 1]).permutation(sorted(ctx.pool))][: cfg.sources]
     by_id = {m["image_id"]: m for m in ctx.manifest}
     pairs = []
     for t in classes:
-        others = [c for c in sorted(ctx.words) if ctx.words[c] != ctx.words[t]]  # another class with the same word is no target
+        others = [
+            c for c in sorted(ctx.words) if ctx.words[c] != ctx.words[t]
+        ]  # another class with the same word is no target
         if cfg.targets_per_source > len(others):
-            raise InputError(f"--targets-per-source {cfg.targets_per_source} exceeds the {len(others)} classes with words")
+            raise InputError(
+                f"--targets-per-source {cfg.targets_per_source} exceeds the {len(others)} classes with words"
+            )
         cosine = ctx.cosine([t] * len(others), others)
         ranked = [others[i] for i in np.lexsort((others, -cosine))]  # most similar first; ties by class index
         picks = np.round(np.linspace(0, len(ranked) - 1, cfg.targets_per_source)).astype(int)
@@ -156,10 +192,17 @@ def requested_pairs(requested: list[tuple[str, str]], ctx: FailureContext) -> li
         else:
             row = _pair(ctx, len(pairs), image, index, None)
             row["clean_predicted"] = predicted = ctx.predictions.get(image_id)
-            note = (f"target '{target}' is not an ImageNet class (an index 0-999 or a wnid)" if index is None
-                    else f"no word vector for target class {index} in {ctx.word_model.name}" if index not in ctx.words
-                    else f"source already misclassified (as class {predicted})" if predicted != image["class_index"]
-                    else "the target is the source's own class" if index == image["class_index"] else None)
+            note = (
+                f"target '{target}' is not an ImageNet class (an index 0-999 or a wnid)"
+                if index is None
+                else f"no word vector for target class {index} in {ctx.word_model.name}"
+                if index not in ctx.words
+                else f"source already misclassified (as class {predicted})"
+                if predicted != image["class_index"]
+                else "the target is the source's own class"
+                if index == image["class_index"]
+                else None
+            )
         if note:
             row.update(status="skipped", note=note)
         pairs.append(row)
@@ -169,16 +212,27 @@ def requested_pairs(requested: list[tuple[str, str]], ctx: FailureContext) -> li
 def _attack(cfg: AdversarialConfig, output: Output, pairs: list[dict[str, Any]], log) -> dict[int, dict[str, Any]]:
     """Attack every pair not yet skipped, as actor tasks over shards; resumes from the shards on disk."""
     todo = [p for p in pairs if p.get("status") is None]
-    shards = [(i // cfg.attack_shard, todo[i:i + cfg.attack_shard]) for i in range(0, len(todo), cfg.attack_shard)]
+    shards = [(i // cfg.attack_shard, todo[i : i + cfg.attack_shard]) for i in range(0, len(todo), cfg.attack_shard)]
     done = set(output.list("adversarial", "shards", suffix=".parquet"))
     pending = [(s, rows) for s, rows in shards if shard_file(s) not in done]
     if len(pending) < len(shards):
         log(f"resuming: {len(shards) - len(pending)} of {len(shards)} attack shards already complete")
     if pending:
         actors, gpus = model_actors(cfg.actors, cfg.gpus_per_actor)
-        workers = [AttackWorker.options(num_gpus=gpus, num_cpus=cfg.cpus_per_actor).remote(
-            cfg.out, cfg.model, cfg.space, cfg.eps, cfg.step, cfg.steps, cfg.momentum, cfg.batch_size, cfg.torch_threads)
-            for _ in range(min(actors, len(pending)))]
+        workers = [
+            AttackWorker.options(num_gpus=gpus, num_cpus=cfg.cpus_per_actor).remote(
+                cfg.out,
+                cfg.model,
+                cfg.space,
+                cfg.eps,
+                cfg.step,
+                cfg.steps,
+                cfg.momentum,
+                cfg.batch_size,
+                cfg.torch_threads,
+            )
+            for _ in range(min(actors, len(pending)))
+        ]
         progress = Progress(len(todo), "pairs", f"attack {cfg.model} ({cfg.steps} steps)")
         progress.done = len(todo) - sum(len(rows) for _, rows in pending)
         for n in ActorPool(workers).map_unordered(lambda w, item: w.attack_shard.remote(*item), pending):
@@ -199,9 +253,12 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
     check_references(r)
     pairs = requested_pairs(requested, ctx) if requested is not None else chosen_pairs(cfg, ctx)
     n_misclassified = sum(1 for m in ctx.manifest if ctx.predictions.get(m["image_id"]) not in (None, m["class_index"]))
-    log(f"adversarial: {len(pairs)} (source, target) pairs from {len({p['image_id'] for p in pairs})} source images "
-        f"({n_misclassified} misclassified image(s) are no sources); eps {cfg.eps}, step {cfg.step}, {cfg.steps} steps, "
-        f"momentum {cfg.momentum} in {cfg.space}; R = {r}")
+    log(
+        f"adversarial: {len(pairs)} (source, target) pairs from {len({p['image_id'] for p in pairs})} source images "
+        f"({n_misclassified} misclassified image(s) are no sources); eps {cfg.eps}, step {cfg.step}, "
+        f"{cfg.steps} steps, "
+        f"momentum {cfg.momentum} in {cfg.space}; R = {r}"
+    )
     results = _attack(cfg, output, pairs, log)
 
     rows = []
@@ -210,30 +267,54 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
         row = {k: merged.get(k) for k in schema.ADVERSARIAL.names} | {"uri": merged.get("uri")}
         row["adversarial_id"] = f"pair-{p['pair']:05d}" if row["status"] == "success" else None
         rows.append(row)
-    table = pa.Table.from_pylist([{k: row[k] for k in schema.ADVERSARIAL.names} for row in rows], schema=schema.ADVERSARIAL)
+    table = pa.Table.from_pylist(
+        [{k: row[k] for k in schema.ADVERSARIAL.names} for row in rows], schema=schema.ADVERSARIAL
+    )
     exp = cfg.experiment_id()
     output.write_table(schema.stamp(table, exp), "adversarial.parquet")
     success = [row for row in rows if row["status"] == "success"]
     count = {s: sum(1 for row in rows if row["status"] == s) for s in ("success", "missed", "skipped")}
-    log(f"adversarial: {count['success']} reached their target, {count['missed']} did not (discarded), {count['skipped']} skipped")
-    summary = {"model": ctx.plan.model, "n_pairs": len(rows), **{f"n_{k}": v for k, v in count.items()}, "references": r,
-               "n_misclassified_images": n_misclassified,
-               "mean_linf": float(np.mean([row["linf"] for row in success])) if success else None}
+    log(
+        f"adversarial: {count['success']} reached their target, {count['missed']} did not (discarded), "
+        f"{count['skipped']} skipped"
+    )
+    summary = {
+        "model": ctx.plan.model,
+        "n_pairs": len(rows),
+        **{f"n_{k}": v for k, v in count.items()},
+        "references": r,
+        "n_misclassified_images": n_misclassified,
+        "mean_linf": float(np.mean([row["linf"] for row in success])) if success else None,
+    }
     figures, one_vs_two_rows = {}, []
     if success:
         for row in success:
             output.write_bytes(row["png"], "adversarial", "images", f"{row['adversarial_id']}.png")
-        manifest = pa.table({"image_id": [row["adversarial_id"] for row in success],
-                             "uri": [posixpath.join(output.uri, "adversarial", "images", f"{row['adversarial_id']}.png") for row in success],
-                             "label": pa.array([row["source_index"] for row in success], pa.int32())})
+        manifest = pa.table(
+            {
+                "image_id": [row["adversarial_id"] for row in success],
+                "uri": [
+                    posixpath.join(output.uri, "adversarial", "images", f"{row['adversarial_id']}.png")
+                    for row in success
+                ],
+                "label": pa.array([row["source_index"] for row in success], pa.int32()),
+            }
+        )
         output.write_table(manifest, "adversarial", "manifest.parquet")
-        ecfg = dataclasses.replace(cfg.extract_config(cfg.model, posixpath.join(cfg.out, "extract-adversarial"), [cfg.words]),
-                                   images=posixpath.join(output.uri, "adversarial", "manifest.parquet"), precropped=True).validate()
+        ecfg = dataclasses.replace(
+            cfg.extract_config(cfg.model, posixpath.join(cfg.out, "extract-adversarial"), [cfg.words]),
+            images=posixpath.join(output.uri, "adversarial", "manifest.parquet"),
+            precropped=True,
+        ).validate()
         extracted = run_extract(ecfg, log=log)
         if extracted["n_errors"]:
-            raise InputError(f"{extracted['n_errors']} adversarial image(s) failed to extract: see {ecfg.out}/errors.parquet")
-        predicted = {p["image_id"]: p["predicted_index"] for p in pq.read_table(
-            Output(ecfg.out).path("predictions"), filesystem=output.fs).to_pylist()}
+            raise InputError(
+                f"{extracted['n_errors']} adversarial image(s) failed to extract: see {ecfg.out}/errors.parquet"
+            )
+        predicted = {
+            p["image_id"]: p["predicted_index"]
+            for p in pq.read_table(Output(ecfg.out).path("predictions"), filesystem=output.fs).to_pylist()
+        }
         summary["n_extraction_agrees"] = sum(predicted[row["adversarial_id"]] == row["target_index"] for row in success)
         groups = {}
         ranks = sorted({row["target_rank"] for row in success if row["target_rank"] is not None})
@@ -242,13 +323,27 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
             groups[f"target rank {rank}{label}"] = [i for i, row in enumerate(success) if row["target_rank"] == rank]
         groups["all targets"] = list(range(len(success)))
         one_vs_two_rows = one_vs_two_through_layers(
-            cfg, output, ctx, ("extract-adversarial", "activations"), [row["adversarial_id"] for row in success],
-            [row["source_index"] for row in success], [row["target_index"] for row in success], r, groups)
-        title = f"{ctx.plan.model}: {len(success)} targeted adversarial images (MIM, eps {cfg.eps} in {cfg.space}), R = {r}"
-        figures["one_vs_two.png"] = save_figure(output, one_vs_two_figure(one_vs_two_rows, title, "source beats target", "all targets"), "one_vs_two.png")
+            cfg,
+            output,
+            ctx,
+            ("extract-adversarial", "activations"),
+            [row["adversarial_id"] for row in success],
+            [row["source_index"] for row in success],
+            [row["target_index"] for row in success],
+            r,
+            groups,
+        )
+        title = (
+            f"{ctx.plan.model}: {len(success)} targeted adversarial images (MIM, eps {cfg.eps} in {cfg.space}), R = {r}"
+        )
+        figures["one_vs_two.png"] = save_figure(
+            output, one_vs_two_figure(one_vs_two_rows, title, "source beats target", "all targets"), "one_vs_two.png"
+        )
         figures["examples.png"] = save_figure(output, _examples(ctx, rows), "examples.png")
     output.write_json(summary, "summary.json")
-    report = write_failure_report(output, cfg, "adversarial", summary, one_vs_two_rows, figures, _report_notes(cfg, rows))
+    report = write_failure_report(
+        output, cfg, "adversarial", summary, one_vs_two_rows, figures, _report_notes(cfg, rows)
+    )
     log(f"adversarial: report at {report}")
     return summary
 
@@ -260,9 +355,15 @@ def _examples(ctx: FailureContext, rows: list[dict[str, Any]], n_sources: int = 
     for image_id in dict.fromkeys(row["image_id"] for row in rows if row["status"] == "success"):
         mine = [row for row in rows if row["image_id"] == image_id and row.get("png")]
         clean = decode_image(read_bytes(mine[0]["uri"]), pre.size, pre.resize_size, pre.interpolation)
-        attacked = [(np.asarray(Image.open(io.BytesIO(row["png"])).convert("RGB")),
-                     f"-> {row['target_word']}" + (f" (rank {row['target_rank']})" if row["target_rank"] else "")
-                     + ("" if row["status"] == "success" else " missed")) for row in mine]
+        attacked = [
+            (
+                np.asarray(Image.open(io.BytesIO(row["png"])).convert("RGB")),
+                f"-> {row['target_word']}"
+                + (f" (rank {row['target_rank']})" if row["target_rank"] else "")
+                + ("" if row["status"] == "success" else " missed"),
+            )
+            for row in mine
+        ]
         panel.append((clean, f"source: {mine[0]['source_word']}", attacked))
         if len(panel) == n_sources:
             break
@@ -276,12 +377,24 @@ def _report_notes(cfg: AdversarialConfig, rows: list[dict[str, Any]]) -> list[tu
     for rank in ranks:
         mine = [row for row in rows if row["target_rank"] == rank]
         won = [row for row in mine if row["status"] == "success"]
-        per_rank.append([rank, len(mine), len(won), f"{np.mean([row['word_cosine'] for row in mine]):.3f}",
-                         f"{np.mean([row['linf'] for row in won]):.4f}" if won else "-"])
-    failed = [[row["pair"], row["image_id"], row["target_word"] or row["target_index"], row["status"], row["note"]]
-              for row in rows if row["status"] != "success"]
+        per_rank.append(
+            [
+                rank,
+                len(mine),
+                len(won),
+                f"{np.mean([row['word_cosine'] for row in mine]):.3f}",
+                f"{np.mean([row['linf'] for row in won]):.4f}" if won else "-",
+            ]
+        )
+    failed = [
+        [row["pair"], row["image_id"], row["target_word"] or row["target_index"], row["status"], row["note"]]
+        for row in rows
+        if row["status"] != "success"
+    ]
     notes = []
     if per_rank:
-        notes.append(("by target rank", ["rank", "pairs", "reached the target", "mean word cosine", "mean L-inf"], per_rank))
+        notes.append(
+            ("by target rank", ["rank", "pairs", "reached the target", "mean word cosine", "mean L-inf"], per_rank)
+        )
     notes.append((f"pairs not used ({len(failed)})", ["pair", "source image", "target", "status", "why"], failed))
     return notes

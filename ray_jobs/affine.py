@@ -35,18 +35,18 @@ import pyarrow as pa
 import ray
 from ray.util import ActorPool
 
-from actors.encoder import FeatureEncoder
-from analysis.affine import AffineMap, JointGram, fit_affine, logit_map, naive_map
-from analysis.errors import InputError
-from analysis.figures import affine_heatmap
-from datasets import schema
-from datasets.decode import ImageError, decode_image, read_bytes
-from datasets.images import resolve_images
-from ray_jobs.cluster import connect
-from ray_jobs.config import AffineConfig, write_resolved
-from ray_jobs.extract import check_same_experiment, model_actors, model_key
-from ray_jobs.progress import Progress
-from ray_jobs.storage import Output
+from semprobe.actors.encoder import FeatureEncoder
+from semprobe.analysis.affine import AffineMap, JointGram, fit_affine, logit_map, naive_map
+from semprobe.analysis.errors import InputError
+from semprobe.analysis.figures import affine_heatmap
+from semprobe.datasets import schema
+from semprobe.datasets.decode import ImageError, decode_image, read_bytes
+from semprobe.datasets.images import resolve_images
+from semprobe.ray_jobs.cluster import connect
+from semprobe.ray_jobs.config import AffineConfig, write_resolved
+from semprobe.ray_jobs.extract import check_same_experiment, model_actors, model_key
+from semprobe.ray_jobs.progress import Progress
+from semprobe.ray_jobs.storage import Output
 
 METHODS = ("affine", "logit", "naive")
 
@@ -66,7 +66,9 @@ def _decode(encoder: FeatureEncoder, rows: list[list[Any]]) -> tuple[list[np.nda
         for k, x in pixels.items():
             decoded[k].append(x)
         labels.append(label)
-    batch = [np.stack(decoded[(p.size, p.resize_size, p.interpolation)]) if labels else None for p in encoder.preprocesses]
+    batch = [
+        np.stack(decoded[(p.size, p.resize_size, p.interpolation)]) if labels else None for p in encoder.preprocesses
+    ]
     return batch, labels, errors
 
 
@@ -84,7 +86,7 @@ class AffineWorker:
 
     def train_shard(self, shard: int, rows: list[list[Any]]) -> int:
         for lo in range(0, len(rows), self.batch_size):
-            pixels, _, errors = _decode(self.encoder, rows[lo:lo + self.batch_size])
+            pixels, _, errors = _decode(self.encoder, rows[lo : lo + self.batch_size])
             self.errors += errors
             if pixels[0] is not None:
                 self.gram.add(self.encoder(pixels)[0])
@@ -101,13 +103,15 @@ class AffineWorker:
         np.savez(buf, gram=self.gram.gram, shards=np.array(self.shards), errors=np.array(json.dumps(self.errors)))
         self.output.write_bytes(buf.getvalue(), "gram", f"{self.name}.npz")
 
-    def val_shard(self, rows: list[list[Any]], heads: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]]) -> dict:
+    def val_shard(
+        self, rows: list[list[Any]], heads: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]]
+    ) -> dict:
         """Correct counts of every (method, source, target) head on one validation shard, and each CNN alone."""
         counts = {key: 0 for key in heads}
         own = [0] * len(self.encoder.names)
         n, errors = 0, []
         for lo in range(0, len(rows), self.batch_size):
-            pixels, labels, bad = _decode(self.encoder, rows[lo:lo + self.batch_size])
+            pixels, labels, bad = _decode(self.encoder, rows[lo : lo + self.batch_size])
             errors += bad
             if pixels[0] is None:
                 continue
@@ -124,7 +128,7 @@ class AffineWorker:
 
 def _shards(table: pa.Table, size: int, label: str) -> list[tuple[int, list[list[Any]]]]:
     rows = [list(r) for r in zip(table["image_id"].to_pylist(), table["uri"].to_pylist(), table[label].to_pylist())]
-    return [(i // size, rows[i:i + size]) for i in range(0, len(rows), size)]
+    return [(i // size, rows[i : i + size]) for i in range(0, len(rows), size)]
 
 
 def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
@@ -141,14 +145,20 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     names, widths = encoder.names, encoder.widths
     if cfg.ridge == 0 and train.num_rows <= max(widths):
         wide = names[int(np.argmax(widths))]
-        raise InputError(f"underdetermined: {train.num_rows} training images for the {max(widths)} features (+ bias) of {wide}; "
-                         "use more images than features, or pass --ridge L > 0")
+        raise InputError(
+            f"underdetermined: {train.num_rows} training images for the {max(widths)} features (+ bias) of {wide}; "
+            "use more images than features, or pass --ridge L > 0"
+        )
     connect(log)
     exp = cfg.experiment_id()
     write_resolved(output, cfg, models=names, widths=widths)
     actors, gpus = model_actors(cfg.actors, cfg.gpus_per_actor)
-    workers = [AffineWorker.options(num_gpus=gpus, num_cpus=cfg.cpus_per_actor).remote(
-        cfg.models, cfg.out, cfg.batch_size, cfg.checkpoint_every, cfg.torch_threads) for _ in range(actors)]
+    workers = [
+        AffineWorker.options(num_gpus=gpus, num_cpus=cfg.cpus_per_actor).remote(
+            cfg.models, cfg.out, cfg.batch_size, cfg.checkpoint_every, cfg.torch_threads
+        )
+        for _ in range(actors)
+    ]
 
     # training pass: resume from the checkpoints' shards
     parts = output.list("gram", suffix=".npz")
@@ -170,18 +180,24 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
             part = np.load(io.BytesIO(f.read()))
             gram.gram += part["gram"]
             errors += json.loads(str(part["errors"]))
-    log(f"affine: {gram.n} training images in the Gram ({len(errors)} skipped); solving {len(names) * (len(names) - 1)} maps")
+    log(
+        f"affine: {gram.n} training images in the Gram ({len(errors)} skipped); "
+        f"solving {len(names) * (len(names) - 1)} maps"
+    )
 
     heads, manifest = _solve(output, encoder, gram, cfg.ridge)
     for target in dict.fromkeys(m["target"] for m in manifest if m["method"] == "logit" and not m["full_row_rank"]):
         rank = next(m["rank"] for m in manifest if m["target"] == target and m["method"] == "logit")
-        log(f"affine: the classifier of {target} has rank {rank}, below its number of classes (fewer features than "
-            "classes): its logit maps lose information")
+        log(
+            f"affine: the classifier of {target} has rank {rank}, below its number of classes (fewer features than "
+            "classes): its logit maps lose information"
+        )
     progress = Progress(val.num_rows, "images", "affine: validation")
     totals: dict = {"counts": {k: 0 for k in heads}, "own": [0] * len(names), "n": 0, "errors": []}
     heads_ref = ray.put(heads)
-    for result in ActorPool(workers).map_unordered(lambda w, item: w.val_shard.remote(item[1], heads_ref),
-                                                   _shards(val, cfg.shard_size, "class_index")):
+    for result in ActorPool(workers).map_unordered(
+        lambda w, item: w.val_shard.remote(item[1], heads_ref), _shards(val, cfg.shard_size, "class_index")
+    ):
         for k, v in result["counts"].items():
             totals["counts"][k] += v
         totals["own"] = [a + b for a, b in zip(totals["own"], result["own"])]
@@ -199,8 +215,14 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
         buf = io.BytesIO()
         affine_heatmap(scores.to_pylist(), names, method).savefig(buf, format="png", dpi=110)
         output.write_bytes(buf.getvalue(), "figures", f"affine_{method}.png")
-    summary = {"experiment_id": exp, "models": names, "n_train": gram.n, "n_val": totals["n"],
-               "n_errors": len(errors), "maps": len(manifest)}
+    summary = {
+        "experiment_id": exp,
+        "models": names,
+        "n_train": gram.n,
+        "n_val": totals["n"],
+        "n_errors": len(errors),
+        "maps": len(manifest),
+    }
     output.write_json(summary, "summary.json")
     summary["train_shards_computed"] = len(pending)
     log(f"affine: scores in {output.uri}/affine_scores.parquet, figures in {output.uri}/figures")
@@ -228,22 +250,53 @@ def _solve(output: Output, encoder: FeatureEncoder, gram: JointGram, ridge: floa
                 np.save(buf, np.vstack([m.weight, m.bias[None]]))
                 output.write_bytes(buf.getvalue(), "affine_maps", method, file)
                 heads[(method, a, b)] = (m.weight @ w_b.T, m.bias @ w_b.T + b_b)
-                manifest.append({"source": source, "target": names[b], "method": method, "file": f"{method}/{file}",
-                                 "rcond": m.rcond, "train_r2": m.r2, "rank": getattr(m, "rank", None),
-                                 "full_row_rank": getattr(m, "full_row_rank", None)})
+                manifest.append(
+                    {
+                        "source": source,
+                        "target": names[b],
+                        "method": method,
+                        "file": f"{method}/{file}",
+                        "rcond": m.rcond,
+                        "train_r2": m.r2,
+                        "rank": getattr(m, "rank", None),
+                        "full_row_rank": getattr(m, "full_row_rank", None),
+                    }
+                )
     return heads, manifest
 
 
 def _scores(names: list[str], totals: dict, n_train: int) -> pa.Table:
     n = max(totals["n"], 1)
     own = [c / n for c in totals["own"]]
-    rows = [{"source": s, "target": s, "method": method, "accuracy": own[i], "source_accuracy": own[i],
-             "target_accuracy": own[i], "pct_change_vs_source": 0.0, "n_train": n_train, "n_val": totals["n"]}
-            for method in METHODS for i, s in enumerate(names)]
+    rows = [
+        {
+            "source": s,
+            "target": s,
+            "method": method,
+            "accuracy": own[i],
+            "source_accuracy": own[i],
+            "target_accuracy": own[i],
+            "pct_change_vs_source": 0.0,
+            "n_train": n_train,
+            "n_val": totals["n"],
+        }
+        for method in METHODS
+        for i, s in enumerate(names)
+    ]
     for (method, a, b), correct in totals["counts"].items():
         acc = correct / n
-        rows.append({"source": names[a], "target": names[b], "method": method, "accuracy": acc, "source_accuracy": own[a],
-                     "target_accuracy": own[b], "pct_change_vs_source": 100 * (acc - own[a]) / own[a] if own[a] else None,
-                     "n_train": n_train, "n_val": totals["n"]})
+        rows.append(
+            {
+                "source": names[a],
+                "target": names[b],
+                "method": method,
+                "accuracy": acc,
+                "source_accuracy": own[a],
+                "target_accuracy": own[b],
+                "pct_change_vs_source": 100 * (acc - own[a]) / own[a] if own[a] else None,
+                "n_train": n_train,
+                "n_val": totals["n"],
+            }
+        )
     rows.sort(key=lambda r: (METHODS.index(r["method"]), names.index(r["source"]), names.index(r["target"])))
     return pa.Table.from_pylist(rows, schema=schema.AFFINE_SCORES)

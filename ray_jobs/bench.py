@@ -15,14 +15,14 @@ import torch
 from scipy.stats import pearsonr
 from threadpoolctl import threadpool_limits
 
-from actors.extractor import normalise
-from actors.zoo import load_model
-from analysis.affine import JointGram, fit_affine
-from analysis.twovtwo import permutation_null, two_vs_two
-from datasets.decode import decode_image, read_bytes
-from datasets.images import resolve_images
-from ray_jobs.config import ExtractConfig
-from ray_jobs.extract import run_extract
+from semprobe.actors.extractor import normalise
+from semprobe.actors.zoo import load_model
+from semprobe.analysis.affine import JointGram, fit_affine
+from semprobe.analysis.twovtwo import permutation_null, two_vs_two
+from semprobe.datasets.decode import decode_image, read_bytes
+from semprobe.datasets.images import resolve_images
+from semprobe.ray_jobs.config import ExtractConfig
+from semprobe.ray_jobs.extract import run_extract
 
 
 def bare_forward(model: str, images: str, batch_size: int, min_images: int = 128) -> tuple[float, int]:
@@ -33,7 +33,7 @@ def bare_forward(model: str, images: str, batch_size: int, min_images: int = 128
     uris = resolve_images(images).images["uri"].to_pylist()
     pixels = np.stack([decode_image(read_bytes(u), pre.size, pre.resize_size, pre.interpolation) for u in uris])
     cpu = torch.device("cpu")
-    batches = [normalise(pixels[i:i + batch_size], pre, cpu) for i in range(0, len(pixels), batch_size)]
+    batches = [normalise(pixels[i : i + batch_size], pre, cpu) for i in range(0, len(pixels), batch_size)]
     with torch.inference_mode():
         module(batches[0])  # warm-up
         n, start = 0, time.perf_counter()
@@ -48,19 +48,43 @@ def bench_extract(args: argparse.Namespace) -> dict:
     forward_rate, n_images = bare_forward(args.model, args.images, args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or os.path.join(tmp, "extract")
-        cfg = ExtractConfig(images=args.images, model=args.model, out=out, layers="activations",
-                            batch_size=args.batch_size, shard_size=args.batch_size * 2).validate()
+        cfg = ExtractConfig(
+            images=args.images,
+            model=args.model,
+            out=out,
+            layers="activations",
+            batch_size=args.batch_size,
+            shard_size=args.batch_size * 2,
+        ).validate()
         summary = run_extract(cfg, log=lambda m: None)
     rate = summary.get("steady_images_per_second") or summary["images_per_second"]
     result = {
-        "benchmark": "extract", "model": args.model, "images": args.images, "n_images": n_images,
-        "batch_size": args.batch_size, "layers": summary["n_layers"], "cpus": len(os.sched_getaffinity(0)),
-        "gpus": torch.cuda.device_count(), "figure_images_per_s": rate, "floor_images_per_s": round(forward_rate, 3),
-        "ratio": round(rate / forward_rate, 3), "target_ratio": 0.5,
-        "end_to_end_images_per_s": summary["images_per_second"], "end_to_end_seconds": summary["seconds"],
+        "benchmark": "extract",
+        "model": args.model,
+        "images": args.images,
+        "n_images": n_images,
+        "batch_size": args.batch_size,
+        "layers": summary["n_layers"],
+        "cpus": len(os.sched_getaffinity(0)),
+        "gpus": torch.cuda.device_count(),
+        "figure_images_per_s": rate,
+        "floor_images_per_s": round(forward_rate, 3),
+        "ratio": round(rate / forward_rate, 3),
+        "target_ratio": 0.5,
+        "end_to_end_images_per_s": summary["images_per_second"],
+        "end_to_end_seconds": summary["seconds"],
     }
-    result["rows"] = [row(f"extract {args.model}, {summary['n_layers']} activation layers, {n_images} images, batch {args.batch_size}",
-                          f"{rate:.2f} img/s", f"{forward_rate:.2f} img/s (bare forward)", rate / forward_rate, ">=", 0.5)]
+    result["rows"] = [
+        row(
+            f"extract {args.model}, {summary['n_layers']} activation layers, {n_images} images, batch "
+            f"{args.batch_size}",
+            f"{rate:.2f} img/s",
+            f"{forward_rate:.2f} img/s (bare forward)",
+            rate / forward_rate,
+            ">=",
+            0.5,
+        )
+    ]
     return result
 
 
@@ -119,9 +143,14 @@ def settle(busy: float = 0.2, limit: float = 60.0) -> float:
 
 def row(benchmark: str, figure: str, floor: str, ratio: float | None, op: str | None, target: float | None) -> dict:
     """One line of the benchmark table: the figure beside its floor, their ratio and the target it must meet."""
-    return {"benchmark": benchmark, "figure": figure, "floor": floor, "ratio": None if ratio is None else _sig(ratio),
-            "target": None if target is None else f"{op} {target:g}",
-            "met": None if target is None else bool(ratio >= target if op == ">=" else ratio <= target)}
+    return {
+        "benchmark": benchmark,
+        "figure": figure,
+        "floor": floor,
+        "ratio": None if ratio is None else _sig(ratio),
+        "target": None if target is None else f"{op} {target:g}",
+        "met": None if target is None else bool(ratio >= target if op == ">=" else ratio <= target),
+    }
 
 
 def markdown(rows: list[dict]) -> str:
@@ -164,28 +193,58 @@ def bench_twovtwo(args: argparse.Namespace) -> dict:
         result = two_vs_two(a, b)
         for threads, limit in THREAD_SETTINGS.items():
             with limit():
-                seconds = _median_seconds(lambda: two_vs_two(a, b), 3)
-                floor = _median_seconds(lambda: a @ b, 5)
+                seconds = _median_seconds(lambda a=a, b=b: two_vs_two(a, b), 3)
+                floor = _median_seconds(lambda a=a, b=b: a @ b, 5)
                 start = time.perf_counter()
                 naive = [naive_pair(a, b, i, j) for i, j in pairs]
                 per_pair = (time.perf_counter() - start) / len(pairs)
-            rows.append({
-                "w": w, "threads": threads, "n_pairs": n_pairs, "accuracy": round(result.accuracy, 4),
-                "two_vs_two_s": _sig(seconds), "floor_matmul_s": _sig(floor), "ratio": _sig(seconds / floor),
-                "naive_ms_per_pair": _sig(per_pair * 1e3), "naive_extrapolated_s": _sig(per_pair * n_pairs),
-                "speedup": _sig(per_pair * n_pairs / seconds), "naive_pairs": len(pairs),
-                "naive_agree": int(sum(n == result.passed[i, j] for n, (i, j) in zip(naive, pairs))),
-            })
+            rows.append(
+                {
+                    "w": w,
+                    "threads": threads,
+                    "n_pairs": n_pairs,
+                    "accuracy": round(result.accuracy, 4),
+                    "two_vs_two_s": _sig(seconds),
+                    "floor_matmul_s": _sig(floor),
+                    "ratio": _sig(seconds / floor),
+                    "naive_ms_per_pair": _sig(per_pair * 1e3),
+                    "naive_extrapolated_s": _sig(per_pair * n_pairs),
+                    "speedup": _sig(per_pair * n_pairs / seconds),
+                    "naive_pairs": len(pairs),
+                    "naive_agree": int(sum(n == result.passed[i, j] for n, (i, j) in zip(naive, pairs))),
+                }
+            )
     table = []
     for r in rows:
         name = f"two_vs_two w={r['w']}, {r['threads']}"
-        table.append(row(name, f"{r['two_vs_two_s'] * 1e3:.3g} ms", f"{r['floor_matmul_s'] * 1e3:.3g} ms (one w x w x w matmul)",
-                         r["ratio"], "<=", 3 if r["w"] == 838 else None))
-        table.append(row(f"{name}: speedup on the naive pearsonr loop", f"{r['two_vs_two_s'] * 1e3:.3g} ms",
-                         f"{r['naive_extrapolated_s']:.4g} s (naive loop, {r['naive_agree']}/{r['naive_pairs']} pairs agree)",
-                         r["speedup"], ">=", 1000))
-    return {"benchmark": "twovtwo", "cpus": len(os.sched_getaffinity(0)), "target_ratio_w838": 3, "target_speedup": 1000,
-            "results": rows, "rows": table}
+        table.append(
+            row(
+                name,
+                f"{r['two_vs_two_s'] * 1e3:.3g} ms",
+                f"{r['floor_matmul_s'] * 1e3:.3g} ms (one w x w x w matmul)",
+                r["ratio"],
+                "<=",
+                3 if r["w"] == 838 else None,
+            )
+        )
+        table.append(
+            row(
+                f"{name}: speedup on the naive pearsonr loop",
+                f"{r['two_vs_two_s'] * 1e3:.3g} ms",
+                f"{r['naive_extrapolated_s']:.4g} s (naive loop, {r['naive_agree']}/{r['naive_pairs']} pairs agree)",
+                r["speedup"],
+                ">=",
+                1000,
+            )
+        )
+    return {
+        "benchmark": "twovtwo",
+        "cpus": len(os.sched_getaffinity(0)),
+        "target_ratio_w838": 3,
+        "target_speedup": 1000,
+        "results": rows,
+        "rows": table,
+    }
 
 
 def bench_permutations(args: argparse.Namespace) -> dict:
@@ -204,13 +263,37 @@ def bench_permutations(args: argparse.Namespace) -> dict:
             for _ in range(n):
                 np.matmul(a, b, out=out)
             floor = time.perf_counter() - start
-        rows.append({"threads": threads, "permutation_null_s": _sig(seconds), "ms_per_permutation": _sig(seconds / n * 1e3),
-                     "floor_matmuls_s": _sig(floor), "floor_ms_per_matmul": _sig(floor / n * 1e3),
-                     "ratio": _sig(seconds / floor)})
-    table = [row(f"permutation_null w={args.w}, {n} permutations, {r['threads']}", f"{r['permutation_null_s']:.4g} s",
-                 f"{r['floor_matmuls_s']:.4g} s ({n} w x w x w matmuls)", r["ratio"], "<=", 2) for r in rows]
-    return {"benchmark": "permutations", "w": args.w, "K": 1, "permutations": n, "cpus": len(os.sched_getaffinity(0)),
-            "target_ratio": 2, "results": rows, "rows": table}
+        rows.append(
+            {
+                "threads": threads,
+                "permutation_null_s": _sig(seconds),
+                "ms_per_permutation": _sig(seconds / n * 1e3),
+                "floor_matmuls_s": _sig(floor),
+                "floor_ms_per_matmul": _sig(floor / n * 1e3),
+                "ratio": _sig(seconds / floor),
+            }
+        )
+    table = [
+        row(
+            f"permutation_null w={args.w}, {n} permutations, {r['threads']}",
+            f"{r['permutation_null_s']:.4g} s",
+            f"{r['floor_matmuls_s']:.4g} s ({n} w x w x w matmuls)",
+            r["ratio"],
+            "<=",
+            2,
+        )
+        for r in rows
+    ]
+    return {
+        "benchmark": "permutations",
+        "w": args.w,
+        "K": 1,
+        "permutations": n,
+        "cpus": len(os.sched_getaffinity(0)),
+        "target_ratio": 2,
+        "results": rows,
+        "rows": table,
+    }
 
 
 THESIS_WIDTHS = [1024, 1280, 1536, 1792, 2048, 2048, 2560, 3072, 4096, 4320]  # N = 10 CNNs, widths as in the thesis
@@ -246,16 +329,36 @@ def bench_affine(args: argparse.Namespace) -> dict:
     solve = time.perf_counter() - start
     n_maps = len(widths_solve) * (len(widths_solve) - 1)
     result = {
-        "benchmark": "affine", "cpus": len(os.sched_getaffinity(0)), "gram_width": d, "batch": batch,
-        "accumulate_gflops": _sig(flops / accumulate / 1e9), "floor_matmul_gflops": _sig(flops / floor / 1e9),
-        "ratio": _sig(floor / accumulate), "target_ratio": 0.5,
-        "solve_widths": widths_solve, "solve_maps": n_maps, "solve_s": _sig(solve), "solve_s_per_map": _sig(solve / n_maps),
+        "benchmark": "affine",
+        "cpus": len(os.sched_getaffinity(0)),
+        "gram_width": d,
+        "batch": batch,
+        "accumulate_gflops": _sig(flops / accumulate / 1e9),
+        "floor_matmul_gflops": _sig(flops / floor / 1e9),
+        "ratio": _sig(floor / accumulate),
+        "target_ratio": 0.5,
+        "solve_widths": widths_solve,
+        "solve_maps": n_maps,
+        "solve_s": _sig(solve),
+        "solve_s_per_map": _sig(solve / n_maps),
     }
     result["rows"] = [
-        row(f"joint Gram accumulation, width {d}, batch {batch}", f"{result['accumulate_gflops']:.1f} GFLOP/s",
-            f"{result['floor_matmul_gflops']:.1f} GFLOP/s (float64 matmul of the same shape)", floor / accumulate, ">=", 0.5),
-        row(f"solve all {n_maps} maps, N = {len(widths_solve)}, widths {min(widths_solve)}-{max(widths_solve)}",
-            f"{solve:.1f} s ({solve / n_maps:.2f} s/map)", "-", None, None, None),
+        row(
+            f"joint Gram accumulation, width {d}, batch {batch}",
+            f"{result['accumulate_gflops']:.1f} GFLOP/s",
+            f"{result['floor_matmul_gflops']:.1f} GFLOP/s (float64 matmul of the same shape)",
+            floor / accumulate,
+            ">=",
+            0.5,
+        ),
+        row(
+            f"solve all {n_maps} maps, N = {len(widths_solve)}, widths {min(widths_solve)}-{max(widths_solve)}",
+            f"{solve:.1f} s ({solve / n_maps:.2f} s/map)",
+            "-",
+            None,
+            None,
+            None,
+        ),
     ]
     return result
 
@@ -263,14 +366,20 @@ def bench_affine(args: argparse.Namespace) -> dict:
 def bench_attack(args: argparse.Namespace) -> dict:
     """The MIM attack's cost per image-iteration (the whole attacker call: the attack, the 8-bit
     projection, the clean and final predictions) against a bare forward+backward of the same batch."""
-    from actors.attack import SPACES, TargetedAttacker
+    from semprobe.actors.attack import SPACES, TargetedAttacker
 
     cpus = len(os.sched_getaffinity(0))
-    attacker = TargetedAttacker(args.model, "[-1,1]", eps=0.3, step=0.06, steps=args.steps, momentum=1.0, device="cpu", threads=cpus)
+    attacker = TargetedAttacker(
+        args.model, "[-1,1]", eps=0.3, step=0.06, steps=args.steps, momentum=1.0, device="cpu", threads=cpus
+    )
     pre, module = attacker.preprocess, attacker.fmodel._model
     uris = resolve_images(args.images).images["uri"].to_pylist()
-    pixels = np.stack([decode_image(read_bytes(uris[i % len(uris)]), pre.size, pre.resize_size, pre.interpolation)
-                       for i in range(args.batch_size)])
+    pixels = np.stack(
+        [
+            decode_image(read_bytes(uris[i % len(uris)]), pre.size, pre.resize_size, pre.interpolation)
+            for i in range(args.batch_size)
+        ]
+    )
     targets = np.random.default_rng(0).integers(0, 1000, args.batch_size)
     attacker(pixels[:2], targets[:2])  # warm-up
 
@@ -297,21 +406,37 @@ def bench_attack(args: argparse.Namespace) -> dict:
         figures.append(_timed(lambda: results.append(attacker(pixels, targets))) / (args.steps * args.batch_size))
     floor, figure = float(np.median(floors)), float(np.median(figures))
     result = {
-        "benchmark": "attack", "model": args.model, "cpus": cpus, "gpus": torch.cuda.device_count(), "batch_size": args.batch_size,
-        "steps": args.steps, "repeats": args.repeats, "figure_ms_per_image_iteration": _sig(1e3 * figure),
-        "floor_ms_forward_backward_per_image": _sig(1e3 * floor), "ratio": _sig(figure / floor), "target_ratio": 1.3,
+        "benchmark": "attack",
+        "model": args.model,
+        "cpus": cpus,
+        "gpus": torch.cuda.device_count(),
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "figure_ms_per_image_iteration": _sig(1e3 * figure),
+        "floor_ms_forward_backward_per_image": _sig(1e3 * floor),
+        "ratio": _sig(figure / floor),
+        "target_ratio": 1.3,
         "reached_target": int(np.count_nonzero(results[-1]["predicted"] == targets)),
     }
-    result["rows"] = [row(f"MIM attack {args.model}, batch {args.batch_size}, {args.steps} steps",
-                          f"{result['figure_ms_per_image_iteration']:.1f} ms per image-iteration",
-                          f"{result['floor_ms_forward_backward_per_image']:.1f} ms per image (bare forward+backward)",
-                          figure / floor, "<=", 1.3)]
+    result["rows"] = [
+        row(
+            f"MIM attack {args.model}, batch {args.batch_size}, {args.steps} steps",
+            f"{result['figure_ms_per_image_iteration']:.1f} ms per image-iteration",
+            f"{result['floor_ms_forward_backward_per_image']:.1f} ms per image (bare forward+backward)",
+            figure / floor,
+            "<=",
+            1.3,
+        )
+    ]
     return result
 
 
-def _plain_training(model: str, images: np.ndarray, labels: np.ndarray, batch_size: int, threads: int) -> tuple[float, dict]:
+def _plain_training(
+    model: str, images: np.ndarray, labels: np.ndarray, batch_size: int, threads: int
+) -> tuple[float, dict]:
     """The trainer's steps for one epoch written out as a plain PyTorch loop: (images per second, final state dict)."""
-    from actors.trainer import to_input
+    from semprobe.actors.trainer import to_input
 
     torch.set_num_threads(threads)
     loaded = load_model(model)
@@ -324,8 +449,10 @@ def _plain_training(model: str, images: np.ndarray, labels: np.ndarray, batch_si
     torch.manual_seed(0)
     start = time.perf_counter()
     for step in range(len(images) // batch_size):
-        idx = np.sort(order[step * batch_size:(step + 1) * batch_size])
-        loss = torch.nn.functional.cross_entropy(net(to_input(torch.from_numpy(images[idx]), mean, std)), torch.from_numpy(labels[idx]))
+        idx = np.sort(order[step * batch_size : (step + 1) * batch_size])
+        loss = torch.nn.functional.cross_entropy(
+            net(to_input(torch.from_numpy(images[idx]), mean, std)), torch.from_numpy(labels[idx])
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -338,11 +465,11 @@ def bench_train(args: argparse.Namespace) -> dict:
     process costs), on the same synthetic CIFAR-100 images and batch; interleaved repeats, medians."""
     import ray
 
-    from datasets import cifar
-    from ray_jobs.cluster import connect
-    from ray_jobs.config import TrainConfig
-    from ray_jobs.storage import Output
-    from ray_jobs.train import checkpoints, run_train
+    from semprobe.datasets import cifar
+    from semprobe.ray_jobs.cluster import connect
+    from semprobe.ray_jobs.config import TrainConfig
+    from semprobe.ray_jobs.storage import Output
+    from semprobe.ray_jobs.train import checkpoints, run_train
 
     cpus = len(os.sched_getaffinity(0))
     n = args.batch_size * args.steps
@@ -361,35 +488,71 @@ def bench_train(args: argparse.Namespace) -> dict:
             settle()
             rates["ray_task"].append(ray.get(in_task.remote(args.model, images, labels, args.batch_size, cpus))[0])
             settle()
-            cfg = TrainConfig(data=f"cifar100:{data}", model=args.model, epochs=1, batch_size=args.batch_size, torch_threads=cpus,
-                              cpus_per_worker=cpus, out=os.path.join(tmp, f"run-{r}")).validate()
+            cfg = TrainConfig(
+                data=f"cifar100:{data}",
+                model=args.model,
+                epochs=1,
+                batch_size=args.batch_size,
+                torch_threads=cpus,
+                cpus_per_worker=cpus,
+                out=os.path.join(tmp, f"run-{r}"),
+            ).validate()
             run_train(cfg, log=lambda m: None)
-            seconds = pq.read_table(os.path.join(cfg.out, "training.parquet"))["epoch_seconds"][-1].as_py()  # the steps alone
+            seconds = pq.read_table(os.path.join(cfg.out, "training.parquet"))["epoch_seconds"][
+                -1
+            ].as_py()  # the steps alone
             rates["ray_train"].append(n / seconds)
             trained = torch.load(checkpoints(Output(cfg.out), cfg.run_name)[-1]["path"] + "/model.pt")
             # How far the two models ended apart: 0 when both sides ran the same steps.
             apart = max([apart] + [float((trained[k].float() - v.float()).abs().max()) for k, v in plain_state.items()])
     plain, task, figure = (float(np.median(rates[k])) for k in ("plain", "ray_task", "ray_train"))
-    result = {"benchmark": "train", "model": args.model, "cpus": cpus, "gpus": torch.cuda.device_count(), "batch_size": args.batch_size,
-              "steps": args.steps, "repeats": args.repeats, "figure_ray_train_images_per_s": _sig(figure),
-              "floor_plain_loop_images_per_s": _sig(plain), "plain_loop_in_a_ray_task_images_per_s": _sig(task),
-              "overhead": _sig(plain / figure - 1), "target_overhead": 0.10, "max_weight_difference": apart,
-              "rates": {k: [_sig(v) for v in vs] for k, vs in rates.items()}}
-    result["rows"] = [row(f"train {args.model} through Ray Train, batch {args.batch_size}, {args.steps} steps, median of {args.repeats} "
-                          f"(the plain loop in a bare Ray task: {task:.1f} img/s)", f"{figure:.1f} img/s",
-                          f"{plain:.1f} img/s (plain PyTorch loop)", figure / plain, ">=", round(1 / 1.1, 3))]
+    result = {
+        "benchmark": "train",
+        "model": args.model,
+        "cpus": cpus,
+        "gpus": torch.cuda.device_count(),
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "figure_ray_train_images_per_s": _sig(figure),
+        "floor_plain_loop_images_per_s": _sig(plain),
+        "plain_loop_in_a_ray_task_images_per_s": _sig(task),
+        "overhead": _sig(plain / figure - 1),
+        "target_overhead": 0.10,
+        "max_weight_difference": apart,
+        "rates": {k: [_sig(v) for v in vs] for k, vs in rates.items()},
+    }
+    result["rows"] = [
+        row(
+            f"train {args.model} through Ray Train, batch {args.batch_size}, {args.steps} steps, median of "
+            f"{args.repeats} "
+            f"(the plain loop in a bare Ray task: {task:.1f} img/s)",
+            f"{figure:.1f} img/s",
+            f"{plain:.1f} img/s (plain PyTorch loop)",
+            figure / plain,
+            ">=",
+            round(1 / 1.1, 3),
+        )
+    ]
     return result
 
 
-BENCHMARKS = {"extract": bench_extract, "twovtwo": bench_twovtwo, "permutations": bench_permutations, "affine": bench_affine,
-              "attack": bench_attack, "train": bench_train}
+BENCHMARKS = {
+    "extract": bench_extract,
+    "twovtwo": bench_twovtwo,
+    "permutations": bench_permutations,
+    "affine": bench_affine,
+    "attack": bench_attack,
+    "train": bench_train,
+}
 
 # --quick: every benchmark at toy sizes, to check the suite runs (a minute or two); its figures mean nothing
 QUICK = {"sizes": [30], "pairs": 20, "w": 30, "permutations": 20, "steps": 2, "repeats": 1, "widths": [64, 96, 128]}
 
 
 def with_defaults(name: str, args: argparse.Namespace) -> argparse.Namespace:
-    """The options of one benchmark: what was given, else its own defaults (training: FractalNet at the paper's batch)."""
+    """The options of one benchmark: what was given, else its own defaults (training: FractalNet at the paper's
+    batch)."""
     a = argparse.Namespace(**vars(args))
     if a.quick:
         for k, v in QUICK.items():
@@ -409,30 +572,48 @@ def machine() -> dict:
 
     import ray
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "cpus": len(os.sched_getaffinity(0)),
-            "gpus": torch.cuda.device_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "numpy": np.__version__}
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu": cpu,
+        "cpus": len(os.sched_getaffinity(0)),
+        "gpus": torch.cuda.device_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def bench_all(args: argparse.Namespace, log=print) -> dict:
-    """Every benchmark in one run; writes RESULTS/bench.json and RESULTS/bench.md (one table, every figure beside its floor)."""
+    """Every benchmark in one run; writes RESULTS/bench.json and RESULTS/bench.md (one table, every figure
+    beside its floor)."""
     results = []
     for name, fn in BENCHMARKS.items():
         waited = settle()
         log(f"bench {name} ..." + (f" (after {waited:.0f} s for the machine to settle)" if waited >= 1 else ""))
         started = time.perf_counter()
         results.append({**fn(with_defaults(name, args)), "seconds": round(time.perf_counter() - started, 1)})
-    report = {"benchmark": "all", "quick": bool(args.quick), "machine": machine(), "results": results,
-              "rows": [r for result in results for r in result["rows"]]}
+    report = {
+        "benchmark": "all",
+        "quick": bool(args.quick),
+        "machine": machine(),
+        "results": results,
+        "rows": [r for result in results for r in result["rows"]],
+    }
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "bench.json"), "w") as f:
         json.dump(report, f, indent=2)
     m = report["machine"]
-    header = (f"Measured {m['date']} on {m['cpus']} x {m['cpu']}, {m['gpus']} GPU; torch {m['torch']}, ray {m['ray']}"
-              f"{' (--quick: toy sizes, the figures mean nothing)' if args.quick else ''}. Reproduce: `semprobe bench all"
-              f"{' --images ' + args.images if args.images != 'sample:imagenet' else ''}`.\n\n")
-    from ray_jobs.scaling import projection
+    header = (
+        f"Measured {m['date']} on {m['cpus']} x {m['cpu']}, {m['gpus']} GPU; torch {m['torch']}, ray {m['ray']}"
+        f"{' (--quick: toy sizes, the figures mean nothing)' if args.quick else ''}. Reproduce: `semprobe bench all"
+        f"{' --images ' + args.images if args.images != 'sample:imagenet' else ''}`.\n\n"
+    )
+    from semprobe.ray_jobs.scaling import projection
 
     with open(os.path.join(args.results, "bench.md"), "w") as f:
         f.write(header + markdown(report["rows"]) + "\n\n" + projection(report) + "\n")

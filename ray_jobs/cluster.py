@@ -17,5 +17,7 @@ def connect(log=print) -> None:
     context = ray.init()
     resources = ray.cluster_resources()
     nodes = sum(1 for n in ray.nodes() if n["Alive"])
-    log(f"ray: running on the cluster at {context.address_info['gcs_address']}: {nodes} node(s), "
-        f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU")
+    log(
+        f"ray: running on the cluster at {context.address_info['gcs_address']}: {nodes} node(s), "
+        f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU"
+    )

@@ -11,15 +11,15 @@ import hashlib
 import json
 import os
 import posixpath
-import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+import tomllib
 import yaml
 
-from analysis.errors import InputError
-from ray_jobs.storage import STORE_FORMATS, absolute
+from semprobe.analysis.errors import InputError
+from semprobe.ray_jobs.storage import STORE_FORMATS, absolute
 
 DTYPE_CHOICES = ("float16", "float32")
 
@@ -77,10 +77,22 @@ class ExtractConfig(_Identity):
     actor_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per model actor
 
     # Fields that decide the bytes of the outputs; a rerun into the same --out must agree on them.
-    IDENTITY = ("images", "model", "layers", "words", "sets", "seed", "batch_size", "shard_size", "dtype", "store_format", "compression",
-                "precropped")
+    IDENTITY = (
+        "images",
+        "model",
+        "layers",
+        "words",
+        "sets",
+        "seed",
+        "batch_size",
+        "shard_size",
+        "dtype",
+        "store_format",
+        "compression",
+        "precropped",
+    )
 
-    def validate(self) -> "ExtractConfig":
+    def validate(self) -> ExtractConfig:
         if self.dtype not in DTYPE_CHOICES:
             raise InputError(f"unknown dtype '{self.dtype}': choose one of {', '.join(DTYPE_CHOICES)}")
         for name in ("batch_size", "shard_size"):
@@ -94,7 +106,9 @@ class ExtractConfig(_Identity):
             raise InputError(f"unknown store format '{self.store_format}': choose one of {', '.join(STORE_FORMATS)}")
         if self.compression not in STORE_FORMATS[self.store_format]:
             choices = ", ".join(STORE_FORMATS[self.store_format])
-            raise InputError(f"compression '{self.compression}' is not available for {self.store_format}: choose one of {choices}")
+            raise InputError(
+                f"compression '{self.compression}' is not available for {self.store_format}: choose one of {choices}"
+            )
         check_resources(self.actor_resources)
         self.out = absolute(self.out)
         return self
@@ -103,8 +117,12 @@ class ExtractConfig(_Identity):
 def check_resources(resources: dict[str, float]) -> None:
     """Custom Ray resources (``{accelerator = 1}``: only nodes that declare them take the actor), checked."""
     if not isinstance(resources, dict) or not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for k, v in resources.items()):
-        raise InputError(f"actor_resources must map resource names to amounts >= 0 (e.g. {{accelerator = 1}}), got {resources!r}")
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+        for k, v in resources.items()
+    ):
+        raise InputError(
+            f"actor_resources must map resource names to amounts >= 0 (e.g. {{accelerator = 1}}), got {resources!r}"
+        )
     builtin = sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"})
     if builtin:
         raise InputError(f"actor_resources names {', '.join(builtin)}: use cpus_per_actor / gpus_per_actor for those")
@@ -131,17 +149,31 @@ class _ExtractingJob(_Identity):
     actor_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per model actor
     task_cpus: float = 1  # per analysis task
 
-    def extract_config(self, model: str, out: str, words: list[str], sets: int | None = None, images: str | None = None) -> ExtractConfig:
+    def extract_config(
+        self, model: str, out: str, words: list[str], sets: int | None = None, images: str | None = None
+    ) -> ExtractConfig:
         """The extraction this job runs for ``model`` (on ``images``, default the job's), checked."""
         if int(self.permutations) < 0:
             raise InputError(f"--permutations must be at least 0, got {self.permutations}")
         if not 0 < self.alpha < 1:
             raise InputError(f"--alpha must lie between 0 and 1, got {self.alpha}")
         return ExtractConfig(
-            images=images or self.images, model=model, out=out, layers=self.layers, words=words, sets=sets, seed=self.seed,
-            batch_size=self.batch_size, shard_size=self.shard_size, dtype=self.dtype, actors=self.actors,
-            gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor, torch_threads=self.torch_threads,
-            decode_cpus=self.decode_cpus, actor_resources=self.actor_resources,
+            images=images or self.images,
+            model=model,
+            out=out,
+            layers=self.layers,
+            words=words,
+            sets=sets,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            shard_size=self.shard_size,
+            dtype=self.dtype,
+            actors=self.actors,
+            gpus_per_actor=self.gpus_per_actor,
+            cpus_per_actor=self.cpus_per_actor,
+            torch_threads=self.torch_threads,
+            decode_cpus=self.decode_cpus,
+            actor_resources=self.actor_resources,
         ).validate()
 
 
@@ -156,7 +188,8 @@ class _TwoVsTwoJob(_ExtractingJob):
     gram_compute: str = "float32"  # precision of each chunk's Gram product (sums are float64)
 
     def check_two_vs_two(self, model: str) -> None:
-        """Check the analysis options (``words`` may be a comma-separated string) and those of ``model``'s extraction."""
+        """Check the analysis options (``words`` may be a comma-separated string) and those of ``model``'s
+        extraction."""
         self.words = names(self.words, "words")
         for name in ("sets", "permutation_shard", "gram_memory_mb"):
             if int(getattr(self, name)) < 1:
@@ -173,9 +206,20 @@ class RunConfig(_TwoVsTwoJob):
     models: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
     out: str | None = None  # None: runs/<experiment id>, so the same command resumes
 
-    IDENTITY = ("images", "models", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size", "dtype")
+    IDENTITY = (
+        "images",
+        "models",
+        "words",
+        "sets",
+        "layers",
+        "permutations",
+        "seed",
+        "batch_size",
+        "shard_size",
+        "dtype",
+    )
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         self.models = names(self.models, "models")
         self.check_two_vs_two(self.models[0])
         self.out = absolute(self.out or os.path.join("runs", self.experiment_id()))
@@ -195,9 +239,21 @@ class DynamicsConfig(_TwoVsTwoJob):
     poll_seconds: float = 30
     out: str | None = None  # None: RUN/dynamics for one run, runs/dynamics-<experiment id> for several
 
-    IDENTITY = ("runs", "images", "splits", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size", "dtype")
+    IDENTITY = (
+        "runs",
+        "images",
+        "splits",
+        "words",
+        "sets",
+        "layers",
+        "permutations",
+        "seed",
+        "batch_size",
+        "shard_size",
+        "dtype",
+    )
 
-    def validate(self) -> "DynamicsConfig":
+    def validate(self) -> DynamicsConfig:
         self.runs = [absolute(r) for r in names(self.runs, "runs")]
         self.splits = names(self.splits, "splits")
         bad = [s for s in self.splits if s not in ("train", "test")]
@@ -205,8 +261,14 @@ class DynamicsConfig(_TwoVsTwoJob):
             raise InputError(f"unknown split '{bad[0]}': choose train, test or train,test")
         if self.poll_seconds <= 0:
             raise InputError(f"--poll-seconds must be positive, got {self.poll_seconds}")
-        self.check_two_vs_two("fractalnet")  # the analysis options; each checkpoint's own model is checked when it is planned
-        default = posixpath.join(self.runs[0], "dynamics") if len(self.runs) == 1 else os.path.join("runs", f"dynamics-{self.experiment_id()}")
+        self.check_two_vs_two(
+            "fractalnet"
+        )  # the analysis options; each checkpoint's own model is checked when it is planned
+        default = (
+            posixpath.join(self.runs[0], "dynamics")
+            if len(self.runs) == 1
+            else os.path.join("runs", f"dynamics-{self.experiment_id()}")
+        )
         self.out = absolute(self.out or default)
         return self
 
@@ -215,7 +277,9 @@ class DynamicsConfig(_TwoVsTwoJob):
 class AffineConfig(_Identity):
     """``semprobe affine``: least-squares maps between the penultimate features of every pair of CNNs."""
 
-    models: list[str] = field(default_factory=lambda: ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    models: list[str] = field(
+        default_factory=lambda: ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    )
     train: str = "sample:imagenet"
     val: str = "sample:imagenet"
     max_train: int | None = None  # a seeded sample of the training images
@@ -233,7 +297,7 @@ class AffineConfig(_Identity):
     # The ridge only changes the solve: a rerun with another ridge reuses the accumulated Gram.
     IDENTITY = ("models", "train", "val", "max_train", "seed", "shard_size")
 
-    def validate(self) -> "AffineConfig":
+    def validate(self) -> AffineConfig:
         if isinstance(self.models, str):
             self.models = [m.strip() for m in self.models.split(",") if m.strip()]
         if len(self.models) < 2 or len(set(self.models)) != len(self.models):
@@ -275,7 +339,18 @@ class MisclassifiedConfig(_FailureJob):
     """``semprobe misclassified``: misclassification severity and 1 vs. 2 through the layers."""
 
     COMMAND = "misclassified"
-    IDENTITY = ("images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size", "dtype")
+    IDENTITY = (
+        "images",
+        "model",
+        "words",
+        "layers",
+        "references",
+        "permutations",
+        "seed",
+        "batch_size",
+        "shard_size",
+        "dtype",
+    )
 
 
 def _space(value: str) -> str:
@@ -298,20 +373,45 @@ class AdversarialConfig(_FailureJob):
     attack_shard: int = 16  # (source, target) pairs per task
 
     COMMAND = "adversarial"
-    IDENTITY = ("images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size", "dtype",
-                "sources", "targets_per_source", "pairs", "eps", "step", "steps", "momentum", "space", "attack_shard")
+    IDENTITY = (
+        "images",
+        "model",
+        "words",
+        "layers",
+        "references",
+        "permutations",
+        "seed",
+        "batch_size",
+        "shard_size",
+        "dtype",
+        "sources",
+        "targets_per_source",
+        "pairs",
+        "eps",
+        "step",
+        "steps",
+        "momentum",
+        "space",
+        "attack_shard",
+    )
 
-    def validate(self) -> "AdversarialConfig":
-        from actors.attack import SPACES
+    def validate(self) -> AdversarialConfig:
+        from semprobe.actors.attack import SPACES
 
         self.space = _space(str(self.space))
         if self.space not in SPACES:
             raise InputError(f"unknown input space '{self.space}': choose one of {', '.join(SPACES)}")
         low, high = SPACES[self.space]
         if not 0 < self.eps <= high - low:
-            raise InputError(f"--eps {self.eps} lies outside the range of the input space {self.space}: choose 0 < eps <= {high - low:g}")
+            raise InputError(
+                f"--eps {self.eps} lies outside the range of the input space {self.space}: choose 0 < eps <= "
+                f"{high - low:g}"
+            )
         if not 0 < self.step <= high - low:
-            raise InputError(f"--step {self.step} lies outside the range of the input space {self.space}: choose 0 < step <= {high - low:g}")
+            raise InputError(
+                f"--step {self.step} lies outside the range of the input space {self.space}: choose 0 < step <= "
+                f"{high - low:g}"
+            )
         for name in ("sources", "targets_per_source", "steps", "attack_shard"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -353,12 +453,24 @@ class TrainConfig(_Identity):
     permutations: int | None = None
 
     # The rest (checkpoint spacing, resources) may change when a run is resumed.
-    IDENTITY = ("data", "model", "epochs", "lr", "momentum", "weight_decay", "batch_size", "permute_labels",
-                "until_train_accuracy", "seed")
+    IDENTITY = (
+        "data",
+        "model",
+        "epochs",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "batch_size",
+        "permute_labels",
+        "until_train_accuracy",
+        "seed",
+    )
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         if not self.data.startswith("cifar100:"):
-            raise InputError(f"--data '{self.data}' is not a CIFAR-100 source: pass cifar100:DIR (the folder of cifar-100-python/)")
+            raise InputError(
+                f"--data '{self.data}' is not a CIFAR-100 source: pass cifar100:DIR (the folder of cifar-100-python/)"
+            )
         for name in ("epochs", "every", "batch_size", "workers"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -378,7 +490,7 @@ class TrainConfig(_Identity):
     def run_name(self) -> str:
         return "permuted" if self.permute_labels else "normal"
 
-    def dynamics_config(self) -> "DynamicsConfig":
+    def dynamics_config(self) -> DynamicsConfig:
         """The analysis of this run's checkpoints as training reports them."""
         chosen = {k: getattr(self, k) for k in ("sets", "layers", "permutations") if getattr(self, k) is not None}
         return DynamicsConfig(runs=[self.out], words=self.words, seed=self.seed, follow=True, **chosen).validate()
@@ -386,28 +498,37 @@ class TrainConfig(_Identity):
 
 def write_resolved(output, cfg, **extra: Any) -> None:
     """OUT/config.json: the fully resolved config, its identity and experiment id; unwritable output is bad input."""
-    from datasets.schema import SCHEMA_VERSION
+    from semprobe.datasets.schema import SCHEMA_VERSION
 
-    resolved = {"identity": cfg.identity(), "config": cfg.to_dict(), "experiment_id": cfg.experiment_id(),
-                "schema_version": SCHEMA_VERSION, **extra}
+    resolved = {
+        "identity": cfg.identity(),
+        "config": cfg.to_dict(),
+        "experiment_id": cfg.experiment_id(),
+        "schema_version": SCHEMA_VERSION,
+        **extra,
+    }
     try:
         output.write_json(resolved, "config.json")
     except OSError as err:
         raise InputError(f"cannot write to {cfg.out}: {err}") from None
 
 
-PACKAGED_CONFIGS = "ray_jobs.configs"
+PACKAGED_CONFIGS = "semprobe.ray_jobs.configs"
 
 
 def packaged_configs() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in resources.files(PACKAGED_CONFIGS).iterdir() if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml") for p in resources.files(PACKAGED_CONFIGS).iterdir() if p.name.endswith(".toml")
+    )
 
 
 def _read_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         packaged = resources.files(PACKAGED_CONFIGS) / f"{path}.toml"
         if not packaged.is_file():
-            raise InputError(f"config file not found: {path} (or name a packaged config: {', '.join(packaged_configs())})")
+            raise InputError(
+                f"config file not found: {path} (or name a packaged config: {', '.join(packaged_configs())})"
+            )
         return tomllib.loads(packaged.read_text())
     with open(path, "rb") as f:
         raw = f.read()
@@ -421,7 +542,8 @@ def _read_file(path: str) -> dict[str, Any]:
 
 
 def load_config(cls, path: str | None, overrides: dict[str, Any]):
-    """Defaults, then the file at ``path`` (TOML, YAML or JSON; or a packaged config's name), then the non-None ``overrides``."""
+    """Defaults, then the file at ``path`` (TOML, YAML or JSON; or a packaged config's name), then the non-None
+    ``overrides``."""
     values = _read_file(path) if path else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in dataclasses.fields(cls)}

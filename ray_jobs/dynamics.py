@@ -32,16 +32,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.trainer import MODEL_FILE
-from analysis.errors import InputError
-from analysis.figures import training_dynamics
-from datasets import cifar, schema
-from ray_jobs.cluster import connect
-from ray_jobs.config import DynamicsConfig, write_resolved
-from ray_jobs.extract import check_same_experiment, model_key, plan_extraction, run_extract
-from ray_jobs.run import Analysis, adjust_family, plan_model, reduce_scores
-from ray_jobs.storage import Output
-from ray_jobs.train import checkpoints
+from semprobe.actors.trainer import MODEL_FILE
+from semprobe.analysis.errors import InputError
+from semprobe.analysis.figures import training_dynamics
+from semprobe.datasets import cifar, schema
+from semprobe.ray_jobs.cluster import connect
+from semprobe.ray_jobs.config import DynamicsConfig, write_resolved
+from semprobe.ray_jobs.extract import check_same_experiment, model_key, plan_extraction, run_extract
+from semprobe.ray_jobs.run import Analysis, adjust_family, plan_model, reduce_scores
+from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.train import checkpoints
 
 
 @dataclass
@@ -105,17 +105,29 @@ class Dynamics:
                 for split in self.cfg.splits:
                     key = f"{run.label}/{split}/epoch-{c['epoch']:04d}"
                     if key not in self.done:
-                        items.append({"key": key, "run": run, "split": split, "epoch": c["epoch"], "train_error": c["train_error"],
-                                      "test_error": c["test_error"], "model": f"{run.arch}:checkpoint={posixpath.join(c['path'], MODEL_FILE)}"})
+                        items.append(
+                            {
+                                "key": key,
+                                "run": run,
+                                "split": split,
+                                "epoch": c["epoch"],
+                                "train_error": c["train_error"],
+                                "test_error": c["test_error"],
+                                "model": f"{run.arch}:checkpoint={posixpath.join(c['path'], MODEL_FILE)}",
+                            }
+                        )
         return items
 
     def analyse(self, items: list[dict[str, Any]]) -> None:
-        """Extract each checkpoint on its split's images, then run its tests; each extraction's tests start as it ends."""
+        """Extract each checkpoint on its split's images, then run its tests; each extraction's tests start as
+        it ends."""
         cfg = self.cfg
         analysis = Analysis(cfg, self.output)
         for n, item in enumerate(items, 1):
             images = split_source(cfg.images or item["run"].data, item["split"])
-            ecfg = cfg.extract_config(item["model"], posixpath.join(cfg.out, "extract", item["key"]), cfg.words, cfg.sets, images=images)
+            ecfg = cfg.extract_config(
+                item["model"], posixpath.join(cfg.out, "extract", item["key"]), cfg.words, cfg.sets, images=images
+            )
             self.log(f"dynamics: checkpoint {n}/{len(items)}: {item['key']}")
             quiet = n > 1 or self.done  # the concept coverage is the same for every checkpoint: say it once
             plan = plan_extraction(ecfg)
@@ -132,15 +144,27 @@ class Dynamics:
         """The dynamics table of every checkpoint analysed so far, BHY over all of them."""
         rows = []
         for key, item in sorted(self.done.items(), key=lambda kv: (kv[1]["run"].label, kv[1]["split"], kv[1]["epoch"])):
-            tests = [self.output.read_table("tests", key, model_key(wm), f"{model_key(layer)}.parquet")
-                     for wm in self.cfg.words for layer, _ in item["layers"]]
+            tests = [
+                self.output.read_table("tests", key, model_key(wm), f"{model_key(layer)}.parquet")
+                for wm in self.cfg.words
+                for layer, _ in item["layers"]
+            ]
             scores, _ = reduce_scores(tests, self.cfg.alpha)
-            extra = {"run": item["run"].uri, "run_name": item["run"].name, "epoch": item["epoch"], "split": item["split"],
-                     "train_error": item["train_error"], "test_error": item["test_error"], "run_label": item["run"].label}
+            extra = {
+                "run": item["run"].uri,
+                "run_name": item["run"].name,
+                "epoch": item["epoch"],
+                "split": item["split"],
+                "train_error": item["train_error"],
+                "test_error": item["test_error"],
+                "run_label": item["run"].label,
+            }
             rows += [{**r, **extra} for r in scores.to_pylist()]
         adjust_family(rows, self.cfg.alpha)
         exp = self.cfg.experiment_id()
-        self.output.write_table(schema.stamp(pa.Table.from_pylist(rows, schema=schema.DYNAMICS), exp), "dynamics.parquet")
+        self.output.write_table(
+            schema.stamp(pa.Table.from_pylist(rows, schema=schema.DYNAMICS), exp), "dynamics.parquet"
+        )
         errors = {run.label: run.errors() for run in self.runs}
         for wm in self.cfg.words:
             buf = io.BytesIO()
@@ -150,12 +174,15 @@ class Dynamics:
 
 
 def run_dynamics(cfg: DynamicsConfig, log=print, stop: threading.Event | None = None) -> dict[str, Any]:
-    """Analyse (or resume) every checkpoint of the runs; with cfg.follow, until the runs (or ``stop``) say training is over."""
+    """Analyse (or resume) every checkpoint of the runs; with cfg.follow, until the runs (or ``stop``) say
+    training is over."""
     output = Output(cfg.out)
     check_same_experiment(output, cfg)
     runs = open_runs(cfg.runs)
     if cfg.images is not None and not cfg.images.startswith(cifar.PREFIX):
-        raise InputError(f"--images {cfg.images}: dynamics reads CIFAR-100 (cifar100:DIR), the data the runs were trained on")
+        raise InputError(
+            f"--images {cfg.images}: dynamics reads CIFAR-100 (cifar100:DIR), the data the runs were trained on"
+        )
     if not cfg.follow and not any(run.checkpoints() for run in runs):
         raise InputError(f"no checkpoints in {', '.join(cfg.runs)} yet: train first, or pass --follow to wait for them")
     connect(log)
@@ -178,9 +205,17 @@ def run_dynamics(cfg: DynamicsConfig, log=print, stop: threading.Event | None = 
     if table is None:
         raise InputError(f"no checkpoint of {', '.join(cfg.runs)} was reported before training ended")
     means = table.filter(pc.is_null(table["set_index"])).to_pylist()
-    summary = {"experiment_id": cfg.experiment_id(), "runs": cfg.runs, "checkpoints": len(job.done) // len(cfg.splits),
-               "n_tests": len(means), "n_significant": sum(bool(r["significant"]) for r in means)}
+    summary = {
+        "experiment_id": cfg.experiment_id(),
+        "runs": cfg.runs,
+        "checkpoints": len(job.done) // len(cfg.splits),
+        "n_tests": len(means),
+        "n_significant": sum(bool(r["significant"]) for r in means),
+    }
     output.write_json(summary, "summary.json")
-    log(f"dynamics: {summary['checkpoints']} checkpoint(s) x {len(cfg.splits)} split(s) in {time.monotonic() - started:.0f} s; "
-        f"figure: {output.path('figures', f'dynamics-{model_key(cfg.words[0])}.png')}")
+    log(
+        f"dynamics: {summary['checkpoints']} checkpoint(s) x {len(cfg.splits)} split(s) "
+        f"in {time.monotonic() - started:.0f} s; "
+        f"figure: {output.path('figures', f'dynamics-{model_key(cfg.words[0])}.png')}"
+    )
     return {**summary, "tests_computed": job.tests_computed, "gram_tasks": job.gram_tasks}

@@ -40,20 +40,20 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from actors.extractor import ActivationExtractor
-from actors.layers import Layer, LayerCatalog
-from actors.zoo import Preprocess, load_model
-from analysis.errors import InputError
-from datasets import schema
-from datasets.concepts import ConceptMatch, match_concepts
-from datasets.decode import ImageError, decode_image, read_bytes
-from datasets.image_sets import draw_image_sets
-from datasets.images import ImageSource, resolve_images
-from datasets.words import load_word_model
-from ray_jobs.cluster import connect
-from ray_jobs.config import ExtractConfig, write_resolved
-from ray_jobs.progress import Progress
-from ray_jobs.storage import Output, TableFileWriter
+from semprobe.actors.extractor import ActivationExtractor
+from semprobe.actors.layers import Layer, LayerCatalog
+from semprobe.actors.zoo import Preprocess, load_model
+from semprobe.analysis.errors import InputError
+from semprobe.datasets import schema
+from semprobe.datasets.concepts import ConceptMatch, match_concepts
+from semprobe.datasets.decode import ImageError, decode_image, read_bytes
+from semprobe.datasets.image_sets import draw_image_sets
+from semprobe.datasets.images import ImageSource, resolve_images
+from semprobe.datasets.words import load_word_model
+from semprobe.ray_jobs.cluster import connect
+from semprobe.ray_jobs.config import ExtractConfig, write_resolved
+from semprobe.ray_jobs.progress import Progress
+from semprobe.ray_jobs.storage import Output, TableFileWriter
 
 
 def model_key(name: str) -> str:
@@ -130,7 +130,9 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
 # --- the two Ray stages -------------------------------------------------------------------------
 
 
-def decode_shard(batch: pa.Table, size: int, resize_size: int, interpolation: str, precropped: bool) -> dict[str, np.ndarray]:
+def decode_shard(
+    batch: pa.Table, size: int, resize_size: int, interpolation: str, precropped: bool
+) -> dict[str, np.ndarray]:
     """CPU stage: read and decode one shard's images; failures become error records."""
     (shard,), (images,) = batch["shard"].to_pylist(), batch["images"].to_pylist()
     kept, pixels, errors = [], [], []
@@ -156,8 +158,17 @@ class ShardWriter:
     it; nothing lands under its final name until :meth:`commit`.
     """
 
-    def __init__(self, output: Output, model: str, key: str, layers: list[Layer], dtype: str, fmt: str,
-                 compression: str, shard: int):
+    def __init__(
+        self,
+        output: Output,
+        model: str,
+        key: str,
+        layers: list[Layer],
+        dtype: str,
+        fmt: str,
+        compression: str,
+        shard: int,
+    ):
         self.model, self.layers = model, layers
         self.schemas = [schema.activations(layer.dim, dtype) for layer in layers]
         self.writers = [
@@ -174,9 +185,14 @@ class ShardWriter:
             values = pa.FixedShapeTensorArray.from_numpy_ndarray(captured[layer.name])
             table = pa.table(
                 [
-                    pa.array(ids, pa.string()), pa.array(concepts, pa.string()), pa.array(sets, pa.int32()),
-                    pa.repeat(self.model, n), pa.repeat(layer.name, n), pa.repeat(pa.scalar(layer.layer_index, pa.int32()), n),
-                    pa.array([list(layer.shape)] * n, pa.list_(pa.int32())), values,
+                    pa.array(ids, pa.string()),
+                    pa.array(concepts, pa.string()),
+                    pa.array(sets, pa.int32()),
+                    pa.repeat(self.model, n),
+                    pa.repeat(layer.name, n),
+                    pa.repeat(pa.scalar(layer.layer_index, pa.int32()), n),
+                    pa.array([list(layer.shape)] * n, pa.list_(pa.int32())),
+                    values,
                 ],
                 schema=s,
             )
@@ -200,8 +216,18 @@ class ShardWriter:
 class ExtractShards:
     """Actor stage: run the extractor over a shard in model batches and store the results."""
 
-    def __init__(self, out: str, model: str, layers: str, dtype: str, store_format: str, compression: str,
-                 batch_size: int, gpus: float, torch_threads: int | None):
+    def __init__(
+        self,
+        out: str,
+        model: str,
+        layers: str,
+        dtype: str,
+        store_format: str,
+        compression: str,
+        batch_size: int,
+        gpus: float,
+        torch_threads: int | None,
+    ):
         if torch_threads is None and not gpus:
             # Ray pins OMP_NUM_THREADS to the actor's CPU request; a CPU-only forward pass wants the node.
             torch_threads = len(os.sched_getaffinity(0))
@@ -224,11 +250,13 @@ class ExtractShards:
         m = self.extractor
         predictions = []
         if rows:
-            writer = ShardWriter(self.output, m.model_name, self.key, m.layers, self.dtype, self.format, self.compression, shard)
+            writer = ShardWriter(
+                self.output, m.model_name, self.key, m.layers, self.dtype, self.format, self.compression, shard
+            )
             try:
                 for start in range(0, len(rows), self.batch_size):
-                    part = rows[start:start + self.batch_size]
-                    out = m({"pixels": pixels[start:start + self.batch_size]})
+                    part = rows[start : start + self.batch_size]
+                    out = m({"pixels": pixels[start : start + self.batch_size]})
                     writer.write(part, out)
                     predictions.extend(zip(out["predicted_index"].tolist(), out["predicted_prob"].tolist()))
                 writer.commit()
@@ -237,7 +265,14 @@ class ExtractShards:
                 raise
             ids, concepts, sets = (list(col) for col in zip(*rows))
             table = pa.table(
-                [ids, concepts, sets, [m.model_name] * len(rows), [p for p, _ in predictions], [q for _, q in predictions]],
+                [
+                    ids,
+                    concepts,
+                    sets,
+                    [m.model_name] * len(rows),
+                    [p for p, _ in predictions],
+                    [q for _, q in predictions],
+                ],
                 schema=schema.PREDICTIONS,
             )
             self.output.write_table(table, "predictions", self.key, shard_file(shard))
@@ -257,8 +292,14 @@ def model_actors(actors: int | None, gpus_per_actor: float | None) -> tuple[int,
 
 def _resources(cfg: ExtractConfig) -> dict[str, Any]:
     actors, gpus = model_actors(cfg.actors, cfg.gpus_per_actor)
-    return {"actors": actors, "gpus_per_actor": gpus, "cpus_per_actor": cfg.cpus_per_actor,
-            "torch_threads": cfg.torch_threads, "decode_cpus": cfg.decode_cpus, "actor_resources": cfg.actor_resources}
+    return {
+        "actors": actors,
+        "gpus_per_actor": gpus,
+        "cpus_per_actor": cfg.cpus_per_actor,
+        "torch_threads": cfg.torch_threads,
+        "decode_cpus": cfg.decode_cpus,
+        "actor_resources": cfg.actor_resources,
+    }
 
 
 def check_same_experiment(output: Output, cfg) -> None:
@@ -269,14 +310,23 @@ def check_same_experiment(output: Output, cfg) -> None:
     differ = [k for k, v in cfg.identity().items() if before.get(k) != v]
     if differ:
         raise InputError(
-            f"{output.uri} holds another experiment (it differs in {', '.join(differ)}): use a new --out or the same options"
+            f"{output.uri} holds another experiment (it differs in {', '.join(differ)}): use a new --out or the "
+            f"same options"
         )
 
 
 def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any]) -> None:
     cfg, exp = plan.config, plan.config.experiment_id()
-    write_resolved(output, cfg, model=plan.model, model_key=plan.model_key, preprocess=vars(plan.preprocess),
-                   resources=resources, layers=[layer.name for layer in plan.layers], class_space=plan.source.class_space)
+    write_resolved(
+        output,
+        cfg,
+        model=plan.model,
+        model_key=plan.model_key,
+        preprocess=vars(plan.preprocess),
+        resources=resources,
+        layers=[layer.name for layer in plan.layers],
+        class_space=plan.source.class_space,
+    )
     if plan.concepts is not None:
         output.write_table(schema.stamp(plan.concepts.table, exp), "concepts.parquet")
     output.write_table(schema.stamp(plan.manifest, exp), "manifest.parquet")
@@ -325,18 +375,35 @@ def run_extract(cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = Non
         pre = plan.preprocess
         ds = ray.data.from_arrow([pending.slice(i, 1) for i in range(pending.num_rows)])
         ds = ds.map_batches(
-            decode_shard, batch_size=1, batch_format="pyarrow", num_cpus=resources["decode_cpus"],
-            fn_kwargs={"size": pre.size, "resize_size": pre.resize_size, "interpolation": pre.interpolation,
-                       "precropped": cfg.precropped},
+            decode_shard,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=resources["decode_cpus"],
+            fn_kwargs={
+                "size": pre.size,
+                "resize_size": pre.resize_size,
+                "interpolation": pre.interpolation,
+                "precropped": cfg.precropped,
+            },
         )
         ds = ds.map_batches(
-            ExtractShards, batch_size=1, batch_format="numpy",
+            ExtractShards,
+            batch_size=1,
+            batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
-            num_gpus=resources["gpus_per_actor"], num_cpus=resources["cpus_per_actor"], resources=resources["actor_resources"],
+            num_gpus=resources["gpus_per_actor"],
+            num_cpus=resources["cpus_per_actor"],
+            resources=resources["actor_resources"],
             fn_constructor_kwargs={
-                "out": cfg.out, "model": cfg.model, "layers": cfg.layers, "dtype": cfg.dtype,
-                "store_format": cfg.store_format, "compression": cfg.compression, "batch_size": cfg.batch_size,
-                "gpus": resources["gpus_per_actor"], "torch_threads": resources["torch_threads"],
+                "out": cfg.out,
+                "model": cfg.model,
+                "layers": cfg.layers,
+                "dtype": cfg.dtype,
+                "store_format": cfg.store_format,
+                "compression": cfg.compression,
+                "batch_size": cfg.batch_size,
+                "gpus": resources["gpus_per_actor"],
+                "torch_threads": resources["torch_threads"],
             },
         )
         rows = iter(ds.iter_rows())
@@ -365,7 +432,10 @@ def run_extract(cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = Non
 
 def finish(output: Output, plan: ExtractionPlan, computed: int, elapsed: float) -> dict[str, Any]:
     """Gather the shard records into errors.parquet and summary.json."""
-    records = [output.read_json("shards", plan.model_key, name) for name in output.list("shards", plan.model_key, suffix=".json")]
+    records = [
+        output.read_json("shards", plan.model_key, name)
+        for name in output.list("shards", plan.model_key, suffix=".json")
+    ]
     errors = sorted((e for r in records for e in r["errors"]), key=lambda e: e["image_id"])
     table = pa.Table.from_pylist(errors, schema=schema.ERRORS)
     output.write_table(schema.stamp(table, plan.config.experiment_id()), "errors.parquet")
@@ -378,9 +448,19 @@ def finish(output: Output, plan: ExtractionPlan, computed: int, elapsed: float) 
         labelled = joined.num_rows
         correct = pc.sum(pc.equal(joined["predicted_index"], joined["class_index"])).as_py() or 0
     summary = {
-        "model": plan.model, "n_images": n_images, "n_errors": len(errors), "n_layers": len(plan.layers),
-        "n_shards": len(records), "shards_computed": computed, "top1_correct": correct, "n_labelled": labelled,
-        "seconds": round(elapsed, 3), "images_per_second": round(n_images / elapsed, 3) if computed and elapsed else None,
+        "model": plan.model,
+        "n_images": n_images,
+        "n_errors": len(errors),
+        "n_layers": len(plan.layers),
+        "n_shards": len(records),
+        "shards_computed": computed,
+        "top1_correct": correct,
+        "n_labelled": labelled,
+        "seconds": round(elapsed, 3),
+        "images_per_second": round(n_images / elapsed, 3) if computed and elapsed else None,
     }
-    output.write_json({k: v for k, v in summary.items() if k not in ("seconds", "images_per_second", "shards_computed")}, "summary.json")
+    output.write_json(
+        {k: v for k, v in summary.items() if k not in ("seconds", "images_per_second", "shards_computed")},
+        "summary.json",
+    )
     return summary

@@ -28,20 +28,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from analysis.errors import InputError
-from analysis.figures import one_vs_two_figure
-from analysis.onevtwo import one_vs_two, one_vs_two_null
-from analysis.stats import bhy, permutation_p_value
-from datasets import schema
-from datasets.classes import imagenet_classes
-from datasets.concepts import match_concepts
-from datasets.words import load_word_model
-from ray_jobs.cluster import connect
-from ray_jobs.config import MisclassifiedConfig, write_resolved
-from ray_jobs.extract import ExtractionPlan, check_same_experiment, plan_extraction, run_extract
-from ray_jobs.report import write_failure_report
-from ray_jobs.run import layer_views
-from ray_jobs.storage import Output
+from semprobe.analysis.errors import InputError
+from semprobe.analysis.figures import one_vs_two_figure
+from semprobe.analysis.onevtwo import one_vs_two, one_vs_two_null
+from semprobe.analysis.stats import bhy, permutation_p_value
+from semprobe.datasets import schema
+from semprobe.datasets.classes import imagenet_classes
+from semprobe.datasets.concepts import match_concepts
+from semprobe.datasets.words import load_word_model
+from semprobe.ray_jobs.cluster import connect
+from semprobe.ray_jobs.config import MisclassifiedConfig, write_resolved
+from semprobe.ray_jobs.extract import ExtractionPlan, check_same_experiment, plan_extraction, run_extract
+from semprobe.ray_jobs.report import write_failure_report
+from semprobe.ray_jobs.run import layer_views
+from semprobe.ray_jobs.storage import Output
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -51,8 +51,17 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 @ray.remote
-def layer_task(out: str, folders: list[tuple[str, ...]], images: list[str], references: list[list[str]], d_true: np.ndarray,
-               d_pred: np.ndarray, groups: dict[str, list[int]], n_perm: int, seed: int) -> dict[str, dict[str, Any]]:
+def layer_task(
+    out: str,
+    folders: list[tuple[str, ...]],
+    images: list[str],
+    references: list[list[str]],
+    d_true: np.ndarray,
+    d_pred: np.ndarray,
+    groups: dict[str, list[int]],
+    n_perm: int,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
     """1 vs. 2 of one layer: the images' activations against their references', and the null, per group of images.
 
     ``folders`` hold the layer's activation files (the images and the references
@@ -116,20 +125,29 @@ class FailureContext:
 
 
 def prepare(cfg, output: Output, log) -> FailureContext:
-    """Check the inputs, write the resolved config, run (or resume) the clean extraction, gather predictions and words."""
+    """Check the inputs, write the resolved config, run (or resume) the clean extraction, gather predictions
+    and words."""
     check_same_experiment(output, cfg)
     ecfg = cfg.extract_config(cfg.model, cfg.extract_out, [cfg.words])
     plan = plan_extraction(ecfg)
     if plan.source.class_space != "imagenet":
-        raise InputError(f"{cfg.images}: {cfg.COMMAND} needs ImageNet-labelled images (a folder of wnids, or sample:imagenet)")
+        raise InputError(
+            f"{cfg.images}: {cfg.COMMAND} needs ImageNet-labelled images (a folder of wnids, or sample:imagenet)"
+        )
     word_model = load_word_model(cfg.words)
     connect(log)
     write_resolved(output, cfg)
     run_extract(ecfg, log=log, plan=plan)
     ext = Output(ecfg.out)
     manifest = ext.read_table("manifest.parquet").to_pylist()
-    predictions = {r["image_id"]: r["predicted_index"] for r in pq.read_table(ext.path("predictions", plan.model_key), filesystem=ext.fs).to_pylist()}
-    words = {r["class_index"]: r["word"] for r in match_concepts(imagenet_classes(), "imagenet", [word_model]).table.to_pylist()}
+    predictions = {
+        r["image_id"]: r["predicted_index"]
+        for r in pq.read_table(ext.path("predictions", plan.model_key), filesystem=ext.fs).to_pylist()
+    }
+    words = {
+        r["class_index"]: r["word"]
+        for r in match_concepts(imagenet_classes(), "imagenet", [word_model]).table.to_pylist()
+    }
     pool: dict[int, str] = {}
     for m in sorted(manifest, key=lambda m: m["image_id"]):
         if predictions.get(m["image_id"]) == m["class_index"]:
@@ -140,27 +158,61 @@ def prepare(cfg, output: Output, log) -> FailureContext:
 
 def check_references(r: int) -> None:
     if r < 5:
-        raise InputError(f"only {max(r, 0)} reference concepts with a correctly classified image besides t and p: "
-                         "the 1 vs. 2 test needs at least 5 (use more images)")
+        raise InputError(
+            f"only {max(r, 0)} reference concepts with a correctly classified image besides t and p: "
+            "the 1 vs. 2 test needs at least 5 (use more images)"
+        )
 
 
-def one_vs_two_through_layers(cfg, output: Output, ctx: FailureContext, folder: tuple[str, ...], images: list[str],
-                              t_idx: list[int], p_idx: list[int], r: int, groups: dict[str, list[int]]) -> list[dict[str, Any]]:
+def one_vs_two_through_layers(
+    cfg,
+    output: Output,
+    ctx: FailureContext,
+    folder: tuple[str, ...],
+    images: list[str],
+    t_idx: list[int],
+    p_idx: list[int],
+    r: int,
+    groups: dict[str, list[int]],
+) -> list[dict[str, Any]]:
     """Every layer's 1 vs. 2 per group as Ray tasks, p-values, BHY over every (group, layer) row; one_vs_two.parquet."""
     refs = [ctx.references(t, p, r) for t, p in zip(t_idx, p_idx)]
     d_true, d_pred = ctx.word_side(t_idx, p_idx, refs)
     ref_images = [[ctx.pool[c] for c in rs] for rs in refs]
     key = ctx.plan.model_key
-    results = ray.get([layer_task.options(num_cpus=cfg.task_cpus).remote(
-        output.uri, list(dict.fromkeys([folder + (key, layer.name), ("extract", "activations", key, layer.name)])), images, ref_images,
-        d_true, d_pred, groups, cfg.permutations, cfg.seed) for layer in ctx.plan.layers])
-    rows = [{
-        "model": ctx.plan.model, "layer": layer.name, "layer_index": layer.layer_index, "group": group,
-        "accuracy": res[group]["accuracy"], "n": res[group]["n"], "n_references": r, "n_perm": cfg.permutations,
-        "null_mean": float(res[group]["null"].mean()) if cfg.permutations else None,
-        "null_std": float(res[group]["null"].std()) if cfg.permutations else None,
-        "p_value": permutation_p_value(res[group]["null"], res[group]["accuracy"]) if cfg.permutations else None,
-    } for group in groups for layer, res in zip(ctx.plan.layers, results)]
+    results = ray.get(
+        [
+            layer_task.options(num_cpus=cfg.task_cpus).remote(
+                output.uri,
+                list(dict.fromkeys([folder + (key, layer.name), ("extract", "activations", key, layer.name)])),
+                images,
+                ref_images,
+                d_true,
+                d_pred,
+                groups,
+                cfg.permutations,
+                cfg.seed,
+            )
+            for layer in ctx.plan.layers
+        ]
+    )
+    rows = [
+        {
+            "model": ctx.plan.model,
+            "layer": layer.name,
+            "layer_index": layer.layer_index,
+            "group": group,
+            "accuracy": res[group]["accuracy"],
+            "n": res[group]["n"],
+            "n_references": r,
+            "n_perm": cfg.permutations,
+            "null_mean": float(res[group]["null"].mean()) if cfg.permutations else None,
+            "null_std": float(res[group]["null"].std()) if cfg.permutations else None,
+            "p_value": permutation_p_value(res[group]["null"], res[group]["accuracy"]) if cfg.permutations else None,
+        }
+        for group in groups
+        for layer, res in zip(ctx.plan.layers, results)
+    ]
     if cfg.permutations:
         significant, adjusted = bhy([row["p_value"] for row in rows], cfg.alpha)
     else:
@@ -189,22 +241,43 @@ def run_misclassified(cfg: MisclassifiedConfig, log=print) -> dict[str, Any]:
     unnamed = [m for m in wrong if predictions[m["image_id"]] not in words]
     wrong = [m for m in wrong if predictions[m["image_id"]] in words]
     r = min(cfg.references, len(ctx.order) - 2)
-    log(f"misclassified: {len(wrong)} image(s) with words for both classes ({len(unnamed)} more predicted a class without one); "
-        f"R = {r} reference concepts of {len(correct)} correctly classified images")
+    log(
+        f"misclassified: {len(wrong)} image(s) with words for both classes ({len(unnamed)} more predicted a "
+        f"class without one); "
+        f"R = {r} reference concepts of {len(correct)} correctly classified images"
+    )
     check_references(r)
 
     t_idx, p_idx = [m["class_index"] for m in wrong], [predictions[m["image_id"]] for m in wrong]
     cosine = ctx.cosine(t_idx, p_idx)
-    severity = pa.table({
-        "model": [plan.model] * len(wrong), "image_id": [m["image_id"] for m in wrong],
-        "true_index": pa.array(t_idx, pa.int32()), "true_word": [words[c] for c in t_idx],
-        "predicted_index": pa.array(p_idx, pa.int32()), "predicted_word": [words[c] for c in p_idx], "cosine": cosine,
-    })
+    severity = pa.table(
+        {
+            "model": [plan.model] * len(wrong),
+            "image_id": [m["image_id"] for m in wrong],
+            "true_index": pa.array(t_idx, pa.int32()),
+            "true_word": [words[c] for c in t_idx],
+            "predicted_index": pa.array(p_idx, pa.int32()),
+            "predicted_word": [words[c] for c in p_idx],
+            "cosine": cosine,
+        }
+    )
     output.write_table(schema.stamp(severity, cfg.experiment_id()), "severity.parquet")
-    summary = {"model": plan.model, "n_images": len(ctx.manifest), "n_correct": len(correct), "n_misclassified": len(wrong),
-               "n_unnamed": len(unnamed), "references": r, "mean_severity": float(cosine.mean()) if wrong else None}
-    notes = [("misclassified images and their severity", ["image", "true", "predicted", "cosine"],
-              [[s["image_id"], s["true_word"], s["predicted_word"], f"{s['cosine']:.3f}"] for s in severity.to_pylist()])]
+    summary = {
+        "model": plan.model,
+        "n_images": len(ctx.manifest),
+        "n_correct": len(correct),
+        "n_misclassified": len(wrong),
+        "n_unnamed": len(unnamed),
+        "references": r,
+        "mean_severity": float(cosine.mean()) if wrong else None,
+    }
+    notes = [
+        (
+            "misclassified images and their severity",
+            ["image", "true", "predicted", "cosine"],
+            [[s["image_id"], s["true_word"], s["predicted_word"], f"{s['cosine']:.3f}"] for s in severity.to_pylist()],
+        )
+    ]
     output.write_json(summary, "summary.json")
     if not wrong:
         log("misclassified: no misclassified image has words for both classes; nothing to test")
@@ -212,10 +285,23 @@ def run_misclassified(cfg: MisclassifiedConfig, log=print) -> dict[str, Any]:
         return summary
 
     images = [m["image_id"] for m in wrong]
-    rows = one_vs_two_through_layers(cfg, output, ctx, ("extract", "activations"), images, t_idx, p_idx, r,
-                                     {"misclassified": list(range(len(images)))})
-    png = save_figure(output, one_vs_two_figure(rows, f"{plan.model}: {len(images)} misclassified images, R = {r}"), "one_vs_two.png")
+    rows = one_vs_two_through_layers(
+        cfg,
+        output,
+        ctx,
+        ("extract", "activations"),
+        images,
+        t_idx,
+        p_idx,
+        r,
+        {"misclassified": list(range(len(images)))},
+    )
+    png = save_figure(
+        output, one_vs_two_figure(rows, f"{plan.model}: {len(images)} misclassified images, R = {r}"), "one_vs_two.png"
+    )
     report = write_failure_report(output, cfg, "misclassified", summary, rows, {"one_vs_two.png": png}, notes)
-    log(f"misclassified: mean severity (cosine of true and predicted words) {summary['mean_severity']:.3f}; "
-        f"1 vs. 2 from {rows[0]['accuracy']:.2f} (first layer) to {rows[-1]['accuracy']:.2f} (last); report at {report}")
+    log(
+        f"misclassified: mean severity (cosine of true and predicted words) {summary['mean_severity']:.3f}; "
+        f"1 vs. 2 from {rows[0]['accuracy']:.2f} (first layer) to {rows[-1]['accuracy']:.2f} (last); report at {report}"
+    )
     return summary

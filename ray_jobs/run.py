@@ -37,25 +37,26 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 
-from analysis.errors import InputError, ZeroVarianceError
-from analysis.figures import layer_curves
-from analysis.similarity import GramAccumulator, correlation_matrix
-from analysis.stats import bhy, permutation_p_value
-from analysis.twovtwo import permutation_null, two_vs_two
-from datasets import schema
-from datasets.words import load_word_model
-from ray_jobs.cluster import connect
-from ray_jobs.config import DynamicsConfig, RunConfig, write_resolved
-from ray_jobs.extract import ExtractionPlan, check_same_experiment, model_key, plan_extraction, run_extract
-from ray_jobs.progress import Progress
-from ray_jobs.report import write_report
-from ray_jobs.storage import Output
-
+from semprobe.analysis.errors import InputError, ZeroVarianceError
+from semprobe.analysis.figures import layer_curves
+from semprobe.analysis.similarity import GramAccumulator, correlation_matrix
+from semprobe.analysis.stats import bhy, permutation_p_value
+from semprobe.analysis.twovtwo import permutation_null, two_vs_two
+from semprobe.datasets import schema
+from semprobe.datasets.words import load_word_model
+from semprobe.ray_jobs.cluster import connect
+from semprobe.ray_jobs.config import DynamicsConfig, RunConfig, write_resolved
+from semprobe.ray_jobs.extract import ExtractionPlan, check_same_experiment, model_key, plan_extraction, run_extract
+from semprobe.ray_jobs.progress import Progress
+from semprobe.ray_jobs.report import write_report
+from semprobe.ray_jobs.storage import Output
 
 # --- Ray tasks ------------------------------------------------------------------------------------
 
 
-def layer_views(output: Output, folder: tuple[str, ...], scratch: str) -> tuple[dict[str, tuple[int, int]], list[np.ndarray]]:
+def layer_views(
+    output: Output, folder: tuple[str, ...], scratch: str
+) -> tuple[dict[str, tuple[int, int]], list[np.ndarray]]:
     """Every activation row of one layer as zero-copy (n, dim) views of memory-mapped IPC files.
 
     Files on object storage are first copied to local scratch disk, so a layer is
@@ -81,8 +82,19 @@ def layer_views(output: Output, folder: tuple[str, ...], scratch: str) -> tuple[
 
 
 @ray.remote
-def gram_task(out: str, folder: tuple[str, ...], model: str, layer: str, layer_index: int, set_index: int,
-              images: list[str], concept_ids: list[str], memory_mb: int, compute: str, key: str | None = None) -> np.ndarray:
+def gram_task(
+    out: str,
+    folder: tuple[str, ...],
+    model: str,
+    layer: str,
+    layer_index: int,
+    set_index: int,
+    images: list[str],
+    concept_ids: list[str],
+    memory_mb: int,
+    compute: str,
+    key: str | None = None,
+) -> np.ndarray:
     """The (w, w) concept correlation matrix of one image set of one layer, written and returned (float32).
 
     ``images`` lists the set's image per concept, in ``concept_ids`` order; the
@@ -103,18 +115,27 @@ def gram_task(out: str, folder: tuple[str, ...], model: str, layer: str, layer_i
             hi = min(dim, lo + chunk)
             for v in np.unique(located[:, 0]):
                 pos = np.flatnonzero(located[:, 0] == v)
-                buf[pos, :hi - lo] = views[v][located[pos, 1], lo:hi]
-            acc.add(buf[:, :hi - lo])
+                buf[pos, : hi - lo] = views[v][located[pos, 1], lo:hi]
+            acc.add(buf[:, : hi - lo])
         del views, where  # release the memory maps before the scratch folder goes
     try:
         matrix = acc.correlation().astype(np.float32)
     except ZeroVarianceError as err:
         culprits = ", ".join(f"{images[r]} ({concept_ids[r]})" for r in err.rows[:3])
-        raise InputError(f"zero-variance activations in {model} layer {layer}, set {set_index}: image {culprits}; "
-                         "its correlations are undefined (a constant input image or a dead layer)") from None
+        raise InputError(
+            f"zero-variance activations in {model} layer {layer}, set {set_index}: image {culprits}; "
+            "its correlations are undefined (a constant input image or a dead layer)"
+        ) from None
     table = pa.table(
-        [[model], [layer], pa.array([layer_index], pa.int32()), pa.array([set_index], pa.int32()), ["cnn"], [concept_ids],
-         pa.FixedShapeTensorArray.from_numpy_ndarray(matrix[None].copy())],
+        [
+            [model],
+            [layer],
+            pa.array([layer_index], pa.int32()),
+            pa.array([set_index], pa.int32()),
+            ["cnn"],
+            [concept_ids],
+            pa.FixedShapeTensorArray.from_numpy_ndarray(matrix[None].copy()),
+        ],
         schema=schema.similarity(w),
     )
     output.write_table(table, *similarity_file(key or model_key(model), layer, set_index))
@@ -171,9 +192,14 @@ def plan_model(output: Output, extract_key: str, plan: ExtractionPlan, log) -> M
     all_concepts = sorted(set(manifest["concept_id"].to_pylist()))
     kept = [c for c in all_concepts if all(c in by_set[k] for k in sets)]
     if len(kept) < len(all_concepts):
-        log(f"  {plan.model}: {len(all_concepts) - len(kept)} concept(s) lack an extracted image in some set and are left out")
+        log(
+            f"  {plan.model}: {len(all_concepts) - len(kept)} concept(s) lack an extracted image in some set "
+            f"and are left out"
+        )
     if len(kept) < 4:
-        raise InputError(f"{plan.model}: only {len(kept)} concept(s) have an image in every set; the 2 vs. 2 needs at least 4")
+        raise InputError(
+            f"{plan.model}: only {len(kept)} concept(s) have an image in every set; the 2 vs. 2 needs at least 4"
+        )
     concepts = ext.read_table("concepts.parquet")
     words = {}
     for wm in plan.config.words:
@@ -181,8 +207,15 @@ def plan_model(output: Output, extract_key: str, plan: ExtractionPlan, log) -> M
         lookup = dict(zip(rows["concept_id"].to_pylist(), rows["word"].to_pylist()))
         words[wm] = [lookup[c] for c in kept]
     return ModelPlan(
-        plan.model, plan.model_key, extract_key, [(layer.name, layer.layer_index) for layer in plan.layers], kept, words,
-        sets, [[by_set[k][c] for c in kept] for k in sets], [c for c in all_concepts if c not in kept],
+        plan.model,
+        plan.model_key,
+        extract_key,
+        [(layer.name, layer.layer_index) for layer in plan.layers],
+        kept,
+        words,
+        sets,
+        [[by_set[k][c] for c in kept] for k in sets],
+        [c for c in all_concepts if c not in kept],
     )
 
 
@@ -193,8 +226,15 @@ def word_matrix(output: Output, mp: ModelPlan, wm: str) -> np.ndarray:
         m = correlation_matrix(load_word_model(wm).vectors(mp.words[wm])).astype(np.float32)
         w = len(mp.concept_ids)
         table = pa.table(
-            [[None], [None], pa.array([None], pa.int32()), pa.array([None], pa.int32()), [wm], [mp.concept_ids],
-             pa.FixedShapeTensorArray.from_numpy_ndarray(m[None].copy())],
+            [
+                [None],
+                [None],
+                pa.array([None], pa.int32()),
+                pa.array([None], pa.int32()),
+                [wm],
+                [mp.concept_ids],
+                pa.FixedShapeTensorArray.from_numpy_ndarray(m[None].copy()),
+            ],
             schema=schema.similarity(w),
         )
         output.write_table(table, *parts)
@@ -220,7 +260,9 @@ class Analysis:
         options = {"num_cpus": cfg.task_cpus, "scheduling_strategy": "SPREAD"}
         words = {wm: ray.put(word_matrix(out, mp, wm)) for wm in cfg.words}
         for layer, layer_index in mp.layers:
-            todo = [wm for wm in cfg.words if not out.exists("tests", mp.key, model_key(wm), f"{model_key(layer)}.parquet")]
+            todo = [
+                wm for wm in cfg.words if not out.exists("tests", mp.key, model_key(wm), f"{model_key(layer)}.parquet")
+            ]
             self.n_tests += len(cfg.words)
             if not todo:
                 continue
@@ -230,15 +272,28 @@ class Analysis:
                 if out.exists(*parts):
                     sets.append(ray.put(_matrices(out.read_table(*parts))[0]))
                 else:
-                    sets.append(gram_task.options(**options).remote(
-                        out.uri, ("extract", mp.extract_key, "activations", model_key(mp.model), layer), mp.model, layer, layer_index,
-                        set_index, images, mp.concept_ids, cfg.gram_memory_mb, cfg.gram_compute, mp.key,
-                    ))
+                    sets.append(
+                        gram_task.options(**options).remote(
+                            out.uri,
+                            ("extract", mp.extract_key, "activations", model_key(mp.model), layer),
+                            mp.model,
+                            layer,
+                            layer_index,
+                            set_index,
+                            images,
+                            mp.concept_ids,
+                            cfg.gram_memory_mb,
+                            cfg.gram_compute,
+                            mp.key,
+                        )
+                    )
                     self.grams.append(sets[-1])
             for wm in todo:
                 shards = range(0, cfg.permutations, cfg.permutation_shard)
                 refs = [observe_task.options(**options).remote(words[wm], *sets)] + [
-                    permutation_task.options(**options).remote(words[wm], min(cfg.permutation_shard, cfg.permutations - s), cfg.seed, s, *sets)
+                    permutation_task.options(**options).remote(
+                        words[wm], min(cfg.permutation_shard, cfg.permutations - s), cfg.seed, s, *sets
+                    )
                     for s in shards
                 ]
                 self.pending[(mp.key, wm, layer)] = {"refs": refs, "mp": mp, "layer_index": layer_index}
@@ -269,9 +324,15 @@ class Analysis:
         null = np.concatenate(shards) if shards else np.zeros((0, k), np.int64)
         table = pa.table(
             [
-                [mp.model] * k, [layer] * k, pa.array([item["layer_index"]] * k, pa.int32()), [wm] * k,
-                pa.array(mp.set_indices, pa.int32()), pa.array([w] * k, pa.int32()), pa.array([w * (w - 1) // 2] * k, pa.int64()),
-                pa.array(observed["passes"], pa.int64()), [mp.concept_ids] * k,
+                [mp.model] * k,
+                [layer] * k,
+                pa.array([item["layer_index"]] * k, pa.int32()),
+                [wm] * k,
+                pa.array(mp.set_indices, pa.int32()),
+                pa.array([w] * k, pa.int32()),
+                pa.array([w * (w - 1) // 2] * k, pa.int64()),
+                pa.array(observed["passes"], pa.int64()),
+                [mp.concept_ids] * k,
                 pa.array(list(observed["concept_passes"]), pa.list_(pa.int32())),
                 pa.array([null[:, s].astype(np.int32) for s in range(k)], pa.list_(pa.int32())),
             ],
@@ -307,24 +368,48 @@ def reduce_scores(tests: list[pa.Table], alpha: float) -> tuple[pa.Table, pa.Tab
         acc_sets, null_sets = passes / n_pairs, null / n_pairs
         acc, null_mean_over_sets = passes.sum() / (k * n_pairs), null.sum(axis=0) / (k * n_pairs)
 
-        def stats(observed, draws):
+        def stats(observed, draws, n_perm=n_perm):
             if not n_perm:
                 return {"null_mean": None, "null_std": None, "p_value": None}
-            return {"null_mean": float(draws.mean()), "null_std": float(draws.std()), "p_value": permutation_p_value(draws, observed)}
+            return {
+                "null_mean": float(draws.mean()),
+                "null_std": float(draws.std()),
+                "p_value": permutation_p_value(draws, observed),
+            }
 
         common = {**base, "n_concepts": w, "n_pairs": n_pairs, "n_perm": n_perm, "p_bhy": None, "significant": None}
-        rows.append({**common, "set_index": None, "accuracy": float(acc), "std": float(np.std(acc_sets, ddof=1 if k > 1 else 0)),
-                     **stats(acc, null_mean_over_sets)})
+        rows.append(
+            {
+                **common,
+                "set_index": None,
+                "accuracy": float(acc),
+                "std": float(np.std(acc_sets, ddof=1 if k > 1 else 0)),
+                **stats(acc, null_mean_over_sets),
+            }
+        )
         for s, x in enumerate(r):
-            rows.append({**common, "set_index": x["set_index"], "accuracy": float(acc_sets[s]), "std": None,
-                         **stats(acc_sets[s], null_sets[s])})
+            rows.append(
+                {
+                    **common,
+                    "set_index": x["set_index"],
+                    "accuracy": float(acc_sets[s]),
+                    "std": None,
+                    **stats(acc_sets[s], null_sets[s]),
+                }
+            )
         per_concept = np.array([x["concept_passes"] for x in r], np.float64) / (w - 1)  # (K, w)
         words = r[0]["concept_ids"]
-        for set_index, rates in [(None, per_concept.mean(axis=0))] + [(x["set_index"], per_concept[s]) for s, x in enumerate(r)]:
-            concept_rows += [{**base, "set_index": set_index, "concept_id": c, "word": None, "pass_rate": float(v)}
-                             for c, v in zip(words, rates)]
+        for set_index, rates in [(None, per_concept.mean(axis=0))] + [
+            (x["set_index"], per_concept[s]) for s, x in enumerate(r)
+        ]:
+            concept_rows += [
+                {**base, "set_index": set_index, "concept_id": c, "word": None, "pass_rate": float(v)}
+                for c, v in zip(words, rates)
+            ]
     adjust_family(rows, alpha)
-    return pa.Table.from_pylist(rows, schema=schema.SCORES), pa.Table.from_pylist(concept_rows, schema=schema.CONCEPT_SCORES)
+    return pa.Table.from_pylist(rows, schema=schema.SCORES), pa.Table.from_pylist(
+        concept_rows, schema=schema.CONCEPT_SCORES
+    )
 
 
 def adjust_family(rows: list[dict[str, Any]], alpha: float) -> None:
@@ -338,8 +423,13 @@ def adjust_family(rows: list[dict[str, Any]], alpha: float) -> None:
 def _name_concepts(concept_scores: pa.Table, concepts: pa.Table) -> pa.Table:
     """Fill in each concept's word (in its row's word model)."""
     words = {(c, wm): w for c, wm, w in zip(*(concepts[x].to_pylist() for x in ("concept_id", "word_model", "word")))}
-    named = [words[(c, wm)] for c, wm in zip(concept_scores["concept_id"].to_pylist(), concept_scores["word_model"].to_pylist())]
-    return concept_scores.set_column(concept_scores.schema.get_field_index("word"), "word", pa.array(named, pa.string()))
+    named = [
+        words[(c, wm)]
+        for c, wm in zip(concept_scores["concept_id"].to_pylist(), concept_scores["word_model"].to_pylist())
+    ]
+    return concept_scores.set_column(
+        concept_scores.schema.get_field_index("word"), "word", pa.array(named, pa.string())
+    )
 
 
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
@@ -347,7 +437,9 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     output = Output(cfg.out)
     check_same_experiment(output, cfg)
     extract_outs = {m: posixpath.join(cfg.out, "extract", model_key(m)) for m in cfg.models}
-    plans = {m: plan_extraction(cfg.extract_config(m, extract_outs[m], cfg.words, cfg.sets)) for m in cfg.models}  # all bad input, before any write
+    plans = {
+        m: plan_extraction(cfg.extract_config(m, extract_outs[m], cfg.words, cfg.sets)) for m in cfg.models
+    }  # all bad input, before any write
     connect(log)
     exp = cfg.experiment_id()
     write_resolved(output, cfg)
@@ -358,12 +450,18 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         models[m] = plan_model(output, model_key(m), plans[m], log)
         analysis.submit(models[m])
     if analysis.pending:
-        log(f"analysis: {len(analysis.grams)} Gram task(s), {len(analysis.pending)} of {analysis.n_tests} tests to run "
-            f"({analysis.n_tasks} tasks)")
+        log(
+            f"analysis: {len(analysis.grams)} Gram task(s), {len(analysis.pending)} of {analysis.n_tests} tests to run "
+            f"({analysis.n_tasks} tasks)"
+        )
     analysis.wait()
 
-    tests = [output.read_table("tests", plans[m].model_key, model_key(wm), f"{model_key(layer.name)}.parquet")
-             for m in cfg.models for wm in cfg.words for layer in plans[m].layers]
+    tests = [
+        output.read_table("tests", plans[m].model_key, model_key(wm), f"{model_key(layer.name)}.parquet")
+        for m in cfg.models
+        for wm in cfg.words
+        for layer in plans[m].layers
+    ]
     scores, concept_scores = reduce_scores(tests, cfg.alpha)
     concepts = Output(extract_outs[cfg.models[0]]).read_table("concepts.parquet")
     concept_scores = _name_concepts(concept_scores, concepts)
@@ -375,15 +473,24 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         layer_curves(scores.to_pylist(), plans[m].model, cfg.alpha).savefig(buf, format="png", dpi=110)
         figures[plans[m].model] = buf.getvalue()
         output.write_bytes(buf.getvalue(), "figures", f"{plans[m].model_key}.png")
-    coverage = {plans[m].model: (plans[m], models[m].left_out, Output(extract_outs[m]).read_table("errors.parquet"))
-                for m in cfg.models}
+    coverage = {
+        plans[m].model: (plans[m], models[m].left_out, Output(extract_outs[m]).read_table("errors.parquet"))
+        for m in cfg.models
+    }
     report = write_report(output, cfg, scores, concept_scores, figures, coverage)
     summary = {
-        "experiment_id": exp, "models": cfg.models, "words": cfg.words, "n_tests": len(tests),
-        "tests_computed": analysis.computed, "gram_tasks": len(analysis.grams), "n_significant": int(
-            pc.sum(pc.fill_null(scores["significant"], False)).as_py() or 0),
-        "seconds": round(time.monotonic() - started, 3), "report": report,
+        "experiment_id": exp,
+        "models": cfg.models,
+        "words": cfg.words,
+        "n_tests": len(tests),
+        "tests_computed": analysis.computed,
+        "gram_tasks": len(analysis.grams),
+        "n_significant": int(pc.sum(pc.fill_null(scores["significant"], False)).as_py() or 0),
+        "seconds": round(time.monotonic() - started, 3),
+        "report": report,
     }
-    output.write_json({k: v for k, v in summary.items() if k not in ("seconds", "tests_computed", "gram_tasks")}, "summary.json")
+    output.write_json(
+        {k: v for k, v in summary.items() if k not in ("seconds", "tests_computed", "gram_tasks")}, "summary.json"
+    )
     log(f"report: {report}")
     return summary

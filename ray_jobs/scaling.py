@@ -16,15 +16,36 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from actors.layers import LayerCatalog
-from actors.zoo import untrained
+from semprobe.actors.layers import LayerCatalog
+from semprobe.actors.zoo import untrained
 
 # The experiments as the papers ran them.
-NN2021 = {"models": ["torchvision:resnet50", "torchvision:inception_v3", "torchvision:vgg16"], "concepts": 838, "sets": 5,
-          "word_models": 6, "permutations": 1000}
+NN2021 = {
+    "models": ["torchvision:resnet50", "torchvision:inception_v3", "torchvision:vgg16"],
+    "concepts": 838,
+    "sets": 5,
+    "word_models": 6,
+    "permutations": 1000,
+}
 ADVERSARIAL = {"model": "torchvision:inception_v3", "images": 600, "steps": 20}
-AFFINE = {"models": ["torchvision:" + m for m in ("vgg16", "vgg19", "resnet50", "resnet101", "resnet152", "densenet121", "densenet169",
-                                                  "densenet201", "inception_v3", "resnext50_32x4d")], "images": 1_281_167}
+AFFINE = {
+    "models": [
+        "torchvision:" + m
+        for m in (
+            "vgg16",
+            "vgg19",
+            "resnet50",
+            "resnet101",
+            "resnet152",
+            "densenet121",
+            "densenet169",
+            "densenet201",
+            "inception_v3",
+            "resnext50_32x4d",
+        )
+    ],
+    "images": 1_281_167,
+}
 
 
 @dataclass
@@ -85,13 +106,22 @@ def stages(costs: dict[str, float]) -> dict[str, dict[str, tuple[float, str]]]:
     n = len(f["models"])
     solve = n * (n - 1) * costs["solve_seconds_per_map"]
     return {
-        f"2 vs. 2 (NN 2021): {w} concepts x {k} sets x {len(e['models'])} CNNs ({layers} layers) x {e['word_models']} word models "
+        f"2 vs. 2 (NN 2021): {w} concepts x {k} sets x {len(e['models'])} CNNs ({layers} layers) x "
+        f"{e['word_models']} word models "
         f"x {e['permutations']} permutations": {
-            "extraction": (extract, "gpu"), "Gram matrices": (gram, "cpu"), "2 vs. 2 and permutations": (perms, "cpu")},
+            "extraction": (extract, "gpu"),
+            "Gram matrices": (gram, "cpu"),
+            "2 vs. 2 and permutations": (perms, "cpu"),
+        },
         f"adversarial (NN 2021): {a['images']} MIM attacks on Inception-v3, {a['steps']} steps, then extraction": {
-            "attack": (attack, "gpu"), "extraction": (adv_extract, "gpu")},
+            "attack": (attack, "gpu"),
+            "extraction": (adv_extract, "gpu"),
+        },
         f"affine maps (thesis): {n} CNNs x {f['images']:,} training images, Gram width {width}": {
-            "forward passes": (forward, "gpu"), "Gram accumulation": (accumulate, "cpu"), f"solve {n * (n - 1)} maps": (solve, "solve")},
+            "forward passes": (forward, "gpu"),
+            "Gram accumulation": (accumulate, "cpu"),
+            f"solve {n * (n - 1)} maps": (solve, "solve"),
+        },
     }
 
 
@@ -100,26 +130,44 @@ def hours(costs: dict[str, float], nodes: tuple[int, ...], node: Node) -> dict[s
     CNN stages run ``gpu_factor`` times faster per node, statistics at the node's cores over this machine's,
     and both spread over the N nodes; one reducer solves the affine maps."""
     speed = {"gpu": node.gpu_factor, "cpu": node.cores / costs["cores"], "solve": 1.0}
-    return {experiment: {stage: {"here": seconds / 3600, **{n: seconds / 3600 / speed[kind] / (1 if kind == "solve" else n) for n in nodes}}
-                         for stage, (seconds, kind) in parts.items()}
-            for experiment, parts in stages(costs).items()}
+    return {
+        experiment: {
+            stage: {
+                "here": seconds / 3600,
+                **{n: seconds / 3600 / speed[kind] / (1 if kind == "solve" else n) for n in nodes},
+            }
+            for stage, (seconds, kind) in parts.items()
+        }
+        for experiment, parts in stages(costs).items()
+    }
 
 
-def projection(bench: dict, nodes: tuple[int, ...] = (1, 8, 32), node: Node = Node()) -> str:
+def projection(bench: dict, nodes: tuple[int, ...] = (1, 8, 32), node: Node | None = None) -> str:
     """The Markdown table of the projection: stages add up (an upper bound: in the job they overlap),
     and the largest on the most nodes bounds the experiment."""
+    node = node or Node()
     costs = unit_costs(bench)
-    lines = [f"Projected on N {node.name} nodes (assumed: a GPU node runs CNN stages {node.gpu_factor:g}x as fast as this "
-             f"{costs['cores']}-CPU machine, its {node.cores} cores run the statistics at this machine's per-core speed, "
-             f"${node.dollars_per_hour}/h each). Hours per stage on N nodes; the bounding stage in bold.", "",
-             "| experiment | stage | this machine (h) | " + " | ".join(f"N={n} (h)" for n in nodes) + " |",
-             "|---|---|---|" + "---|" * len(nodes)]
+    lines = [
+        f"Projected on N {node.name} nodes (assumed: a GPU node runs CNN stages {node.gpu_factor:g}x as fast as this "
+        f"{costs['cores']}-CPU machine, its {node.cores} cores run the statistics at this machine's per-core speed, "
+        f"${node.dollars_per_hour}/h each). Hours per stage on N nodes; the bounding stage in bold.",
+        "",
+        "| experiment | stage | this machine (h) | " + " | ".join(f"N={n} (h)" for n in nodes) + " |",
+        "|---|---|---|" + "---|" * len(nodes),
+    ]
     for experiment, by_stage in hours(costs, nodes, node).items():
         bound = max(by_stage, key=lambda s: by_stage[s][nodes[-1]])
         for i, (stage, h) in enumerate(by_stage.items()):
             name = f"**{stage}**" if stage == bound else stage
-            lines.append(f"| {experiment if i == 0 else ''} | {name} | {h['here']:.3g} | " + " | ".join(f"{h[n]:.3g}" for n in nodes) + " |")
+            lines.append(
+                f"| {experiment if i == 0 else ''} | {name} | {h['here']:.3g} | "
+                + " | ".join(f"{h[n]:.3g}" for n in nodes)
+                + " |"
+            )
         totals = {n: sum(h[n] for h in by_stage.values()) for n in nodes}
-        lines.append("| | total (cost) | | " + " | ".join(f"{totals[n]:.3g} (${totals[n] * n * node.dollars_per_hour:,.0f})"
-                                                          for n in nodes) + " |")
+        lines.append(
+            "| | total (cost) | | "
+            + " | ".join(f"{totals[n]:.3g} (${totals[n] * n * node.dollars_per_hour:,.0f})" for n in nodes)
+            + " |"
+        )
     return "\n".join(lines)

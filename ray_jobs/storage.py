@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from datasets.images import filesystem
+from semprobe.datasets.images import filesystem
 
 # Activations are dense floats: dictionary encoding and statistics cost time and buy nothing.
 PARQUET_OPTIONS = {"use_dictionary": False, "write_statistics": False}
@@ -76,7 +76,9 @@ class Output:
     def list(self, *parts: str, suffix: str = "") -> list[str]:
         """Names (not paths) of the files directly under a folder, sorted; [] if it is absent."""
         info = self.fs.get_file_info(pafs.FileSelector(self.path(*parts), allow_not_found=True))
-        return sorted(posixpath.basename(i.path) for i in info if i.type == pafs.FileType.File and i.path.endswith(suffix))
+        return sorted(
+            posixpath.basename(i.path) for i in info if i.type == pafs.FileType.File and i.path.endswith(suffix)
+        )
 
     def sweep(self) -> int:
         """Delete the temporary files a killed writer left (hidden, never read); returns how many.
@@ -87,7 +89,7 @@ class Output:
             self.fs.delete_file(path)
         return len(stale)
 
-    def open_atomic(self, *parts: str) -> "AtomicFile":
+    def open_atomic(self, *parts: str) -> AtomicFile:
         return AtomicFile(self, self.path(*parts))
 
     def write_table(self, table: pa.Table, *parts: str, **options: Any) -> None:
@@ -121,7 +123,7 @@ class AtomicFile:
         output.fs.create_dir(posixpath.dirname(path), recursive=True)
         self.stream = output.fs.open_output_stream(self._tmp)
 
-    def __enter__(self) -> "AtomicFile":
+    def __enter__(self) -> AtomicFile:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -26,13 +26,13 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from actors.trainer import METRICS_FILE, train_loop
-from analysis.errors import InputError
-from datasets import cifar, schema
-from ray_jobs.cluster import connect
-from ray_jobs.config import TrainConfig, write_resolved
-from ray_jobs.extract import check_same_experiment
-from ray_jobs.storage import Output
+from semprobe.actors.trainer import METRICS_FILE, train_loop
+from semprobe.analysis.errors import InputError
+from semprobe.datasets import cifar, schema
+from semprobe.ray_jobs.cluster import connect
+from semprobe.ray_jobs.config import TrainConfig, write_resolved
+from semprobe.ray_jobs.extract import check_same_experiment
+from semprobe.ray_jobs.storage import Output
 
 
 def load_data(cfg: TrainConfig, log) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -46,7 +46,10 @@ def load_data(cfg: TrainConfig, log) -> tuple[tuple[np.ndarray, np.ndarray], tup
     ys = [train.labels, test.labels]
     if cfg.permute_labels:
         ys = [y[np.random.default_rng([cfg.seed, 2, k]).permutation(len(y))] for k, y in enumerate(ys)]
-        log(f"train: labels permuted (seed {cfg.seed}): {np.mean(ys[0] == train.labels):.3f} of training labels unchanged")
+        log(
+            f"train: labels permuted (seed {cfg.seed}): {np.mean(ys[0] == train.labels):.3f} of training labels "
+            f"unchanged"
+        )
     if cfg.batch_size > len(train.labels):
         raise InputError(f"--batch-size {cfg.batch_size} exceeds the {len(train.labels)} training images")
     return (train.images, ys[0]), (test.images, ys[1])
@@ -63,8 +66,13 @@ def checkpoints(output: Output, run: str) -> list[dict[str, Any]]:
             snapshot = json.loads(f.read())
     except (FileNotFoundError, json.JSONDecodeError):  # no run yet, or the record is being rewritten
         return []
-    return sorted(({**c["metrics"], "run": run, "path": output.path("train", run, c["checkpoint_dir_name"])}
-                   for c in snapshot["checkpoint_results"]), key=lambda r: r["epoch"])
+    return sorted(
+        (
+            {**c["metrics"], "run": run, "path": output.path("train", run, c["checkpoint_dir_name"])}
+            for c in snapshot["checkpoint_results"]
+        ),
+        key=lambda r: r["epoch"],
+    )
 
 
 def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
@@ -82,15 +90,25 @@ def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
-            "model": cfg.model, "epochs": cfg.epochs, "every": cfg.every, "lr": cfg.lr, "momentum": cfg.momentum,
-            "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "until_train_accuracy": cfg.until_train_accuracy, "threads": threads,
-            "train": ray.put(train), "test": ray.put(test),
+            "model": cfg.model,
+            "epochs": cfg.epochs,
+            "every": cfg.every,
+            "lr": cfg.lr,
+            "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+            "until_train_accuracy": cfg.until_train_accuracy,
+            "threads": threads,
+            "train": ray.put(train),
+            "test": ray.put(test),
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
         run_config=ray.train.RunConfig(
-            name=cfg.run_name, storage_path=posixpath.join(cfg.out, "train"),
+            name=cfg.run_name,
+            storage_path=posixpath.join(cfg.out, "train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
@@ -104,11 +122,19 @@ def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         if analysis:
             analysis.join()
     last = done[-1]
-    log(f"train: {cfg.run_name} at epoch {last['epoch']}: train error {last['train_error']:.3f}, test error "
-        f"{last['test_error']:.3f}; {len(done)} checkpoints in {posixpath.join(cfg.out, 'train', cfg.run_name)}")
-    return {"run": cfg.run_name, "epochs": last["epoch"], "checkpoints": len(done), "resumed_from": before[-1]["epoch"] if before else None,
-            "train_error": last["train_error"], "test_error": last["test_error"],
-            **({"dynamics": analysis.result} if analysis else {})}
+    log(
+        f"train: {cfg.run_name} at epoch {last['epoch']}: train error {last['train_error']:.3f}, test error "
+        f"{last['test_error']:.3f}; {len(done)} checkpoints in {posixpath.join(cfg.out, 'train', cfg.run_name)}"
+    )
+    return {
+        "run": cfg.run_name,
+        "epochs": last["epoch"],
+        "checkpoints": len(done),
+        "resumed_from": before[-1]["epoch"] if before else None,
+        "train_error": last["train_error"],
+        "test_error": last["test_error"],
+        **({"dynamics": analysis.result} if analysis else {}),
+    }
 
 
 def _finish(cfg: TrainConfig, output: Output, done: list[dict[str, Any]]) -> None:
@@ -124,7 +150,7 @@ class _AnalysisThread(threading.Thread):
     """``semprobe dynamics --follow`` on this run, beside the trainer; join() ends it once training has ended."""
 
     def __init__(self, cfg: TrainConfig, log):
-        from ray_jobs.dynamics import run_dynamics
+        from semprobe.ray_jobs.dynamics import run_dynamics
 
         super().__init__(name="semprobe-dynamics", daemon=True)
         self.stop, self.result, self.error = threading.Event(), None, None

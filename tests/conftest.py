@@ -9,6 +9,14 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-300"
 
 
+def pytest_collection_modifyitems(items):
+    """Every test on the session's Ray is marked ``ray`` (those that start a cluster of their own say so themselves):
+    ``pytest -m "not ray"`` runs the math and table tests alone, in about a minute."""
+    for item in items:
+        if "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One Ray instance for the whole test session (starting one takes ~10 s)."""
@@ -22,7 +30,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def default_run(ray_session, tmp_path_factory) -> Path:
     """`semprobe run` with no arguments, as a new user types it; its output folder."""
-    from ray_jobs.cli import main
+    from semprobe.ray_jobs.cli import main
 
     cwd = tmp_path_factory.mktemp("default")
     with pytest.MonkeyPatch.context() as mp:
@@ -33,20 +41,29 @@ def default_run(ray_session, tmp_path_factory) -> Path:
 
 
 # A small main job: 13 images in 7 shards of 2, three layers, 60 permutations in shards of 20.
-BASE = {"images": "sample:imagenet", "layers": "blocks.1.0.bn3,blocks.3.1.add,blocks.5.1.add", "permutations": 60,
-        "permutation_shard": 20, "batch_size": 2, "shard_size": 2}
+BASE = {
+    "images": "sample:imagenet",
+    "layers": "blocks.1.0.bn3,blocks.3.1.add,blocks.5.1.add",
+    "permutations": 60,
+    "permutation_shard": 20,
+    "batch_size": 2,
+    "shard_size": 2,
+}
 
 
 def tables(out: Path) -> dict[str, bytes]:
     """Every table (Parquet, Arrow) under an output folder, by relative path."""
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.suffix in (".parquet", ".arrow")}
+    return {
+        str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.suffix in (".parquet", ".arrow")
+    }
 
 
 @pytest.fixture(scope="session")
 def single_node(ray_session, tmp_path_factory) -> Path:
-    """BASE run on one node (the tests' Ray): the reference the cluster, fault and storage tests must match byte for byte."""
-    from ray_jobs.config import RunConfig
-    from ray_jobs.run import run
+    """BASE run on one node (the tests' Ray): the reference the cluster, fault and storage tests must match
+    byte for byte."""
+    from semprobe.ray_jobs.config import RunConfig
+    from semprobe.ray_jobs.run import run
 
     out = tmp_path_factory.mktemp("single") / "out"
     run(RunConfig(**BASE, out=str(out), actors=1).validate(), log=lambda m: None)

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from semprobe.analysis.errors import InputError
+from semprobe.analysis.onevtwo import one_vs_two, one_vs_two_null
+from semprobe.analysis.twovtwo import permutations
+
+
+def naive(i_x, d_t, d_p):
+    """As the papers state it, image by image, with numpy's Pearson r."""
+    r = lambda a, b: np.corrcoef(a, b)[0, 1]  # noqa: E731
+    return np.array([r(i, t) - r(i, p) > 1e-9 for i, t, p in zip(i_x, d_t, d_p)])
+
+
+def structured(n=30, r=12, seed=0, noise=1.0):
+    rng = np.random.default_rng(seed)
+    d_t, d_p = rng.normal(size=(n, r)), rng.normal(size=(n, r))
+    i_x = d_t + noise * rng.normal(size=(n, r))  # the image side follows the true class
+    return i_x, d_t, d_p
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_the_naive_loop_image_by_image(seed):
+    i_x, d_t, d_p = structured(seed=seed)
+    result = one_vs_two(i_x, d_t, d_p)
+    np.testing.assert_array_equal(result.passed, naive(i_x, d_t, d_p))
+    assert result.accuracy == naive(i_x, d_t, d_p).mean() and result.accuracy > 0.7
+    flipped = one_vs_two(i_x, d_p, d_t)  # swapping true and predicted flips every decided image
+    assert flipped.accuracy == pytest.approx(1 - result.accuracy)
+
+
+def test_null_shuffles_reference_concepts_on_the_word_side_and_is_shard_independent():
+    i_x, d_t, d_p = structured(n=25, r=10, seed=3)
+    null = one_vs_two_null(i_x, d_t, d_p, n_perm=30, seed=5)
+    expected = [naive(i_x, d_t[:, p], d_p[:, p]).mean() for p in permutations(10, 30, seed=5)]
+    np.testing.assert_array_equal(null, expected)
+    parts = np.concatenate([one_vs_two_null(i_x, d_t, d_p, n, seed=5, start=s) for s, n in [(0, 11), (11, 19)]])
+    np.testing.assert_array_equal(parts, null)
+    assert abs(null.mean() - 0.5) < 0.15 and one_vs_two(i_x, d_t, d_p).accuracy > np.quantile(null, 0.95)
+
+
+def test_ties_and_constant_rows():
+    i_x, d_t, _ = structured(n=4, r=6)
+    assert one_vs_two(i_x, d_t, d_t).accuracy == 0.0  # t = p: every image ties, and ties fail
+    d_t[2] = 0.3
+    with pytest.raises(InputError, match="zero-variance row 2 in the true-class word correlations"):
+        one_vs_two(i_x, d_t, i_x)

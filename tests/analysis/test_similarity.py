@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from semprobe.analysis.errors import ZeroVarianceError
+from semprobe.analysis.similarity import GramAccumulator, correlation_matrix, zscore_rows
+
+
+def test_zscore_rows_gram_is_pearson():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3, 4, 5)) * rng.uniform(0.1, 10, size=(6, 1, 1, 1)) + 3
+    z = zscore_rows(torch.from_numpy(x)).numpy()
+    assert z.shape == (6, 60)
+    assert z.dtype == np.float32
+    np.testing.assert_allclose(z.mean(axis=1), 0, atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1, rtol=1e-6)
+    np.testing.assert_allclose(z @ z.T, np.corrcoef(x.reshape(6, -1)), atol=1e-6)
+
+
+def test_zscore_rows_float64_and_half_output():
+    x = torch.arange(12, dtype=torch.float64).reshape(2, 6) ** 2
+    z64 = zscore_rows(x, out_dtype=torch.float64)
+    ref = x.numpy() - x.numpy().mean(axis=1, keepdims=True)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(z64.numpy(), ref, rtol=1e-12)
+    z16 = zscore_rows(x.float(), out_dtype=torch.float16)
+    assert z16.dtype == torch.float16
+    np.testing.assert_allclose(z16.float().numpy(), ref, atol=1e-3)
+
+
+def test_zscore_rows_zero_variance_is_zero_not_nan():
+    x = torch.tensor([[2.0, 2.0, 2.0], [1.0, 2.0, 3.0]])
+    z = zscore_rows(x)
+    assert torch.equal(z[0], torch.zeros(3))
+    np.testing.assert_allclose(z[1].numpy(), [-1 / np.sqrt(2), 0, 1 / np.sqrt(2)], rtol=1e-6)
+
+
+def test_zscore_rows_does_not_alias_input():
+    x = torch.randn(3, 8)
+    z = zscore_rows(x)
+    x.zero_()
+    assert z.abs().sum() > 0
+
+
+def test_zscore_rows_channels_last_keeps_chw_order():
+    x = torch.randn(3, 4, 5, 6)
+    z = zscore_rows(x.to(memory_format=torch.channels_last), out_dtype=torch.float16)
+    assert z.shape == (3, 120) and z.is_contiguous()
+    torch.testing.assert_close(z, zscore_rows(x.contiguous(), out_dtype=torch.float16))
+
+
+def test_zscore_rows_constant_nonzero_row_is_zero():
+    x = torch.tensor([[0.1] * 1000, [3.0] * 999 + [3.0000002]])
+    assert torch.count_nonzero(zscore_rows(x)) == 0
+
+
+def test_correlation_matrix_one_product_and_blocked_equal_numpy_pearson():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(9, 4, 25)) * rng.uniform(0.1, 5, size=(9, 1, 1)) + 100  # far from centred
+    expected = np.corrcoef(x.reshape(9, -1))
+    np.testing.assert_allclose(correlation_matrix(x), expected, atol=1e-12)
+    np.testing.assert_allclose(correlation_matrix(x, block=7), expected, atol=1e-12)
+    np.testing.assert_allclose(
+        correlation_matrix(x.astype(np.float32), compute="float32", block=16), expected, atol=1e-5
+    )
+
+
+def test_gram_accumulators_merge_across_workers():
+    rng = np.random.default_rng(6)
+    z = zscore_rows(torch.from_numpy(rng.normal(size=(7, 60)))).numpy().astype(np.float16)  # as stored
+    left, right = GramAccumulator(7), GramAccumulator(7)
+    for lo in range(0, 30, 8):
+        left.add(z[:, lo : min(lo + 8, 30)])
+    right.add(z[:, 30:])
+    np.testing.assert_allclose(left.merge(right).correlation(), np.corrcoef(z.astype(np.float64)), atol=1e-6)
+    assert left.n_features == 60
+
+
+def test_correlation_matrix_names_constant_rows():
+    x = np.random.default_rng(0).normal(size=(5, 12))
+    x[3] = 2.5
+    with pytest.raises(ZeroVarianceError, match=r"row\(s\) \[3\]") as err:
+        correlation_matrix(x)
+    assert err.value.rows == [3]
+    stored = zscore_rows(torch.from_numpy(x)).numpy()  # the store keeps a constant row as zeros
+    with pytest.raises(ZeroVarianceError):
+        correlation_matrix(stored, block=5)

@@ -1,0 +1,183 @@
+"""``semprobe dynamics`` and ``semprobe train --words`` on a tiny FractalNet and a CIFAR-format dataset written here."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_cifar import write_cifar100
+from test_run import by_hand_bhy, digest, naive_passes, stored_matrices
+
+from semprobe.actors.trainer import to_input
+from semprobe.actors.zoo import load_model
+from semprobe.analysis.errors import InputError
+from semprobe.datasets import schema
+from semprobe.datasets.cifar import load_split, parse
+from semprobe.datasets.words import load_word_model
+from semprobe.ray_jobs.config import DynamicsConfig, TrainConfig
+from semprobe.ray_jobs.dynamics import run_dynamics
+from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.train import checkpoints, run_train
+
+TINY = {"model": "fractalnet_tiny", "batch_size": 50, "lr": 0.05}
+LAYERS = ["blocks.2.mean_1", "fc"]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    """A tiny FractalNet trained 2 epochs (checkpoints at 0, 1, 2) on 4 training and 2 test images per class."""
+    root = tmp_path_factory.mktemp("dynamics")
+    write_cifar100(root / "data", n_train=400, n_test=200)
+    cfg = TrainConfig(data=f"cifar100:{root / 'data'}", epochs=2, every=1, out=str(root / "run"), **TINY).validate()
+    run_train(cfg, log=lambda m: None)
+    return root
+
+
+@pytest.fixture(scope="module")
+def analysed(trained):
+    cfg = DynamicsConfig(
+        runs=[str(trained / "run")],
+        words=["glove-50d"],
+        sets=2,
+        layers=",".join(LAYERS),
+        permutations=30,
+        permutation_shard=12,
+        seed=5,
+        dtype="float32",
+    ).validate()
+    summary = run_dynamics(cfg, log=lambda m: None)
+    return cfg, trained / "run" / "dynamics", summary
+
+
+def test_every_checkpoint_and_split_is_scored_against_a_reference(analysed, trained):
+    cfg, out, summary = analysed
+    assert summary["checkpoints"] == 3 and summary["n_tests"] == 3 * 2 * len(LAYERS)
+    table = pq.read_table(out / "dynamics.parquet")
+    assert table.schema.remove_metadata() == schema.DYNAMICS
+    rows = table.to_pylist()
+    means = [r for r in rows if r["set_index"] is None]
+    assert sorted((r["epoch"], r["split"], r["layer"]) for r in means) == sorted(
+        (e, s, layer) for e in (0, 1, 2) for s in ("train", "test") for layer in LAYERS
+    )
+    assert len(rows) == 3 * len(means)  # the mean and each of the 2 sets
+    history = {h["epoch"]: h for h in pq.read_table(trained / "run" / "training.parquet").to_pylist()}
+    assert all(
+        (r["train_error"], r["test_error"]) == (history[r["epoch"]]["train_error"], history[r["epoch"]]["test_error"])
+        for r in rows
+    )
+    # the last checkpoint's classifier on the test images, by hand
+    last = checkpoints(Output(str(trained / "run")), "normal")[-1]
+    model = load_model(f"fractalnet_tiny:checkpoint={last['path']}/model.pt")
+    key = "normal/test/epoch-0002"
+    manifest = pq.read_table(out / "extract" / key / "manifest.parquet").to_pylist()
+    split = load_split(*parse(f"cifar100:{trained / 'data'}?split=test"))
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (model.preprocess.mean, model.preprocess.std))
+    concepts = pq.read_table(out / "extract" / key / "concepts.parquet").to_pylist()
+    word_of = {c["concept_id"]: c["word"] for c in concepts}
+    ids = sorted(word_of)
+    assert len(ids) == 91  # CIFAR-100's nine two-word classes have no GloVe word
+    word = np.corrcoef(load_word_model("glove-50d").vectors([word_of[c] for c in ids]).astype(np.float64))
+    np.testing.assert_allclose(
+        stored_matrices(out, "similarity", key, "words", "glove-50d.parquet")[0], word, atol=1e-6
+    )
+    for s in (0, 1):
+        rows_of_set = sorted((m for m in manifest if m["set_index"] == s), key=lambda m: m["concept_id"])
+        assert [m["concept_id"] for m in rows_of_set] == ids
+        pixels = split.images[[int(m["uri"].rpartition("#")[2]) for m in rows_of_set]]
+        with torch.no_grad():
+            logits = model.module(to_input(torch.from_numpy(pixels), mean, std)).double().numpy()
+        (c_img,) = stored_matrices(out, "similarity", key, "fc", f"set-{s:03d}.parquet")[:1]
+        np.testing.assert_allclose(c_img, np.corrcoef(logits), atol=1e-5)
+        (row,) = [r for r in rows if (r["epoch"], r["split"], r["layer"], r["set_index"]) == (2, "test", "fc", s)]
+        assert (
+            row["accuracy"]
+            == naive_passes(c_img, stored_matrices(out, "similarity", key, "words", "glove-50d.parquet")[0])[
+                np.triu_indices(91, 1)
+            ].mean()
+        )
+        assert (row["n_concepts"], row["n_pairs"], row["n_perm"]) == (91, 4095, 30)
+    # one family: every run x epoch x split x layer
+    np.testing.assert_allclose([r["p_bhy"] for r in means], by_hand_bhy([r["p_value"] for r in means]))
+    assert [r["significant"] for r in means] == [p <= 0.05 for p in by_hand_bhy([r["p_value"] for r in means])]
+    assert (out / "figures" / "dynamics-glove-50d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerun_resumes_what_is_missing_and_ends_identical(analysed):
+    cfg, out, _ = analysed
+    before = digest(out)
+    again = run_dynamics(cfg, log=lambda m: None)
+    assert (again["tests_computed"], again["gram_tasks"]) == (0, 0) and digest(out) == before
+    # interrupted: one checkpoint's test and one of its matrices gone, and the reducer never ran
+    for part in (
+        ("tests", "normal", "train", "epoch-0001", "glove-50d", "fc.parquet"),
+        ("similarity", "normal", "train", "epoch-0001", "fc", "set-001.parquet"),
+        ("dynamics.parquet",),
+    ):
+        out.joinpath(*part).unlink()
+    resumed = run_dynamics(DynamicsConfig(**{**cfg.to_dict(), "permutation_shard": 7}).validate(), log=lambda m: None)
+    assert (resumed["tests_computed"], resumed["gram_tasks"]) == (1, 1)
+    assert {k: v for k, v in digest(out).items() if k != "config.json"} == {
+        k: v for k, v in before.items() if k != "config.json"
+    }
+
+
+def test_training_with_words_analyses_its_checkpoints_as_they_come(ray_session, trained):
+    logs = []
+    cfg = TrainConfig(
+        data=f"cifar100:{trained / 'data'}",
+        epochs=2,
+        every=2,
+        out=str(trained / "with-words"),
+        words="glove-50d",
+        sets=1,
+        layers="fc",
+        permutations=10,
+        **TINY,
+    ).validate()
+    summary = run_train(cfg, log=logs.append)
+    assert summary["dynamics"]["checkpoints"] == 2 and summary["dynamics"]["n_tests"] == 2 * 2
+    rows = pq.read_table(trained / "with-words" / "dynamics" / "dynamics.parquet").to_pylist()
+    assert sorted({(r["epoch"], r["split"]) for r in rows}) == [(0, "test"), (0, "train"), (2, "test"), (2, "train")]
+    assert any(m.startswith("dynamics: ") for m in logs)
+
+
+def test_bad_dynamics_input_is_a_clear_error(trained, tmp_path):
+    with pytest.raises(InputError, match="is not a semprobe train output folder"):
+        run_dynamics(DynamicsConfig(runs=[str(tmp_path)]).validate(), log=lambda m: None)
+    with pytest.raises(InputError, match="unknown split 'validation': choose train, test or train,test"):
+        DynamicsConfig(runs=[str(tmp_path)], splits="validation").validate()
+    with pytest.raises(InputError, match="--runs needs at least one name"):
+        DynamicsConfig().validate()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_normal_and_permuted_runs_in_one_family(ray_session, trained, tmp_path):
+    """Fig. 4's pair: the permuted-label control beside the normal run, one BHY family, one figure row each."""
+    permuted = TrainConfig(
+        data=f"cifar100:{trained / 'data'}",
+        epochs=1,
+        every=1,
+        permute_labels=True,
+        out=str(trained / "permuted"),
+        **TINY,
+    ).validate()
+    run_train(permuted, log=lambda m: None)
+    cfg = DynamicsConfig(
+        runs=[str(trained / "run"), permuted.out],
+        splits="test",
+        sets=1,
+        layers="fc",
+        permutations=10,
+        out=str(tmp_path / "fig4"),
+    ).validate()
+    summary = run_dynamics(cfg, log=lambda m: None)
+    means = [r for r in pq.read_table(tmp_path / "fig4" / "dynamics.parquet").to_pylist() if r["set_index"] is None]
+    assert sorted((r["run_name"], r["epoch"]) for r in means) == [
+        ("normal", 0),
+        ("normal", 1),
+        ("normal", 2),
+        ("permuted", 0),
+        ("permuted", 1),
+    ]
+    assert summary["checkpoints"] == 5 and {r["run"] for r in means} == {str(trained / "run"), permuted.out}
+    np.testing.assert_allclose([r["p_bhy"] for r in means], by_hand_bhy([r["p_value"] for r in means]))
+    assert (tmp_path / "fig4" / "figures" / "dynamics-glove-50d.png").read_bytes()[:4] == b"\x89PNG"

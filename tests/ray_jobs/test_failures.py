@@ -1,0 +1,98 @@
+"""``semprobe misclassified`` end to end on the packaged samples, against a reference computed here."""
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from statsmodels.stats.multitest import multipletests
+
+from semprobe.analysis.errors import InputError
+from semprobe.datasets.classes import imagenet_classes
+from semprobe.datasets.concepts import match_concepts
+from semprobe.datasets.words import load_word_model
+from semprobe.ray_jobs.config import MisclassifiedConfig
+from semprobe.ray_jobs.failures import run_misclassified
+
+
+def r(a, b):
+    return np.corrcoef(np.asarray(a, np.float64), np.asarray(b, np.float64))[0, 1]
+
+
+def naive_one_vs_two(cases, n_perm, seed=0):
+    """Accuracy and permutation p-value of the 1 vs. 2 test, pair by pair with numpy's Pearson. ``cases``: per image,
+    (its activation, the R references' activations, t's word vector, p's word vector, the references' word vectors).
+    The null reorders the references on the word side by permutation k = default_rng([seed, k]).permutation(R)."""
+    i_xs = [[r(x, a) for a in refs] for x, refs, *_ in cases]
+
+    def accuracy(order):
+        return np.mean(
+            [
+                r(i_x, [r(t, ref_vecs[j]) for j in order]) - r(i_x, [r(p, ref_vecs[j]) for j in order]) > 1e-9
+                for i_x, (_, _, t, p, ref_vecs) in zip(i_xs, cases)
+            ]
+        )
+
+    n_refs = len(i_xs[0])
+    observed = accuracy(range(n_refs))
+    null = [accuracy(np.random.default_rng([seed, k]).permutation(n_refs)) for k in range(n_perm)]
+    return observed, (1 + sum(n >= observed for n in null)) / (1 + n_perm)
+
+
+def reference_pool(out, seed=0):
+    """The references, by the documented rule: one correctly classified image per concept (the first by id),
+    concepts in the seed's shuffled order. Returns the clean manifest by image id, the pool and the order."""
+    manifest = {m["image_id"]: m for m in pq.read_table(out / "extract" / "manifest.parquet").to_pylist()}
+    predicted = {
+        p["image_id"]: p["predicted_index"] for p in pq.read_table(out / "extract" / "predictions").to_pylist()
+    }
+    pool = {}
+    for image_id in sorted(manifest):
+        if predicted[image_id] == manifest[image_id]["class_index"]:
+            pool.setdefault(manifest[image_id]["class_index"], image_id)
+    return manifest, pool, [int(c) for c in np.random.default_rng(seed).permutation(sorted(pool))]
+
+
+def test_severity_and_one_vs_two_through_the_layers(ray_session, tmp_path):
+    out = tmp_path / "out"
+    summary = run_misclassified(MisclassifiedConfig(out=str(out), permutations=50).validate(), log=lambda m: None)
+    assert (summary["n_misclassified"], summary["n_correct"], summary["references"]) == (2, 12, 10)
+    glove = load_word_model("glove-50d")
+    words = {
+        c["class_index"]: c["word"] for c in match_concepts(imagenet_classes(), "imagenet", [glove]).table.to_pylist()
+    }
+    vectors = dict(zip(words, glove.vectors(list(words.values())).astype(np.float64)))
+    vec = vectors.__getitem__
+    severity = pq.read_table(out / "severity.parquet").to_pylist()
+    for s in severity:
+        t, p = vec(s["true_index"]), vec(s["predicted_index"])
+        assert s["cosine"] == pytest.approx(t @ p / np.linalg.norm(t) / np.linalg.norm(p), abs=1e-12)
+        assert s["true_index"] != s["predicted_index"]
+    assert summary["mean_severity"] == pytest.approx(np.mean([s["cosine"] for s in severity]))
+
+    manifest, pool, order = reference_pool(out)
+    rows = pq.read_table(out / "one_vs_two.parquet").to_pylist()
+    assert len(rows) == 16 and all(row["n"] == 2 and row["n_references"] == 10 for row in rows)
+    for row in rows:
+        acts = pads.dataset(
+            out / "extract" / "activations" / "efficientnet_lite0" / row["layer"], format="arrow"
+        ).to_table()
+        act = dict(zip(acts["image_id"].to_pylist(), acts["values"].combine_chunks().to_numpy_ndarray()))
+        cases = []
+        for s in severity:
+            t, p = s["true_index"], s["predicted_index"]
+            refs = [c for c in order if c not in (t, p)][:10]  # the first R that are neither t nor p
+            cases.append((act[s["image_id"]], [act[pool[c]] for c in refs], vec(t), vec(p), [vec(c) for c in refs]))
+        accuracy, p_value = naive_one_vs_two(cases, 50)
+        assert (row["accuracy"], row["p_value"]) == (accuracy, pytest.approx(p_value, abs=1e-12))
+    _, p_bhy, _, _ = multipletests([row["p_value"] for row in rows], alpha=0.05, method="fdr_by")
+    assert [row["p_bhy"] for row in rows] == pytest.approx(list(p_bhy), abs=1e-12)
+    assert (out / "figures" / "one_vs_two.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_too_few_references_is_refused(ray_session, tmp_path):
+    with pytest.raises(InputError, match="--references must be at least 5"):
+        MisclassifiedConfig(references=3).validate()
+    with pytest.raises(InputError, match="misclassified needs ImageNet-labelled images"):
+        run_misclassified(
+            MisclassifiedConfig(images="sample:cifar100", out=str(tmp_path / "c")).validate(), log=lambda m: None
+        )

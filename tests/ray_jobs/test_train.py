@@ -1,0 +1,137 @@
+"""``semprobe train`` through Ray Train on a small CIFAR-format dataset written here: schedule, learning, resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_cifar import write_cifar100
+
+from semprobe.actors.trainer import learning_rate, lr_drops
+from semprobe.analysis.errors import InputError
+from semprobe.ray_jobs.config import TrainConfig
+from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.train import checkpoints, run_train
+
+TINY = {"model": "fractalnet_tiny", "batch_size": 50, "lr": 0.05}
+
+
+def test_the_learning_rate_drops_whenever_the_remaining_epochs_halve():
+    assert lr_drops(400) == [200, 300, 350, 375]
+    assert [learning_rate(0.02, e, 400) for e in (0, 199, 200, 299, 300, 350, 374, 375, 399)] == pytest.approx(
+        [0.02, 0.02, 2e-3, 2e-3, 2e-4, 2e-5, 2e-5, 2e-6, 2e-6]
+    )
+    assert lr_drops(8) == [4, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar100(root, n_train=400, n_test=100)
+    return f"cifar100:{root}"
+
+
+def test_training_reports_checkpoints_and_learns(ray_session, cifar, tmp_path):
+    cfg = TrainConfig(data=cifar, epochs=6, every=3, out=str(tmp_path / "run"), **TINY).validate()
+    summary = run_train(cfg, log=lambda m: None)
+    out = Output(cfg.out)
+    done = checkpoints(out, "normal")
+    assert [c["epoch"] for c in done] == [0, 3, 6] and summary["checkpoints"] == 3
+    history = pq.read_table(tmp_path / "run" / "training.parquet").to_pylist()
+    assert [h["epoch"] for h in history] == list(range(7))
+    assert [h["lr"] for h in history[1:]] == pytest.approx(
+        [0.05 * 0.1 ** sum(e >= d for d in lr_drops(6)) for e in range(6)]
+    )
+    assert history[0]["train_error"] > 0.95 and history[-1]["train_error"] < history[1]["train_error"]
+    # a checkpoint is a model of the zoo
+    from semprobe.actors.zoo import load_model
+
+    model = load_model(f"fractalnet_tiny:checkpoint={done[-1]['path']}/model.pt")
+    assert model.name.startswith("fractalnet_tiny:checkpoint=")
+
+
+def same_checkpoints(run: Path, reference: Path) -> list[int]:
+    """The epochs of ``run``'s checkpoints, each asserted to be ``reference``'s model of that epoch, bit for bit."""
+    models = {c["epoch"]: c["path"] for c in checkpoints(Output(str(reference)), "normal")}
+    kept = checkpoints(Output(str(run)), "normal")
+    for c in kept:
+        a, b = (torch.load(path + "/model.pt") for path in (c["path"], models[c["epoch"]]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"epoch {c['epoch']}"
+    return [c["epoch"] for c in kept]
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(ray_session, cifar, tmp_path):
+    args = dict(data=cifar, epochs=3, every=1, **TINY)
+    whole = run_train(TrainConfig(out=str(tmp_path / "whole"), **args).validate(), log=lambda m: None)
+    # the same run in its own process and Ray instance, killed once epoch 1's checkpoint has landed
+    cut = tmp_path / "cut"
+    cmd = [
+        sys.executable,
+        "-m",
+        "semprobe.ray_jobs.cli",
+        "train",
+        "--data",
+        cifar,
+        "--model",
+        "fractalnet_tiny",
+        "--epochs",
+        "3",
+        "--every",
+        "1",
+        "--batch-size",
+        "50",
+        "--lr",
+        "0.05",
+        "--out",
+        str(cut),
+    ]
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(c["epoch"] >= 1 for c in checkpoints(Output(str(cut)), "normal")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    epochs = same_checkpoints(cut, tmp_path / "whole")
+    reached = epochs[-1]
+    assert epochs == list(range(reached + 1)) and 1 <= reached < 3, (
+        "killed mid-training, with every epoch so far (0: the initial model)"
+    )
+    logs = []
+    resumed = run_train(TrainConfig(out=str(cut), **args).validate(), log=logs.append)
+    assert resumed["resumed_from"] == reached and f"train: resuming normal from epoch {reached} of 3" in logs
+    timeless = [
+        pq.read_table(folder / "training.parquet").drop(["epoch_seconds"]) for folder in (cut, tmp_path / "whole")
+    ]
+    assert timeless[0].equals(timeless[1])  # every number but the wall time
+    assert same_checkpoints(cut, tmp_path / "whole") == [0, 1, 2, 3]
+    assert (resumed["train_error"], resumed["test_error"]) == (whole["train_error"], whole["test_error"])
+
+
+def test_bad_training_input_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="--data 'sample:cifar100' is not a CIFAR-100 source: pass cifar100:DIR"):
+        TrainConfig(data="sample:cifar100").validate()
+    with pytest.raises(InputError, match="CIFAR-100 pickle not found"):
+        run_train(TrainConfig(data=f"cifar100:{tmp_path}", out=str(tmp_path / "o")).validate(), log=lambda m: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_two_data_parallel_workers_train_one_model(ray_session, cifar, tmp_path):
+    """The same code on two workers (DDP over gloo): each takes half of every global batch, one model comes out."""
+    cfg = TrainConfig(data=cifar, epochs=2, every=2, workers=2, out=str(tmp_path / "ddp"), **TINY).validate()
+    summary = run_train(cfg, log=lambda m: None)
+    history = pq.read_table(tmp_path / "ddp" / "training.parquet").to_pylist()
+    assert summary["checkpoints"] == 2 and [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[2]["train_loss"] < history[1]["train_loss"]  # the averaged gradients train it
+    state = torch.load(checkpoints(Output(cfg.out), "normal")[-1]["path"] + "/model.pt")
+    assert not any(
+        k.startswith("module.") for k in state
+    )  # a plain state dict, loadable as fractalnet_tiny:checkpoint=
