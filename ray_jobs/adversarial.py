@@ -44,11 +44,14 @@ from semprobe.datasets.classes import imagenet_classes
 from semprobe.datasets.decode import ImageError, decode_image, read_bytes
 from semprobe.datasets.images import filesystem
 from semprobe.ray_jobs.config import AdversarialConfig
-from semprobe.ray_jobs.extract import model_actors, run_extract, shard_file
-from semprobe.ray_jobs.failures import FailureContext, check_references, one_vs_two_through_layers, prepare, save_figure
+from semprobe.ray_jobs.extraction import run_extract
+from semprobe.ray_jobs.failures import FailureContext, check_references, one_vs_two_through_layers, prepare
+from semprobe.ray_jobs.figures import save_figure
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.report import write_failure_report
+from semprobe.ray_jobs.startup import model_actors
 from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.store import shard_file
 
 # What an attack task returns per pair.
 ATTACK_RESULT = pa.schema(

@@ -42,11 +42,10 @@ from semprobe.analysis.figures import affine_heatmap
 from semprobe.datasets import schema
 from semprobe.datasets.decode import ImageError, decode_image, read_bytes
 from semprobe.datasets.images import resolve_images
-from semprobe.ray_jobs.cluster import connect
-from semprobe.ray_jobs.config import AffineConfig, write_resolved
-from semprobe.ray_jobs.extract import check_same_experiment, model_actors, model_key
+from semprobe.ray_jobs.config import AffineConfig
 from semprobe.ray_jobs.progress import Progress
-from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.startup import check_same_experiment, connect, model_actors, write_resolved
+from semprobe.ray_jobs.storage import Output, model_key
 
 METHODS = ("affine", "logit", "naive")
 

@@ -22,7 +22,7 @@ from semprobe.analysis.twovtwo import permutation_null, two_vs_two
 from semprobe.datasets.decode import decode_image, read_bytes
 from semprobe.datasets.images import resolve_images
 from semprobe.ray_jobs.config import ExtractConfig
-from semprobe.ray_jobs.extract import run_extract
+from semprobe.ray_jobs.extraction import run_extract
 
 
 def bare_forward(model: str, images: str, batch_size: int, min_images: int = 128) -> tuple[float, int]:
@@ -466,8 +466,8 @@ def bench_train(args: argparse.Namespace) -> dict:
     import ray
 
     from semprobe.datasets import cifar
-    from semprobe.ray_jobs.cluster import connect
     from semprobe.ray_jobs.config import TrainConfig
+    from semprobe.ray_jobs.startup import connect
     from semprobe.ray_jobs.storage import Output
     from semprobe.ray_jobs.train import checkpoints, run_train
 

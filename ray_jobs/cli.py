@@ -68,7 +68,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 # command -> (module, runner, config class); a job's module is imported only when it runs (torch and Ray import slowly)
 JOBS = {
     "run": ("semprobe.ray_jobs.run", "run", "RunConfig"),
-    "extract": ("semprobe.ray_jobs.extract", "run_extract", "ExtractConfig"),
+    "extract": ("semprobe.ray_jobs.extraction", "run_extract", "ExtractConfig"),
     "affine": ("semprobe.ray_jobs.affine", "run_affine", "AffineConfig"),
     "misclassified": ("semprobe.ray_jobs.failures", "run_misclassified", "MisclassifiedConfig"),
     "adversarial": ("semprobe.ray_jobs.adversarial", "run_adversarial", "AdversarialConfig"),

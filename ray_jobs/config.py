@@ -496,23 +496,6 @@ class TrainConfig(_Identity):
         return DynamicsConfig(runs=[self.out], words=self.words, seed=self.seed, follow=True, **chosen).validate()
 
 
-def write_resolved(output, cfg, **extra: Any) -> None:
-    """OUT/config.json: the fully resolved config, its identity and experiment id; unwritable output is bad input."""
-    from semprobe.datasets.schema import SCHEMA_VERSION
-
-    resolved = {
-        "identity": cfg.identity(),
-        "config": cfg.to_dict(),
-        "experiment_id": cfg.experiment_id(),
-        "schema_version": SCHEMA_VERSION,
-        **extra,
-    }
-    try:
-        output.write_json(resolved, "config.json")
-    except OSError as err:
-        raise InputError(f"cannot write to {cfg.out}: {err}") from None
-
-
 PACKAGED_CONFIGS = "semprobe.ray_jobs.configs"
 
 

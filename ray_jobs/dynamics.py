@@ -36,11 +36,11 @@ from semprobe.actors.trainer import MODEL_FILE
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.figures import training_dynamics
 from semprobe.datasets import cifar, schema
-from semprobe.ray_jobs.cluster import connect
-from semprobe.ray_jobs.config import DynamicsConfig, write_resolved
-from semprobe.ray_jobs.extract import check_same_experiment, model_key, plan_extraction, run_extract
+from semprobe.ray_jobs.config import DynamicsConfig
+from semprobe.ray_jobs.extraction import plan_extraction, run_extract
 from semprobe.ray_jobs.run import Analysis, adjust_family, plan_model, reduce_scores
-from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.startup import check_same_experiment, connect, write_resolved
+from semprobe.ray_jobs.storage import Output, model_key
 from semprobe.ray_jobs.train import checkpoints
 
 

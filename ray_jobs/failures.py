@@ -18,7 +18,6 @@ Layout under OUT::
 
 from __future__ import annotations
 
-import io
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +35,13 @@ from semprobe.datasets import schema
 from semprobe.datasets.classes import imagenet_classes
 from semprobe.datasets.concepts import match_concepts
 from semprobe.datasets.words import load_word_model
-from semprobe.ray_jobs.cluster import connect
-from semprobe.ray_jobs.config import MisclassifiedConfig, write_resolved
-from semprobe.ray_jobs.extract import ExtractionPlan, check_same_experiment, plan_extraction, run_extract
+from semprobe.ray_jobs.config import MisclassifiedConfig
+from semprobe.ray_jobs.extraction import ExtractionPlan, plan_extraction, run_extract
+from semprobe.ray_jobs.figures import save_figure
 from semprobe.ray_jobs.report import write_failure_report
-from semprobe.ray_jobs.run import layer_views
+from semprobe.ray_jobs.startup import check_same_experiment, connect, write_resolved
 from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.store import layer_views
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -222,13 +222,6 @@ def one_vs_two_through_layers(
     table = pa.Table.from_pylist(rows, schema=schema.ONE_VS_TWO)
     output.write_table(schema.stamp(table, cfg.experiment_id()), "one_vs_two.parquet")
     return rows
-
-
-def save_figure(output: Output, figure, name: str) -> bytes:
-    buf = io.BytesIO()
-    figure.savefig(buf, format="png", dpi=110)
-    output.write_bytes(buf.getvalue(), "figures", name)
-    return buf.getvalue()
 
 
 def run_misclassified(cfg: MisclassifiedConfig, log=print) -> dict[str, Any]:

@@ -24,7 +24,6 @@ as stored, so a resumed run ends with the same bytes.
 from __future__ import annotations
 
 import io
-import os
 import posixpath
 import tempfile
 import time
@@ -34,7 +33,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import ray
 
 from semprobe.analysis.errors import InputError, ZeroVarianceError
@@ -44,41 +42,15 @@ from semprobe.analysis.stats import bhy, permutation_p_value
 from semprobe.analysis.twovtwo import permutation_null, two_vs_two
 from semprobe.datasets import schema
 from semprobe.datasets.words import load_word_model
-from semprobe.ray_jobs.cluster import connect
-from semprobe.ray_jobs.config import DynamicsConfig, RunConfig, write_resolved
-from semprobe.ray_jobs.extract import ExtractionPlan, check_same_experiment, model_key, plan_extraction, run_extract
+from semprobe.ray_jobs.config import DynamicsConfig, RunConfig
+from semprobe.ray_jobs.extraction import ExtractionPlan, plan_extraction, run_extract
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.report import write_report
-from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.startup import check_same_experiment, connect, write_resolved
+from semprobe.ray_jobs.storage import Output, model_key
+from semprobe.ray_jobs.store import layer_views
 
 # --- Ray tasks ------------------------------------------------------------------------------------
-
-
-def layer_views(
-    output: Output, folder: tuple[str, ...], scratch: str
-) -> tuple[dict[str, tuple[int, int]], list[np.ndarray]]:
-    """Every activation row of one layer as zero-copy (n, dim) views of memory-mapped IPC files.
-
-    Files on object storage are first copied to local scratch disk, so a layer is
-    never held in memory, wherever it lives. Returns image_id -> (view, row) and the views.
-    """
-    where, views = {}, []
-    for name in output.list(*folder, suffix=".arrow"):
-        path = output.path(*folder, name)
-        if not isinstance(output.fs, pafs.LocalFileSystem):
-            local = os.path.join(scratch, name)
-            pafs.copy_files(path, local, source_filesystem=output.fs, destination_filesystem=pafs.LocalFileSystem())
-            path = local
-        table = pa.ipc.open_file(pa.memory_map(path)).read_all()
-        ids = table["image_id"].to_pylist()
-        offset = 0
-        for chunk in table["values"].chunks:
-            dim = int(np.prod(chunk.type.shape))
-            views.append(chunk.storage.flatten().to_numpy(zero_copy_only=True).reshape(len(chunk), dim))
-            for row in range(len(chunk)):
-                where[ids[offset + row]] = (len(views) - 1, row)
-            offset += len(chunk)
-    return where, views
 
 
 @ray.remote

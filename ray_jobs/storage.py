@@ -9,6 +9,7 @@ file that a rerun would trust.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import posixpath
@@ -173,3 +174,15 @@ class TableFileWriter:
         except (OSError, pa.ArrowException):
             pass  # the file is dropped anyway
         self.file.abort()
+
+
+def model_key(name: str) -> str:
+    """A folder name for a model string (which may hold ':' and a checkpoint path).
+
+    A long name (a deep checkpoint path) keeps its head and tail around a hash of
+    the whole, within file systems' 255-byte limit on a name.
+    """
+    key = re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
+    if len(key) <= 120:
+        return key
+    return f"{key[:40]}-{hashlib.sha1(name.encode()).hexdigest()[:16]}-{key[-60:]}"

@@ -29,9 +29,8 @@ from ray.train.torch import TorchTrainer
 from semprobe.actors.trainer import METRICS_FILE, train_loop
 from semprobe.analysis.errors import InputError
 from semprobe.datasets import cifar, schema
-from semprobe.ray_jobs.cluster import connect
-from semprobe.ray_jobs.config import TrainConfig, write_resolved
-from semprobe.ray_jobs.extract import check_same_experiment
+from semprobe.ray_jobs.config import TrainConfig
+from semprobe.ray_jobs.startup import check_same_experiment, connect, write_resolved
 from semprobe.ray_jobs.storage import Output
 
 

@@ -20,7 +20,7 @@ from semprobe.datasets.decode import decode_image
 from semprobe.datasets.images import resolve_images
 from semprobe.ray_jobs.cli import main
 from semprobe.ray_jobs.config import ExtractConfig
-from semprobe.ray_jobs.extract import plan_extraction, run_extract
+from semprobe.ray_jobs.extraction import plan_extraction, run_extract
 
 SAMPLES = {Path(u).name: Path(u) for u in resolve_images("sample:imagenet").images["uri"].to_pylist()}
 LAYER = "blocks.1.0.bn1"  # timm BatchNormAct2d: an in-place ReLU6 inside a leaf module

@@ -24,12 +24,9 @@ rest, so an interrupted job resumes and ends with the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,26 +47,11 @@ from semprobe.datasets.decode import ImageError, decode_image, read_bytes
 from semprobe.datasets.image_sets import draw_image_sets
 from semprobe.datasets.images import ImageSource, resolve_images
 from semprobe.datasets.words import load_word_model
-from semprobe.ray_jobs.cluster import connect
-from semprobe.ray_jobs.config import ExtractConfig, write_resolved
+from semprobe.ray_jobs.config import ExtractConfig
 from semprobe.ray_jobs.progress import Progress
-from semprobe.ray_jobs.storage import Output, TableFileWriter
-
-
-def model_key(name: str) -> str:
-    """A folder name for a model string (which may hold ':' and a checkpoint path).
-
-    A long name (a deep checkpoint path) keeps its head and tail around a hash of
-    the whole, within file systems' 255-byte limit on a name.
-    """
-    key = re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
-    if len(key) <= 120:
-        return key
-    return f"{key[:40]}-{hashlib.sha1(name.encode()).hexdigest()[:16]}-{key[-60:]}"
-
-
-def shard_file(shard: int, suffix: str = ".parquet") -> str:
-    return f"shard-{shard:05d}{suffix}"
+from semprobe.ray_jobs.startup import check_same_experiment, connect, model_actors, write_resolved
+from semprobe.ray_jobs.storage import Output, model_key
+from semprobe.ray_jobs.store import ShardWriter, shard_file
 
 
 @dataclass
@@ -151,68 +133,6 @@ def decode_shard(
     }
 
 
-class ShardWriter:
-    """Streams one shard's layers into their files, one row group per model batch.
-
-    Writing runs on a background thread so the next batch's forward pass overlaps
-    it; nothing lands under its final name until :meth:`commit`.
-    """
-
-    def __init__(
-        self,
-        output: Output,
-        model: str,
-        key: str,
-        layers: list[Layer],
-        dtype: str,
-        fmt: str,
-        compression: str,
-        shard: int,
-    ):
-        self.model, self.layers = model, layers
-        self.schemas = [schema.activations(layer.dim, dtype) for layer in layers]
-        self.writers = [
-            TableFileWriter(output, ("activations", key, layer.name, shard_file(shard, f".{fmt}")), s, fmt, compression)
-            for layer, s in zip(layers, self.schemas)
-        ]
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending: list[Any] = []
-
-    def write(self, rows: list[list[Any]], captured: dict[str, np.ndarray]) -> None:
-        ids, concepts, sets = (list(col) for col in zip(*rows))
-        n = len(ids)
-        for layer, s, writer in zip(self.layers, self.schemas, self.writers):
-            values = pa.FixedShapeTensorArray.from_numpy_ndarray(captured[layer.name])
-            table = pa.table(
-                [
-                    pa.array(ids, pa.string()),
-                    pa.array(concepts, pa.string()),
-                    pa.array(sets, pa.int32()),
-                    pa.repeat(self.model, n),
-                    pa.repeat(layer.name, n),
-                    pa.repeat(pa.scalar(layer.layer_index, pa.int32()), n),
-                    pa.array([list(layer.shape)] * n, pa.list_(pa.int32())),
-                    values,
-                ],
-                schema=s,
-            )
-            self.pending.append(self.pool.submit(writer.write, table))
-
-    def commit(self) -> None:
-        try:
-            for f in self.pending:
-                f.result()
-            for writer in self.writers:
-                writer.commit()
-        finally:
-            self.pool.shutdown()
-
-    def abort(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        for writer in self.writers:
-            writer.abort()
-
-
 class ExtractShards:
     """Actor stage: run the extractor over a shard in model batches and store the results."""
 
@@ -250,9 +170,7 @@ class ExtractShards:
         m = self.extractor
         predictions = []
         if rows:
-            writer = ShardWriter(
-                self.output, m.model_name, self.key, m.layers, self.dtype, self.format, self.compression, shard
-            )
+            writer = ShardWriter(self.output, m.model_name, m.layers, self.dtype, self.format, self.compression, shard)
             try:
                 for start in range(0, len(rows), self.batch_size):
                     part = rows[start : start + self.batch_size]
@@ -283,13 +201,6 @@ class ExtractShards:
 # --- the driver ------------------------------------------------------------------------------------
 
 
-def model_actors(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float]:
-    """How many model actors and GPUs each: as configured, else one actor per GPU of the cluster (or 1 on CPUs)."""
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = gpus_per_actor if gpus_per_actor is not None else (1 if cluster_gpus >= 1 else 0)
-    return actors or (max(1, int(cluster_gpus // gpus)) if gpus else 1), gpus
-
-
 def _resources(cfg: ExtractConfig) -> dict[str, Any]:
     actors, gpus = model_actors(cfg.actors, cfg.gpus_per_actor)
     return {
@@ -300,19 +211,6 @@ def _resources(cfg: ExtractConfig) -> dict[str, Any]:
         "decode_cpus": cfg.decode_cpus,
         "actor_resources": cfg.actor_resources,
     }
-
-
-def check_same_experiment(output: Output, cfg) -> None:
-    """Refuse to mix two experiments in one output folder."""
-    if not output.exists("config.json"):
-        return
-    before = output.read_json("config.json").get("identity", {})
-    differ = [k for k, v in cfg.identity().items() if before.get(k) != v]
-    if differ:
-        raise InputError(
-            f"{output.uri} holds another experiment (it differs in {', '.join(differ)}): use a new --out or the "
-            f"same options"
-        )
 
 
 def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any]) -> None:

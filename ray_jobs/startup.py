@@ -1,0 +1,73 @@
+"""What every job does before its first task: open its output, refuse to mix experiments, join the
+cluster, resolve resources, and write the resolved config beside the outputs.
+
+``ray.init()`` with no address joins the cluster ``RAY_ADDRESS`` names (``ray job submit`` sets it for the
+job's driver), else a cluster ``ray start`` made on this machine, else starts a local instance; resources
+are then read off the cluster (``ray.cluster_resources()``), never assumed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+from semprobe.analysis.errors import InputError
+from semprobe.ray_jobs.storage import Output
+
+
+def open_output(cfg) -> Output:
+    """The job's output root, refused when it holds another experiment."""
+    output = Output(cfg.out)
+    check_same_experiment(output, cfg)
+    return output
+
+
+def connect(log=print) -> None:
+    """Join (or start) the Ray cluster once per process, and say which it is and what it holds."""
+    if ray.is_initialized():
+        return
+    context = ray.init()
+    resources = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    log(
+        f"ray: running on the cluster at {context.address_info['gcs_address']}: {nodes} node(s), "
+        f"{resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU"
+    )
+
+
+def check_same_experiment(output: Output, cfg) -> None:
+    """Refuse to mix two experiments in one output folder."""
+    if not output.exists("config.json"):
+        return
+    before = output.read_json("config.json").get("identity", {})
+    differ = [k for k, v in cfg.identity().items() if before.get(k) != v]
+    if differ:
+        raise InputError(
+            f"{output.uri} holds another experiment (it differs in {', '.join(differ)}): use a new --out or the "
+            f"same options"
+        )
+
+
+def model_actors(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float]:
+    """How many model actors and GPUs each: as configured, else one actor per GPU of the cluster (or 1 on CPUs)."""
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = gpus_per_actor if gpus_per_actor is not None else (1 if cluster_gpus >= 1 else 0)
+    return actors or (max(1, int(cluster_gpus // gpus)) if gpus else 1), gpus
+
+
+def write_resolved(output, cfg, **extra: Any) -> None:
+    """OUT/config.json: the fully resolved config, its identity and experiment id; unwritable output is bad input."""
+    from semprobe.datasets.schema import SCHEMA_VERSION
+
+    resolved = {
+        "identity": cfg.identity(),
+        "config": cfg.to_dict(),
+        "experiment_id": cfg.experiment_id(),
+        "schema_version": SCHEMA_VERSION,
+        **extra,
+    }
+    try:
+        output.write_json(resolved, "config.json")
+    except OSError as err:
+        raise InputError(f"cannot write to {cfg.out}: {err}") from None
