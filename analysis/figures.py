@@ -12,12 +12,12 @@ from matplotlib.figure import Figure
 def layer_curves(scores: Sequence[dict[str, Any]], model: str, alpha: float) -> Figure:
     """2 vs. 2 accuracy through the layers of one CNN, one line per word model (Figs. 1-3 of the 2021 paper).
 
-    ``scores`` are rows of the scores table; the model's mean-over-sets rows
-    (set_index None) are drawn: accuracy with a +-1 std band over image sets, the
+    ``scores`` are rows of the scores table (means over image sets); the model's are
+    drawn: accuracy with a +-1 std band over image sets, the
     permutation null's mean +-2 std in grey, chance at 0.5, filled markers
     where BHY finds the layer significant at ``alpha`` and hollow where it does not.
     """
-    rows = [r for r in scores if r["set_index"] is None and r["model"] == model]
+    rows = [r for r in scores if r["model"] == model]
     words = list(dict.fromkeys(r["word_model"] for r in rows))
     # A bare Figure, not pyplot's: no display needed, and nothing kept alive between calls.
     fig = Figure(figsize=(max(7.0, 0.12 * len(rows) / max(len(words), 1)), 4.2), layout="tight")
@@ -168,13 +168,13 @@ def training_dynamics(
     """Fig. 4 of the 2021 paper: per training run, train/test error by epoch beside 2 vs. 2 by epoch, one line
     per layer.
 
-    ``rows`` are rows of the dynamics table (mean-over-sets rows, set_index None,
-    are drawn for ``word_model``), keyed to runs by their ``run_label``;
+    ``rows`` are rows of the dynamics table (means over image sets; those of
+    ``word_model`` are drawn), keyed to runs by their ``run_label``;
     ``errors`` maps each run label to its per-epoch rows (epoch, train_error,
     test_error). One figure row per run; one 2 vs. 2 panel per image split.
     Filled markers: significant after BHY at ``alpha``.
     """
-    rows = [r for r in rows if r["set_index"] is None and r["word_model"] == word_model]
+    rows = [r for r in rows if r["word_model"] == word_model]
     runs = list(errors)
     splits = sorted(
         {r["split"] for r in rows}, key=lambda s: (s != "train", s)

@@ -123,42 +123,52 @@ TESTS = pa.schema(
     ]
 )
 
-# One row per (model, layer, word model, set) and one per (model, layer, word model) with
-# set_index null: the mean over sets, tested against the permutation null and corrected by
-# BHY over the experiment's whole family (every model x layer x word model).
+# One row per (model, layer, word model): the mean over the image sets, tested against the permutation
+# null and corrected by BHY over the experiment's whole family (every model x layer x word model).
 SCORES = pa.schema(
     [
         ("model", pa.string()),
         ("layer", pa.string()),
         ("layer_index", pa.int32()),
         ("word_model", pa.string()),
-        ("set_index", pa.int32()),
-        ("accuracy", pa.float64()),
-        ("std", pa.float64()),  # over sets (sample std; 0 with one set); null on a set's row
+        ("accuracy", pa.float64()),  # mean over sets
+        ("std", pa.float64()),  # over sets (sample std; 0 with one set)
         ("n_concepts", pa.int32()),
         ("n_pairs", pa.int64()),
         ("n_perm", pa.int32()),
-        ("null_mean", pa.float64()),
+        ("null_mean", pa.float64()),  # of the set-averaged accuracy under each permutation
         ("null_std", pa.float64()),
         ("p_value", pa.float64()),  # (1 + #{null >= accuracy}) / (1 + n_perm); null without permutations
-        ("p_bhy", pa.float64()),  # on mean rows only
-        ("significant", pa.bool_()),  # p_bhy <= alpha, on mean rows only
+        ("p_bhy", pa.float64()),
+        ("significant", pa.bool_()),  # p_bhy <= alpha
     ]
 )
 
-# Per concept: the fraction of its pairs passed, per set and (set_index null) over all sets.
+# One row per (model, layer, word model, image set): each set's accuracy against its own null, uncorrected.
+SCORES_BY_SET = pa.schema(
+    [
+        *[SCORES.field(name) for name in ("model", "layer", "layer_index", "word_model")],
+        ("set_index", pa.int32()),
+        *[SCORES.field(name) for name in ("accuracy", "n_concepts", "n_pairs", "n_perm", "null_mean", "null_std")],
+        SCORES.field("p_value"),
+    ]
+)
+
+# Per (model, layer, word model, concept): the fraction of the concept's pairs passed, mean over sets.
 CONCEPT_SCORES = pa.schema(
     [
         ("model", pa.string()),
         ("layer", pa.string()),
         ("layer_index", pa.int32()),
         ("word_model", pa.string()),
-        ("set_index", pa.int32()),
         ("concept_id", pa.string()),
         ("word", pa.string()),
         ("pass_rate", pa.float64()),
     ]
 )
+
+# The same per image set.
+CONCEPT_SCORES_BY_SET = pa.schema([*CONCEPT_SCORES][:4] + [pa.field("set_index", pa.int32())] + [*CONCEPT_SCORES][4:])
 
 # The N x N table of affine feature equivalence (McNeely-White 2020): one row per (source,
 # target, method); source == target rows hold each CNN alone.
@@ -228,18 +238,43 @@ TRAINING = pa.schema(
     ]
 )
 
-# One row per (training run, checkpoint epoch, image split, layer, word model, set) of ``semprobe dynamics``:
-# the scores columns of that checkpoint's 2 vs. 2, BHY over the experiment's whole family (every run x epoch x
-# split x layer x word model), beside the checkpoint's errors.
-DYNAMICS = pa.schema(
+# The checkpoint's side of a dynamics row: which run, epoch and image split, and the checkpoint's errors.
+_CHECKPOINT = {
+    "run": pa.string(),  # the training run's --out folder
+    "run_name": pa.string(),  # normal | permuted
+    "epoch": pa.int32(),
+    "split": pa.string(),  # whose images the K sets are: train | test
+    "model": pa.string(),  # the checkpoint as a model of the zoo
+    "train_error": pa.float64(),  # the checkpoint's, as training reported it
+    "test_error": pa.float64(),
+}
+
+
+def _dynamics(scores: pa.Schema) -> pa.Schema:
+    head = [(name, _CHECKPOINT[name]) for name in ("run", "run_name", "epoch", "split")]
+    tail = [(name, _CHECKPOINT[name]) for name in ("model", "train_error", "test_error")]
+    return pa.schema([*head, *[scores.field(name) for name in scores.names if name != "model"], *tail])
+
+
+# One row per (training run, checkpoint epoch, image split, layer, word model) of ``semprobe dynamics``:
+# the scores columns of that checkpoint's 2 vs. 2 (mean over sets), BHY over the experiment's whole
+# family (every run x epoch x split x layer x word model), beside the checkpoint's errors.
+DYNAMICS = _dynamics(SCORES)
+
+# The same per image set (uncorrected, as scores_by_set).
+DYNAMICS_BY_SET = _dynamics(SCORES_BY_SET)
+
+# ``semprobe train``'s checkpoints.parquet: one row per registered checkpoint, as Ray Train reported it.
+CHECKPOINTS = pa.schema([*TRAINING, ("run", pa.string()), ("path", pa.string())])  # run: normal | permuted
+
+# An extraction's layers.parquet: the chosen layers of its model, in order.
+LAYERS = pa.schema(
     [
-        ("run", pa.string()),  # the training run's --out folder
-        ("run_name", pa.string()),  # normal | permuted
-        ("epoch", pa.int32()),
-        ("split", pa.string()),  # whose images the K sets are: train | test
-        *[SCORES.field(name) for name in SCORES.names if name != "model"],
-        ("model", pa.string()),  # the checkpoint as a model of the zoo
-        ("train_error", pa.float64()),  # the checkpoint's, as training reported it
-        ("test_error", pa.float64()),
+        ("model", pa.string()),
+        ("layer", pa.string()),
+        ("layer_index", pa.int32()),
+        ("kind", pa.string()),  # activations, concat, blocks, pool, logits or node
+        ("shape", pa.list_(pa.int32())),  # of one image's output, without the batch
+        ("dim", pa.int64()),  # features: the product of shape
     ]
 )

@@ -466,10 +466,11 @@ def bench_train(args: argparse.Namespace) -> dict:
     import ray
 
     from semprobe.datasets import cifar
+    from semprobe.ray_jobs.checkpoints import checkpoints
     from semprobe.ray_jobs.config import TrainConfig
     from semprobe.ray_jobs.startup import connect
     from semprobe.ray_jobs.storage import Output
-    from semprobe.ray_jobs.train import checkpoints, run_train
+    from semprobe.ray_jobs.train import run_train
 
     cpus = len(os.sched_getaffinity(0))
     n = args.batch_size * args.steps

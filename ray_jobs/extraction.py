@@ -228,16 +228,14 @@ def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any]) 
     if plan.concepts is not None:
         output.write_table(schema.stamp(plan.concepts.table, exp), "concepts.parquet")
     output.write_table(schema.stamp(plan.manifest, exp), "manifest.parquet")
-    layers = pa.table(
-        {
-            "model": [plan.model] * len(plan.layers),
-            "layer": [layer.name for layer in plan.layers],
-            "layer_index": pa.array([layer.layer_index for layer in plan.layers], pa.int32()),
-            "kind": [layer.kind for layer in plan.layers],
-            "shape": pa.array([list(layer.shape) for layer in plan.layers], pa.list_(pa.int32())),
-            "dim": pa.array([layer.dim for layer in plan.layers], pa.int64()),
-        }
-    )
+    layers = pa.Table.from_pylist(
+        [
+            {"model": plan.model, "layer": layer.name, "layer_index": layer.layer_index, "kind": layer.kind,
+             "shape": list(layer.shape), "dim": layer.dim}
+            for layer in plan.layers
+        ],
+        schema=schema.LAYERS,
+    )  # fmt: skip
     output.write_table(schema.stamp(layers, exp), "layers.parquet")
 
 

@@ -148,8 +148,7 @@ def write_report(
     ``figures`` maps each model to its PNG; ``coverage`` maps it to (extraction
     plan, concepts left out after image errors, its errors table).
     """
-    df = pl.from_arrow(scores).filter(pl.col("set_index").is_null())
-    concepts = pl.from_arrow(concept_scores).filter(pl.col("set_index").is_null())
+    df, concepts = pl.from_arrow(scores), pl.from_arrow(concept_scores)
     html = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>semprobe run {cfg.experiment_id()}</title>"
         f"<style>{STYLE}</style></head><body>",
@@ -167,8 +166,9 @@ def write_report(
     for model, item in coverage.items():
         html += _coverage(model, *item)
     html.append(
-        "<p>Tables: <code>scores.parquet</code> (one row per CNN x layer x word model x set, and the mean over "
-        "sets with set_index null), <code>concept_scores.parquet</code> (pass rate per concept), <code>tests/</code> "
+        "<p>Tables: <code>scores.parquet</code> (one row per CNN x layer x word model: the mean over sets), "
+        "<code>scores_by_set.parquet</code> (one row per image set), <code>concept_scores.parquet</code> and "
+        "<code>concept_scores_by_set.parquet</code> (pass rate per concept), <code>tests/</code> "
         "(pair counts and the null), <code>similarity/</code> (the matrices), <code>figures/</code>.</p></body></html>"
     )
     output.write_bytes("\n".join(html).encode(), "report.html")

@@ -29,6 +29,8 @@ from ray.train.torch import TorchTrainer
 from semprobe.actors.trainer import METRICS_FILE, train_loop
 from semprobe.analysis.errors import InputError
 from semprobe.datasets import cifar, schema
+from semprobe.ray_jobs.checkpoint_analysis import follow
+from semprobe.ray_jobs.checkpoints import checkpoints
 from semprobe.ray_jobs.config import TrainConfig
 from semprobe.ray_jobs.startup import check_same_experiment, connect, write_resolved
 from semprobe.ray_jobs.storage import Output
@@ -52,26 +54,6 @@ def load_data(cfg: TrainConfig, log) -> tuple[tuple[np.ndarray, np.ndarray], tup
     if cfg.batch_size > len(train.labels):
         raise InputError(f"--batch-size {cfg.batch_size} exceeds the {len(train.labels)} training images")
     return (train.images, ys[0]), (test.images, ys[1])
-
-
-# Ray Train's record of the checkpoints it registered (complete ones only), beside them in the run's folder.
-SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-def checkpoints(output: Output, run: str) -> list[dict[str, Any]]:
-    """The run's registered checkpoints by epoch: that epoch's metrics, run and path."""
-    try:
-        with output.fs.open_input_stream(output.path("train", run, SNAPSHOT)) as f:
-            snapshot = json.loads(f.read())
-    except (FileNotFoundError, json.JSONDecodeError):  # no run yet, or the record is being rewritten
-        return []
-    return sorted(
-        (
-            {**c["metrics"], "run": run, "path": output.path("train", run, c["checkpoint_dir_name"])}
-            for c in snapshot["checkpoint_results"]
-        ),
-        key=lambda r: r["epoch"],
-    )
 
 
 def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
@@ -142,18 +124,17 @@ def _finish(cfg: TrainConfig, output: Output, done: list[dict[str, Any]]) -> Non
         history = json.loads(f.read())
     exp = cfg.experiment_id()
     output.write_table(schema.stamp(pa.Table.from_pylist(history, schema=schema.TRAINING), exp), "training.parquet")
-    output.write_table(schema.stamp(pa.Table.from_pylist(done), exp), "checkpoints.parquet")
+    output.write_table(schema.stamp(pa.Table.from_pylist(done, schema=schema.CHECKPOINTS), exp), "checkpoints.parquet")
 
 
 class _AnalysisThread(threading.Thread):
-    """``semprobe dynamics --follow`` on this run, beside the trainer; join() ends it once training has ended."""
+    """The analysis of ``semprobe dynamics --follow`` on this run, beside the trainer; join() ends it once
+    training has ended."""
 
     def __init__(self, cfg: TrainConfig, log):
-        from semprobe.ray_jobs.dynamics import run_dynamics
-
         super().__init__(name="semprobe-dynamics", daemon=True)
         self.stop, self.result, self.error = threading.Event(), None, None
-        self.job = lambda: run_dynamics(cfg.dynamics_config(), log=log, stop=self.stop)
+        self.job = lambda: follow(cfg.dynamics_config(), log=log, stop=self.stop)
         self.start()
 
     def run(self) -> None:

@@ -13,10 +13,11 @@ from semprobe.analysis.errors import InputError
 from semprobe.datasets import schema
 from semprobe.datasets.cifar import load_split, parse
 from semprobe.datasets.words import load_word_model
+from semprobe.ray_jobs.checkpoints import checkpoints
 from semprobe.ray_jobs.config import DynamicsConfig, TrainConfig
 from semprobe.ray_jobs.dynamics import run_dynamics
 from semprobe.ray_jobs.storage import Output
-from semprobe.ray_jobs.train import checkpoints, run_train
+from semprobe.ray_jobs.train import run_train
 
 TINY = {"model": "fractalnet_tiny", "batch_size": 50, "lr": 0.05}
 LAYERS = ["blocks.2.mean_1", "fc"]
@@ -53,8 +54,10 @@ def test_every_checkpoint_and_split_is_scored_against_a_reference(analysed, trai
     assert summary["checkpoints"] == 3 and summary["n_tests"] == 3 * 2 * len(LAYERS)
     table = pq.read_table(out / "dynamics.parquet")
     assert table.schema.remove_metadata() == schema.DYNAMICS
-    rows = table.to_pylist()
-    means = [r for r in rows if r["set_index"] is None]
+    by_set = pq.read_table(out / "dynamics_by_set.parquet")
+    assert by_set.schema.remove_metadata() == schema.DYNAMICS_BY_SET
+    means = table.to_pylist()
+    rows = means + by_set.to_pylist()
     assert sorted((r["epoch"], r["split"], r["layer"]) for r in means) == sorted(
         (e, s, layer) for e in (0, 1, 2) for s in ("train", "test") for layer in LAYERS
     )
@@ -87,7 +90,7 @@ def test_every_checkpoint_and_split_is_scored_against_a_reference(analysed, trai
             logits = model.module(to_input(torch.from_numpy(pixels), mean, std)).double().numpy()
         (c_img,) = stored_matrices(out, "similarity", key, "fc", f"set-{s:03d}.parquet")[:1]
         np.testing.assert_allclose(c_img, np.corrcoef(logits), atol=1e-5)
-        (row,) = [r for r in rows if (r["epoch"], r["split"], r["layer"], r["set_index"]) == (2, "test", "fc", s)]
+        (row,) = [r for r in rows if (r["epoch"], r["split"], r["layer"], r.get("set_index")) == (2, "test", "fc", s)]
         assert (
             row["accuracy"]
             == naive_passes(c_img, stored_matrices(out, "similarity", key, "words", "glove-50d.parquet")[0])[
@@ -170,7 +173,7 @@ def test_normal_and_permuted_runs_in_one_family(ray_session, trained, tmp_path):
         out=str(tmp_path / "fig4"),
     ).validate()
     summary = run_dynamics(cfg, log=lambda m: None)
-    means = [r for r in pq.read_table(tmp_path / "fig4" / "dynamics.parquet").to_pylist() if r["set_index"] is None]
+    means = pq.read_table(tmp_path / "fig4" / "dynamics.parquet").to_pylist()
     assert sorted((r["run_name"], r["epoch"]) for r in means) == [
         ("normal", 0),
         ("normal", 1),

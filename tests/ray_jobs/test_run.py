@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -13,6 +14,7 @@ import pytest
 from conftest import cli_stderr
 from PIL import Image, ImageOps
 
+import semprobe
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.twovtwo import permutations, two_vs_two
 from semprobe.datasets import schema
@@ -20,7 +22,9 @@ from semprobe.datasets.images import resolve_images
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.cli import main
 from semprobe.ray_jobs.config import RunConfig, load_config, packaged_configs
-from semprobe.ray_jobs.run import _get, gram_task, run
+from semprobe.ray_jobs.run import run
+from semprobe.ray_jobs.scheduler import get as _get
+from semprobe.ray_jobs.scheduler import gram_task
 
 LAYERS = ["blocks.1.0.bn3", "blocks.3.1.add", "blocks.5.1.add"]
 
@@ -101,7 +105,7 @@ def test_default_run_scores_against_a_reference(default_run, capsys):
     ) == ("sample:imagenet", ["efficientnet_lite0"], ["glove-50d"], 1, "blocks", 1000)
     scores = pq.read_table(out / "scores.parquet")
     assert scores.schema.remove_metadata() == schema.SCORES
-    means = [r for r in scores.to_pylist() if r["set_index"] is None]
+    means = scores.to_pylist()
     assert len(means) == 16 and [r["layer_index"] for r in means] == sorted(r["layer_index"] for r in means)
     word = stored_matrices(out, "similarity", "efficientnet_lite0", "words", "glove-50d.parquet")[0]
     w = len(word)
@@ -157,21 +161,28 @@ def test_two_sets_scores_and_concept_pass_rates(two_sets):
     w = len(word)
     perms = permutations(w, 40, seed=3)
     scores = pq.read_table(out / "scores.parquet").to_pylist()
+    scores_by_set = pq.read_table(out / "scores_by_set.parquet").to_pylist()
     concept_scores = pq.read_table(out / "concept_scores.parquet").to_pylist()
-    assert len(scores) == 3 * 3 and len(concept_scores) == 3 * 3 * w
+    concept_scores_by_set = pq.read_table(out / "concept_scores_by_set.parquet").to_pylist()
+    assert len(scores) + len(scores_by_set) == 3 * 3 and len(scores) == 3
+    assert len(concept_scores) + len(concept_scores_by_set) == 3 * 3 * w and len(concept_scores) == 3 * w
     for layer in LAYERS:
         sets = stored_matrices(out, "similarity", "efficientnet_lite0", layer)
         passed = [naive_passes(a, word) for a in sets]
         acc = [p[np.triu_indices(w, 1)].mean() for p in passed]
         null = np.array([[two_vs_two(a, word[p][:, p]).accuracy for a in sets] for p in perms])  # (40, 2)
-        rows = {r["set_index"]: r for r in scores if r["layer"] == layer}
+        rows = {r.get("set_index"): r for r in scores + scores_by_set if r["layer"] == layer}
         assert rows[None]["accuracy"] == pytest.approx(np.mean(acc), abs=1e-15)
         assert rows[None]["std"] == pytest.approx(np.std(acc, ddof=1), abs=1e-15)
         assert rows[None]["p_value"] == (1 + np.sum(null.mean(1) >= np.mean(acc) - 1e-12)) / 41
         for k in (0, 1):
-            assert rows[k]["accuracy"] == acc[k] and rows[k]["p_bhy"] is None
+            assert rows[k]["accuracy"] == acc[k] and rows[k].get("p_bhy") is None
             assert rows[k]["p_value"] == (1 + np.sum(null[:, k] >= acc[k] - 1e-12)) / 41
-        rates = {(r["set_index"], r["concept_id"]): r["pass_rate"] for r in concept_scores if r["layer"] == layer}
+        rates = {
+            (r.get("set_index"), r["concept_id"]): r["pass_rate"]
+            for r in concept_scores + concept_scores_by_set
+            if r["layer"] == layer
+        }
         ids = sorted({c for _, c in rates})
         for i, c in enumerate(ids):
             assert rates[(0, c)] == passed[0][i].sum() / (w - 1)
@@ -301,3 +312,30 @@ def test_report_says_how_much_stands_behind_each_number(two_sets):
     report = (out / "report.html").read_text()
     assert "2 image set(s)" in report and "from <b>13 concepts</b>" in report and "40 permutations (seed 3)" in report
     assert report.count("<tr>") == 1 + 3 + 1 + 6  # the layer table and the classes without a word
+
+
+def test_layer_scores_on_the_activation_store_equals_the_run(two_sets):
+    """The notebook API on a finished run's activation rows and word vectors gives its scores.parquet exactly."""
+    cfg, out, _ = two_sets
+    ext = out / "extract" / "efficientnet_lite0"
+    manifest = pq.read_table(ext / "manifest.parquet").to_pylist()
+    concepts = pq.read_table(ext / "concepts.parquet")
+    word_of = dict(zip(concepts["concept_id"].to_pylist(), concepts["word"].to_pylist()))
+    ids = sorted(word_of)  # the run's concept order
+    sets = []
+    for k in (0, 1):
+        image_of = {m["concept_id"]: m["image_id"] for m in manifest if m["set_index"] == k}
+        layers = {}
+        for layer in LAYERS:
+            acts = pads.dataset(ext / "activations" / "efficientnet_lite0" / layer, format="arrow").to_table()
+            rows = dict(zip(acts["image_id"].to_pylist(), acts["values"].combine_chunks().to_numpy_ndarray()))
+            layers[layer] = np.stack([rows[image_of[c]] for c in ids])  # float16, as stored
+        sets.append(layers)
+    vectors = load_word_model("glove-50d").vectors([word_of[c] for c in ids])
+    scores = semprobe.layer_scores(
+        sets[0], vectors, concepts=ids, sets=sets[1:], permutations=40, seed=3,
+        model="efficientnet_lite0", word_model="glove-50d",
+    )  # fmt: skip
+    stored = pl.read_parquet(out / "scores.parquet")
+    assert scores.columns == stored.columns and scores.dtypes == stored.dtypes
+    assert scores.equals(stored), (scores, stored)

@@ -14,9 +14,10 @@ from test_cifar import write_cifar100
 
 from semprobe.actors.trainer import learning_rate, lr_drops
 from semprobe.analysis.errors import InputError
+from semprobe.ray_jobs.checkpoints import checkpoints
 from semprobe.ray_jobs.config import TrainConfig
 from semprobe.ray_jobs.storage import Output
-from semprobe.ray_jobs.train import checkpoints, run_train
+from semprobe.ray_jobs.train import run_train
 
 TINY = {"model": "fractalnet_tiny", "batch_size": 50, "lr": 0.05}
 

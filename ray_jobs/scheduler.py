@@ -1,0 +1,402 @@
+"""The 2 vs. 2 machinery of ``semprobe run`` and ``semprobe dynamics``: Gram, 2 vs. 2 and permutation
+tasks on Ray, their scheduling and the reducer.
+
+For each model extraction (a :class:`ModelPlan`): one Gram task per (layer, image set) computes
+its w x w concept correlations from the memory-mapped activation store in bounded feature
+chunks; one 2 vs. 2 task and ``permutations / permutation_shard`` permutation tasks per
+(layer, word model) run over those small matrices; each test is written as its tasks finish.
+The formulas are :mod:`semprobe.analysis.scores`'; this module only places them on the cluster
+and reads and writes their files::
+
+    similarity/<key>/<layer>/set-NNN.parquet       the CNN matrix of each image set
+    similarity/<key>/words/<word model>.parquet    the word matrices over the same concepts
+    tests/<key>/<word model>/<layer>.parquet       observed and null 2 vs. 2, as pair counts
+
+Every file is a unit of resume: what exists is not recomputed.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from semprobe.analysis.errors import InputError, ZeroVarianceError
+from semprobe.analysis.scores import (
+    LayerTest,
+    adjust_family,
+    chunk_features,
+    concept_matrix,
+    concept_pass_rates,
+    observe,
+    score,
+    word_matrix,
+)
+from semprobe.analysis.twovtwo import permutation_null
+from semprobe.datasets import schema
+from semprobe.datasets.words import load_word_model
+from semprobe.ray_jobs.extraction import ExtractionPlan
+from semprobe.ray_jobs.progress import Progress
+from semprobe.ray_jobs.storage import Output, model_key
+from semprobe.ray_jobs.store import layer_folder, layer_views
+
+# --- Ray tasks ------------------------------------------------------------------------------------
+
+
+@ray.remote
+def gram_task(
+    out: str,
+    folder: tuple[str, ...],
+    model: str,
+    layer: str,
+    layer_index: int,
+    set_index: int,
+    images: list[str],
+    concept_ids: list[str],
+    memory_mb: int,
+    compute: str,
+    key: str | None = None,
+) -> np.ndarray:
+    """The (w, w) concept correlation matrix of one image set of one layer, written under ``key`` (default:
+    the model's) and returned (float32).
+
+    ``folder`` is the layer's activation store under ``out``; ``images`` lists the
+    set's image per concept, in ``concept_ids`` order. The Gram is summed over
+    chunks of features so that at most ``memory_mb`` of float32 is converted at a
+    time, however wide the layer.
+    """
+    output = Output(out)
+    w = len(concept_ids)
+    with tempfile.TemporaryDirectory(prefix="semprobe-gram-") as scratch:
+        where, views = layer_views(output, folder, scratch)
+        located = np.array([where[i] for i in images])
+        dim = views[0].shape[1]
+        step = chunk_features(w, dim, memory_mb)
+        buf = np.empty((w, step), np.float32)
+
+        def chunks():
+            for lo in range(0, dim, step):
+                hi = min(dim, lo + step)
+                for v in np.unique(located[:, 0]):
+                    pos = np.flatnonzero(located[:, 0] == v)
+                    buf[pos, : hi - lo] = views[v][located[pos, 1], lo:hi]
+                yield buf[:, : hi - lo]
+
+        try:
+            matrix = concept_matrix(chunks(), w, compute)
+        except ZeroVarianceError as err:
+            culprits = ", ".join(f"{images[r]} ({concept_ids[r]})" for r in err.rows[:3])
+            raise InputError(
+                f"zero-variance activations in {model} layer {layer}, set {set_index}: image {culprits}; "
+                "its correlations are undefined (a constant input image or a dead layer)"
+            ) from None
+        finally:
+            views.clear()  # release the memory maps before the scratch folder goes
+    _write_matrix(
+        output,
+        similarity_file(key or model_key(model), layer, set_index),
+        matrix,
+        concept_ids,
+        model,
+        layer,
+        layer_index,
+        set_index,
+        "cnn",
+    )
+    return matrix
+
+
+def _write_matrix(
+    output: Output,
+    parts: tuple[str, ...],
+    matrix: np.ndarray,
+    concept_ids: list[str],
+    model: str | None,
+    layer: str | None,
+    layer_index: int | None,
+    set_index: int | None,
+    space: str,
+) -> None:
+    table = pa.table(
+        [
+            [model],
+            [layer],
+            pa.array([layer_index], pa.int32()),
+            pa.array([set_index], pa.int32()),
+            [space],
+            [concept_ids],
+            pa.FixedShapeTensorArray.from_numpy_ndarray(matrix[None].copy()),
+        ],
+        schema=schema.similarity(len(concept_ids)),
+    )
+    output.write_table(table, *parts)
+
+
+def similarity_file(key: str, layer: str, set_index: int) -> tuple[str, ...]:
+    return "similarity", key, model_key(layer), f"set-{set_index:03d}.parquet"
+
+
+def test_file(key: str, word_model: str, layer: str) -> tuple[str, ...]:
+    return "tests", key, model_key(word_model), f"{model_key(layer)}.parquet"
+
+
+@ray.remote
+def observe_task(word: np.ndarray, *sets: np.ndarray) -> dict[str, np.ndarray]:
+    """The observed 2 vs. 2 of every image set: pairs passed, in total and per concept."""
+    observed = observe(sets, word)
+    return {"passes": observed.passes, "concept_passes": observed.concept_passes}
+
+
+@ray.remote
+def permutation_task(word: np.ndarray, n_perm: int, seed: int, start: int, *sets: np.ndarray) -> np.ndarray:
+    """(n_perm, K) pairs passed under permutations start .. start + n_perm - 1 of the seed's sequence."""
+    return permutation_null(sets, word, n_perm, seed, start).passes
+
+
+# --- the scheduler ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelPlan:
+    """What the analysis of one model's extraction needs."""
+
+    model: str
+    key: str  # where its matrices and tests go: similarity/<key>/..., tests/<key>/...
+    extract_key: str  # the extraction's folder: OUT/extract/<extract_key>
+    layers: list[tuple[str, int]]  # (layer, layer_index)
+    concept_ids: list[str]  # sorted, each with an extracted image in every set
+    words: dict[str, list[str]]  # word model -> the word of each concept
+    set_indices: list[int]
+    images: list[list[str]]  # per set, the image of each concept
+    left_out: list[str]  # concepts without an extracted image in some set (their image failed to decode)
+
+
+def plan_model(output: Output, extract_key: str, plan: ExtractionPlan, log, key: str | None = None) -> ModelPlan:
+    """Concepts with an image in every set (after decode errors), their words, the layers; results under
+    ``key`` (default: the model's)."""
+    ext = Output(posixpath.join(output.uri, "extract", extract_key))
+    manifest, errors = ext.read_table("manifest.parquet"), ext.read_table("errors.parquet")
+    ok = manifest.filter(pc.invert(pc.is_in(manifest["image_id"], errors["image_id"])))
+    sets = sorted(set(manifest["set_index"].to_pylist()))
+    by_set = {k: {} for k in sets}
+    for image_id, concept_id, k in zip(*(ok[c].to_pylist() for c in ("image_id", "concept_id", "set_index"))):
+        by_set[k][concept_id] = image_id
+    all_concepts = sorted(set(manifest["concept_id"].to_pylist()))
+    kept = [c for c in all_concepts if all(c in by_set[k] for k in sets)]
+    if len(kept) < len(all_concepts):
+        log(
+            f"  {plan.model}: {len(all_concepts) - len(kept)} concept(s) lack an extracted image in some set "
+            f"and are left out"
+        )
+    if len(kept) < 4:
+        raise InputError(
+            f"{plan.model}: only {len(kept)} concept(s) have an image in every set; the 2 vs. 2 needs at least 4"
+        )
+    concepts = ext.read_table("concepts.parquet")
+    words = {}
+    for word_model in plan.config.words:
+        rows = concepts.filter(pc.equal(concepts["word_model"], word_model))
+        lookup = dict(zip(rows["concept_id"].to_pylist(), rows["word"].to_pylist()))
+        words[word_model] = [lookup[c] for c in kept]
+    return ModelPlan(
+        model=plan.model,
+        key=key or plan.model_key,
+        extract_key=extract_key,
+        layers=[(layer.name, layer.layer_index) for layer in plan.layers],
+        concept_ids=kept,
+        words=words,
+        set_indices=sets,
+        images=[[by_set[k][c] for c in kept] for k in sets],
+        left_out=[c for c in all_concepts if c not in kept],
+    )
+
+
+def stored_word_matrix(output: Output, model_plan: ModelPlan, word_model: str) -> np.ndarray:
+    """The word model's w x w matrix over the model's concepts, as stored (float32)."""
+    parts = ("similarity", model_plan.key, "words", f"{model_key(word_model)}.parquet")
+    if not output.exists(*parts):
+        vectors = load_word_model(word_model).vectors(model_plan.words[word_model])
+        _write_matrix(output, parts, word_matrix(vectors), model_plan.concept_ids, None, None, None, None, word_model)
+    return _matrices(output.read_table(*parts))[0]
+
+
+def _matrices(table: pa.Table) -> np.ndarray:
+    return table["matrix"].combine_chunks().to_numpy_ndarray()
+
+
+@dataclass
+class PendingTest:
+    """One (model, word model, layer) test in flight: its observe task's and permutation tasks' results."""
+
+    model_plan: ModelPlan
+    word_model: str
+    layer: str
+    layer_index: int
+    refs: list[ray.ObjectRef]
+    done: int = 0
+
+
+@dataclass
+class TwoVsTwoScheduler:
+    """Submits the tasks of each model as its extraction finishes; writes each test as its tasks finish."""
+
+    cfg: Any  # RunConfig or DynamicsConfig: words, permutations, seed, the shard and Gram options, task_cpus
+    output: Output
+    pending: list[PendingTest] = field(default_factory=list)
+    grams: list[ray.ObjectRef] = field(default_factory=list)
+    n_tests: int = 0
+    n_tasks: int = 0
+    computed: int = 0
+
+    def submit(self, model_plan: ModelPlan) -> None:
+        cfg, out = self.cfg, self.output
+        # SPREAD: the statistics are CPU- and memory-bound; over every node they run side by side.
+        options = {"num_cpus": cfg.task_cpus, "scheduling_strategy": "SPREAD"}
+        words = {name: ray.put(stored_word_matrix(out, model_plan, name)) for name in cfg.words}
+        for layer, layer_index in model_plan.layers:
+            todo = [name for name in cfg.words if not out.exists(*test_file(model_plan.key, name, layer))]
+            self.n_tests += len(cfg.words)
+            if not todo:
+                continue
+            sets = []  # one matrix per image set: stored, or a Gram task's result
+            for set_index, images in zip(model_plan.set_indices, model_plan.images):
+                parts = similarity_file(model_plan.key, layer, set_index)
+                if out.exists(*parts):
+                    sets.append(ray.put(_matrices(out.read_table(*parts))[0]))
+                    continue
+                folder = ("extract", model_plan.extract_key, *layer_folder(model_plan.model, layer))
+                sets.append(
+                    gram_task.options(**options).remote(
+                        out.uri, folder, model_plan.model, layer, layer_index, set_index, images,
+                        model_plan.concept_ids, cfg.gram_memory_mb, cfg.gram_compute, model_plan.key,
+                    )
+                )  # fmt: skip
+                self.grams.append(sets[-1])
+            for name in todo:
+                starts = range(0, cfg.permutations, cfg.permutation_shard)
+                refs = [observe_task.options(**options).remote(words[name], *sets)] + [
+                    permutation_task.options(**options).remote(
+                        words[name], min(cfg.permutation_shard, cfg.permutations - s), cfg.seed, s, *sets
+                    )
+                    for s in starts
+                ]
+                self.pending.append(PendingTest(model_plan, name, layer, layer_index, refs))
+                self.n_tasks += len(refs)
+
+    def wait(self) -> None:
+        """Gather finished tasks into test files, with progress, until none is pending."""
+        progress = Progress(self.n_tasks, "tasks", "2 vs. 2 and permutations")
+        owner = {ref: test for test in self.pending for ref in test.refs}
+        remaining = list(owner)
+        while remaining:
+            ready, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=1.0)
+            for ref in ready:
+                test = owner[ref]
+                test.done += 1
+                if test.done == len(test.refs):
+                    self._write_test(test)
+            if ready:
+                progress.update(len(ready))
+        progress.close()
+
+    def _write_test(self, test: PendingTest) -> None:
+        plan = test.model_plan
+        observed, *shards = get(test.refs)
+        k, w = len(plan.set_indices), len(plan.concept_ids)
+        null = np.concatenate(shards) if shards else np.zeros((0, k), np.int64)
+        table = pa.table(
+            [
+                [plan.model] * k,
+                [test.layer] * k,
+                pa.array([test.layer_index] * k, pa.int32()),
+                [test.word_model] * k,
+                pa.array(plan.set_indices, pa.int32()),
+                pa.array([w] * k, pa.int32()),
+                pa.array([w * (w - 1) // 2] * k, pa.int64()),
+                pa.array(observed["passes"], pa.int64()),
+                [plan.concept_ids] * k,
+                pa.array(list(observed["concept_passes"]), pa.list_(pa.int32())),
+                pa.array([null[:, s].astype(np.int32) for s in range(k)], pa.list_(pa.int32())),
+            ],
+            schema=schema.TESTS,
+        )
+        self.output.write_table(table, *test_file(plan.key, test.word_model, test.layer))
+        self.computed += 1
+
+
+def get(refs):
+    """ray.get, with bad input raised in a task surfacing as the one-line InputError it is."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, InputError):
+            raise InputError(str(err.cause)) from None
+        raise
+
+
+# --- the reducer -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """The reduced tests as rows: ``scores`` (one per model x layer x word model, BHY over them all),
+    ``scores_by_set``, ``concept_scores`` (over sets) and ``concept_scores_by_set``."""
+
+    scores: list[dict[str, Any]]
+    by_set: list[dict[str, Any]]
+    concepts: list[dict[str, Any]]
+    concepts_by_set: list[dict[str, Any]]
+
+    def tables(self) -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:
+        return (
+            pa.Table.from_pylist(self.scores, schema=schema.SCORES),
+            pa.Table.from_pylist(self.by_set, schema=schema.SCORES_BY_SET),
+            pa.Table.from_pylist(self.concepts, schema=schema.CONCEPT_SCORES),
+            pa.Table.from_pylist(self.concepts_by_set, schema=schema.CONCEPT_SCORES_BY_SET),
+        )
+
+
+def layer_test(table: pa.Table) -> LayerTest:
+    """A stored test (one row per image set) as counts."""
+    k = table.num_rows
+    return LayerTest(
+        passes=np.asarray(table["passes"].to_numpy(), np.int64),
+        null_passes=np.array(table["null_passes"].to_pylist(), np.int64).reshape(k, -1).T,
+        concept_passes=np.array(table["concept_passes"].to_pylist(), np.int32),
+        n_concepts=table["n_concepts"][0].as_py(),
+    )
+
+
+def reduce_scores(
+    tests: list[pa.Table], alpha: float, extra: dict[str, Any] | None = None, adjust: bool = True
+) -> Scores:
+    """The scores of the stored tests (one table per model x layer x word model); ``extra`` columns on every
+    row; BHY over the whole family unless ``adjust`` is off (the caller adjusts a larger family)."""
+    reduced = Scores([], [], [], [])
+    for table in tests:
+        test = layer_test(table)
+        head = table.slice(0, 1).to_pylist()[0]
+        base = {c: head[c] for c in ("model", "layer", "layer_index", "word_model")} | (extra or {})
+        over_sets, by_set = score(test)
+        reduced.scores.append({**base, **over_sets})
+        set_indices = table["set_index"].to_pylist()
+        reduced.by_set += [{**base, "set_index": k, **row} for k, row in zip(set_indices, by_set)]
+        mean_rates, set_rates = concept_pass_rates(test)
+        concept_ids = head["concept_ids"]
+        reduced.concepts += [
+            {**base, "concept_id": c, "word": None, "pass_rate": float(v)} for c, v in zip(concept_ids, mean_rates)
+        ]
+        reduced.concepts_by_set += [
+            {**base, "set_index": k, "concept_id": c, "word": None, "pass_rate": float(v)}
+            for k, rates in zip(set_indices, set_rates)
+            for c, v in zip(concept_ids, rates)
+        ]
+    if adjust:
+        adjust_family(reduced.scores, alpha)
+    return reduced
