@@ -18,18 +18,20 @@ def layer_curves(scores: Sequence[dict[str, Any]], model: str, alpha: float) -> 
     where BHY finds the layer significant at ``alpha`` and hollow where it does not.
     """
     rows = [r for r in scores if r["model"] == model]
-    words = list(dict.fromkeys(r["word_model"] for r in rows))
+    word_models = list(dict.fromkeys(r["word_model"] for r in rows))
     # A bare Figure, not pyplot's: no display needed, and nothing kept alive between calls.
-    fig = Figure(figsize=(max(7.0, 0.12 * len(rows) / max(len(words), 1)), 4.2), layout="tight")
+    fig = Figure(figsize=(max(7.0, 0.12 * len(rows) / max(len(word_models), 1)), 4.2), layout="tight")
     ax = fig.subplots()
     colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, wm in enumerate(words):
+    for i, word_model in enumerate(word_models):
         colour = colours[i % len(colours)]
-        line = sorted((r for r in rows if r["word_model"] == wm), key=lambda r: r["layer_index"])
+        line = sorted((r for r in rows if r["word_model"] == word_model), key=lambda r: r["layer_index"])
         x = range(len(line))
         acc = [r["accuracy"] for r in line]
         std = [r["std"] for r in line]
-        ax.plot(x, acc, color=colour, label=f"{wm} ({line[0]['n_concepts']} concepts, {line[0]['n_pairs']} pairs)")
+        ax.plot(
+            x, acc, color=colour, label=f"{word_model} ({line[0]['n_concepts']} concepts, {line[0]['n_pairs']} pairs)"
+        )
         ax.fill_between(
             x, [a - s for a, s in zip(acc, std)], [a + s for a, s in zip(acc, std)], color=colour, alpha=0.2, lw=0
         )

@@ -49,14 +49,14 @@ class ConceptMatch:
 def match_concepts(classes: Sequence[ClassInfo], source: str, word_models: Sequence[WordModel]) -> ConceptMatch:
     """Match every class to a word in each word model; keep the classes all models matched."""
     matched: dict[str, dict[str, tuple[str, str]]] = {}  # word model -> concept_id -> (lemma, word)
-    for wm in word_models:
+    for word_model in word_models:
         tried = [(c.concept_id, lemma, form) for c in classes for lemma in c.lemmas for form in spellings(lemma)]
-        present = wm.contains([form for _, _, form in tried])
+        present = word_model.contains([form for _, _, form in tried])
         found: dict[str, tuple[str, str]] = {}
         for (cid, lemma, form), ok in zip(tried, present):
             if ok and cid not in found:
                 found[cid] = (lemma, form)
-        matched[wm.name] = found
+        matched[word_model.name] = found
     dropped = {
         c.concept_id: tuple(name for name, found in matched.items() if c.concept_id not in found)
         for c in classes

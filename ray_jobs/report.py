@@ -40,7 +40,7 @@ def _model_section(cfg, model: str, part: pl.DataFrame, concepts: pl.DataFrame, 
         f'<img alt="2 vs. 2 through the layers of {escape(model)}" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode()}">',
     ]
-    for (wm,), rows in part.sort("layer_index").group_by(["word_model"], maintain_order=True):
+    for (word_model,), rows in part.sort("layer_index").group_by(["word_model"], maintain_order=True):
         first, last = rows.row(0, named=True), rows.row(-1, named=True)
         w, pairs = first["n_concepts"], first["n_pairs"]
         note = (
@@ -59,7 +59,7 @@ def _model_section(cfg, model: str, part: pl.DataFrame, concepts: pl.DataFrame, 
             )
         n_sig = int(rows["significant"].fill_null(False).sum())
         html += [
-            f"<h3>against {escape(wm)}</h3>",
+            f"<h3>against {escape(word_model)}</h3>",
             f'<p class="note">{note}</p>',
             f"<p>First layer <code>{escape(first['layer'])}</code>: {first['accuracy']:.3f}; last layer "
             f"<code>{escape(last['layer'])}</code>: {last['accuracy']:.3f}. <b>{n_sig} of {rows.height}</b> layers "
@@ -85,7 +85,7 @@ def _model_section(cfg, model: str, part: pl.DataFrame, concepts: pl.DataFrame, 
             )
         )
         top = concepts.filter(
-            (pl.col("model") == model) & (pl.col("word_model") == wm) & (pl.col("layer") == last["layer"])
+            (pl.col("model") == model) & (pl.col("word_model") == word_model) & (pl.col("layer") == last["layer"])
         )
         top = top.sort(["pass_rate", "concept_id"], descending=[True, False])
         best = ", ".join(f"{r['word']} {r['pass_rate']:.2f}" for r in top.head(5).iter_rows(named=True))
