@@ -49,7 +49,7 @@ from semprobe.datasets.images import ImageSource, resolve_images
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.config import ExtractConfig
 from semprobe.ray_jobs.progress import Progress
-from semprobe.ray_jobs.startup import check_same_experiment, connect, model_actors, write_resolved
+from semprobe.ray_jobs.startup import connect, model_actors, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
 from semprobe.ray_jobs.store import ShardWriter, shard_file
 
@@ -242,8 +242,7 @@ def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any]) 
 def run_extract(cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = None) -> dict[str, Any]:
     """Run (or resume) an extraction; returns the summary it also writes to OUT/summary.json."""
     plan = plan or plan_extraction(cfg)
-    output = Output(cfg.out)
-    check_same_experiment(output, cfg)
+    output = open_output(cfg)
     if plan.concepts is not None:
         log(plan.concepts.summary(len(plan.source.classes)))
     for cid, n in sorted(plan.dropped_for_sets.items()):

@@ -98,32 +98,25 @@ def gram_task(
             ) from None
         finally:
             views.clear()  # release the memory maps before the scratch folder goes
-    _write_matrix(
-        output,
-        similarity_file(key or model_key(model), layer, set_index),
-        matrix,
-        concept_ids,
-        model,
-        layer,
-        layer_index,
-        set_index,
-        "cnn",
+    table = similarity_table(
+        matrix, concept_ids, "cnn", model=model, layer=layer, layer_index=layer_index, set_index=set_index
     )
+    output.write_table(table, *similarity_file(key or model_key(model), layer, set_index))
     return matrix
 
 
-def _write_matrix(
-    output: Output,
-    parts: tuple[str, ...],
+def similarity_table(
     matrix: np.ndarray,
     concept_ids: list[str],
-    model: str | None,
-    layer: str | None,
-    layer_index: int | None,
-    set_index: int | None,
     space: str,
-) -> None:
-    table = pa.table(
+    model: str | None = None,
+    layer: str | None = None,
+    layer_index: int | None = None,
+    set_index: int | None = None,
+) -> pa.Table:
+    """A (w, w) matrix over ``concept_ids`` as its one-row similarity table: ``space`` "cnn" (a layer's image
+    set) or a word model's name."""
+    return pa.table(
         [
             [model],
             [layer],
@@ -135,7 +128,6 @@ def _write_matrix(
         ],
         schema=schema.similarity(len(concept_ids)),
     )
-    output.write_table(table, *parts)
 
 
 def similarity_file(key: str, layer: str, set_index: int) -> tuple[str, ...]:
@@ -222,7 +214,7 @@ def stored_word_matrix(output: Output, model_plan: ModelPlan, word_model: str) -
     parts = ("similarity", model_plan.key, "words", f"{model_key(word_model)}.parquet")
     if not output.exists(*parts):
         vectors = load_word_model(word_model).vectors(model_plan.words[word_model])
-        _write_matrix(output, parts, word_matrix(vectors), model_plan.concept_ids, None, None, None, None, word_model)
+        output.write_table(similarity_table(word_matrix(vectors), model_plan.concept_ids, word_model), *parts)
     return _matrices(output.read_table(*parts))[0]
 
 

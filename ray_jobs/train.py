@@ -32,7 +32,7 @@ from semprobe.datasets import cifar, schema
 from semprobe.ray_jobs.checkpoint_analysis import follow
 from semprobe.ray_jobs.checkpoints import checkpoints
 from semprobe.ray_jobs.config import TrainConfig
-from semprobe.ray_jobs.startup import check_same_experiment, connect, write_resolved
+from semprobe.ray_jobs.startup import connect, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output
 
 
@@ -58,8 +58,7 @@ def load_data(cfg: TrainConfig, log) -> tuple[tuple[np.ndarray, np.ndarray], tup
 
 def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     """Train (or resume); returns the summary of the run's checkpoints."""
-    output = Output(cfg.out)
-    check_same_experiment(output, cfg)
+    output = open_output(cfg)
     train, test = load_data(cfg, log)
     connect(log)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1

@@ -1,10 +1,16 @@
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+# Tests share their references across rooms (test_dynamics takes test_run's naive 2 vs. 2, test_adversarial
+# test_attack's MIM): every test folder is importable, whichever tests a run selects.
+for _folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and p.name[0] not in "._"):
+    sys.path.insert(0, str(_folder))
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-300"
 
