@@ -45,8 +45,8 @@ from semprobe.datasets.decode import ImageError, decode_image, read_bytes
 from semprobe.datasets.images import filesystem
 from semprobe.ray_jobs.config import AdversarialConfig
 from semprobe.ray_jobs.extraction import run_extract
-from semprobe.ray_jobs.failures import FailureContext, check_references, one_vs_two_through_layers, prepare
 from semprobe.ray_jobs.figures import save_figure
+from semprobe.ray_jobs.misclassified import FailureContext, check_references, one_vs_two_through_layers, prepare
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.report import write_failure_report
 from semprobe.ray_jobs.startup import model_actors

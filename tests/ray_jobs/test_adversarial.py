@@ -12,7 +12,7 @@ from conftest import cli_stderr
 from PIL import Image
 from statsmodels.stats.multitest import multipletests
 from test_attack import reference_mim
-from test_failures import naive_one_vs_two, reference_pool
+from test_misclassified import naive_one_vs_two, reference_pool
 
 from semprobe.actors.zoo import load_model
 from semprobe.analysis.errors import InputError
