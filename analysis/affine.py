@@ -26,13 +26,19 @@ RCOND_MIN = 1e-12
 
 
 class JointGram:
-    """Running ``Z^T Z`` (float64) of ``Z = [features of each model..., 1]``, one row per image."""
+    """Running ``Z^T Z`` (float64) of ``Z = [features of each model..., 1]``, one row per image.
 
-    def __init__(self, names: Sequence[str], widths: Sequence[int]):
+    ``gram``, if given: sums accumulated elsewhere (a checkpoint), (D + 1, D + 1) with D the sum of ``widths``.
+    """
+
+    def __init__(self, names: Sequence[str], widths: Sequence[int], gram: np.ndarray | None = None):
         self.names, self.widths = list(names), [int(w) for w in widths]
         edges = np.cumsum([0, *self.widths])
         self.slices = {n: slice(int(a), int(b)) for n, a, b in zip(self.names, edges[:-1], edges[1:])}
-        self.gram = np.zeros((edges[-1] + 1, edges[-1] + 1))
+        size = int(edges[-1]) + 1
+        if gram is not None and np.shape(gram) != (size, size):
+            raise InputError(f"a joint Gram of {', '.join(self.names)} is {size} x {size}, got {np.shape(gram)}")
+        self.gram = np.zeros((size, size)) if gram is None else np.asarray(gram, np.float64)
 
     @property
     def n(self) -> int:
@@ -48,6 +54,7 @@ class JointGram:
         self.gram += z.T @ z  # numpy runs a^T a as a symmetric rank-k update
 
     def merge(self, other: JointGram) -> JointGram:
+        """Add another Gram of the same models over other images (a shard, an actor's checkpoint)."""
         self.gram += other.gram
         return self
 
@@ -162,14 +169,62 @@ def naive_map(source: str, target: str, d_a: int, d_b: int) -> AffineMap:
     return AffineMap(source, target, np.eye(d_a, d_b), np.zeros(d_b), rcond=float("nan"))
 
 
-def accuracy(
+def classifier_head(mapping: AffineMap, w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The target's linear classifier composed with a map: one linear classifier on the source's features.
+
+    Parameters
+    ----------
+    mapping : AffineMap
+        ``x_B ~ x_A @ weight + bias``, weight (d_A, d_B), bias (d_B,).
+    w : ndarray, (classes, d_B) float
+    b : ndarray, (classes,) float
+        The target CNN's final linear classifier.
+
+    Returns
+    -------
+    (ndarray, (classes, d_A), ndarray, (classes,)), float64
+        ``(w_AB, b_AB)`` with ``x_A @ w_AB.T + b_AB == mapping(x_A) @ w.T + b`` (to rounding): the logits without
+        the d_B-wide mapped features. ``w_AB`` is the transpose of a C-ordered (d_A, classes) array.
+    """
+    return (mapping.weight @ w.T).T, mapping.bias @ w.T + b
+
+
+def correct_count(
     features: np.ndarray, labels: np.ndarray, mapping: AffineMap | None, w: np.ndarray, b: np.ndarray, rows: int = 4096
-) -> float:
-    """Top-1 accuracy of a linear classifier (w, b) on (optionally mapped) features, in row chunks."""
+) -> int:
+    """How many images a linear classifier (w, b) puts in their class, on (optionally mapped) features.
+
+    Parameters
+    ----------
+    features : array-like, (n, d_A) real
+        One row per image; read in chunks of ``rows`` rows, cast to float64.
+    labels : ndarray, (n,) int
+        Each image's class.
+    mapping : AffineMap or None
+        Applied to the features first; None: the features as they are.
+    w : ndarray, (classes, d) float
+    b : ndarray, (classes,) float
+        The classifier: logits ``x @ w.T + b``, its top-1 the argmax (the first on a tie).
+
+    Returns
+    -------
+    int
+        Images whose top-1 class is their label.
+    """
     correct = 0
     for lo in range(0, len(features), rows):
         x = np.asarray(features[lo : lo + rows], np.float64)
         if mapping is not None:
             x = mapping(x)
         correct += int(np.count_nonzero((x @ w.T + b).argmax(axis=1) == labels[lo : lo + rows]))
-    return correct / len(features)
+    return correct
+
+
+def accuracy(
+    features: np.ndarray, labels: np.ndarray, mapping: AffineMap | None, w: np.ndarray, b: np.ndarray, rows: int = 4096
+) -> float:
+    """Top-1 accuracy of a linear classifier (w, b) on (optionally mapped) features: :func:`correct_count` / n.
+
+    Shapes as :func:`correct_count`; returns a float in [0, 1].
+    """
+    return correct_count(features, labels, mapping, w, b, rows) / len(features)

@@ -13,11 +13,13 @@ TIE_TOLERANCE, fail): the layer's view of x sides with the true class. Chance is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from semprobe.analysis.errors import InputError
+from semprobe.analysis.similarity import centred_unit_rows
 from semprobe.analysis.twovtwo import TIE_TOLERANCE, permutations
 
 
@@ -29,21 +31,40 @@ class OneVsTwo:
     passed: np.ndarray
 
 
-def _centred_unit_rows(x: np.ndarray, what: str) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    z = x - x.mean(axis=-1, keepdims=True)
-    norm = np.linalg.norm(z, axis=-1, keepdims=True)
-    if (norm == 0).any():
-        row = int(np.argwhere(norm[..., 0] == 0)[0][-1])
-        raise InputError(f"zero-variance row {row} in {what}: its correlation is undefined")
-    return z / norm
+def reference_correlations(
+    rows: np.ndarray, items: Sequence[int], references: Sequence[Sequence[int]], what: str = "the rows"
+) -> np.ndarray:
+    """The Pearson r of each item with each of its R references: i_x, d_t or d_p of n images.
+
+    Parameters
+    ----------
+    rows : array-like, (m, d) real
+        Every row the items and references name: activations of one layer (for i_x) or word vectors (d_t, d_p).
+    items : (n,) int
+        Row k of the result is about row ``items[k]`` of ``rows`` (image x, or the class t or p of image x).
+    references : (n, R) int
+        ``references[k]``: the rows of image k's R references, in order.
+    what : str
+        What the rows are, for the error on a constant row.
+
+    Returns
+    -------
+    ndarray, (n, R) float64
+        ``[k, j]``: Pearson r of rows ``items[k]`` and ``references[k][j]``.
+    """
+    z = centred_unit_rows(rows, what)
+    result = np.empty((len(items), len(references[0]) if len(items) else 0))
+    for k, (item, refs) in enumerate(zip(items, references)):
+        # one dot product per pair, so a row's numbers do not depend on which other rows came along
+        result[k] = [z[item] @ z[r] for r in refs]
+    return result
 
 
 def _margins(i_x: np.ndarray, d_true: np.ndarray, d_pred: np.ndarray) -> np.ndarray:
     """(..., n): corr(i_x, d_t) - corr(i_x, d_p), row by row, over the last axis (the R references)."""
-    i = _centred_unit_rows(i_x, "the image-reference correlations")
-    t = _centred_unit_rows(d_true, "the true-class word correlations")
-    p = _centred_unit_rows(d_pred, "the predicted-class word correlations")
+    i = centred_unit_rows(i_x, "the image-reference correlations")
+    t = centred_unit_rows(d_true, "the true-class word correlations")
+    p = centred_unit_rows(d_pred, "the predicted-class word correlations")
     return np.einsum("...r,...r->...", i, t - p)
 
 

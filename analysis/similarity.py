@@ -142,3 +142,53 @@ def correlation_matrix(x, compute: str = "float64", block: int | None = None) ->
     for start in range(0, d, block):
         acc.add(rows[:, start : start + block])
     return acc.correlation()
+
+
+def centred_unit_rows(x, what: str = "the rows") -> np.ndarray:
+    """Centre each row and scale it to unit L2 norm, in float64: the dot product of two rows is their Pearson r.
+
+    The exact numpy counterpart of :func:`zscore_rows`, for the small products of the 1 vs. 2 test.
+
+    Parameters
+    ----------
+    x : array-like, (..., d) real
+        Rows along the last axis (an image's activation, a class's word vector).
+    what : str
+        What the rows are, for the error message.
+
+    Returns
+    -------
+    ndarray, (..., d) float64
+        Each row minus its mean, divided by its L2 norm. Row k does not depend on the other rows.
+
+    Raises
+    ------
+    ZeroVarianceError
+        If a row is constant: its correlation with anything is undefined.
+    """
+    x = np.asarray(x, np.float64)
+    z = x - x.mean(axis=-1, keepdims=True)
+    norm = np.linalg.norm(z, axis=-1, keepdims=True)
+    if (norm == 0).any():
+        rows = np.argwhere(norm[..., 0] == 0)
+        raise ZeroVarianceError(
+            f"zero-variance row {int(rows[0][-1])} in {what}: its correlation is undefined", rows[:, -1].tolist()
+        )
+    return z / norm
+
+
+def paired_cosine(u, v) -> np.ndarray:
+    """The cosine of row k of ``u`` and row k of ``v``, for every k.
+
+    Parameters
+    ----------
+    u, v : array-like, (n, d) real
+        E.g. the word vectors of each misclassified image's true and predicted class.
+
+    Returns
+    -------
+    ndarray, (n,) float64
+        ``u_k . v_k / (|u_k| |v_k|)``; nan where a row is all zeros.
+    """
+    u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    return np.einsum("ij,ij->i", u, v) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from statsmodels.stats.multitest import multipletests
 
@@ -29,3 +31,44 @@ def bhy(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, bool), np.zeros(0)
     reject, adjusted, _, _ = multipletests(p, alpha=alpha, method="fdr_by")
     return reject, adjusted
+
+
+@dataclass(frozen=True)
+class PermutationTests:
+    """m observed scores against their permutation nulls, BHY-corrected as one family; every field is (m,)."""
+
+    null_mean: np.ndarray  # float64
+    null_std: np.ndarray  # float64, population std (ddof 0) of the null
+    p_value: np.ndarray  # float64, as permutation_p_value
+    p_bhy: np.ndarray  # float64, BHY-adjusted over the m tests
+    significant: np.ndarray  # bool, the BHY decision at alpha
+
+
+def permutation_tests(observed, nulls, alpha: float = 0.05) -> PermutationTests:
+    """Summarise m tests' nulls, their permutation p-values, and BHY over the m of them as one family.
+
+    Parameters
+    ----------
+    observed : array-like, (m,) float
+        Each test's observed score (an accuracy).
+    nulls : array-like, (m, n_perm) float, n_perm >= 1
+        Row i: test i's scores under the permutations.
+    alpha : float
+        The false discovery rate BHY controls.
+
+    Returns
+    -------
+    PermutationTests
+        null mean and std of each row, ``p_value[i] = permutation_p_value(nulls[i], observed[i])``, and
+        ``significant, p_bhy = bhy(p_value, alpha)``.
+    """
+    observed = np.asarray(observed, np.float64)
+    nulls = np.asarray(nulls, np.float64)
+    if nulls.ndim != 2 or nulls.shape[0] != observed.size or nulls.shape[1] == 0:
+        raise ValueError(
+            f"permutation tests need (m,) observed and (m, n_perm >= 1) nulls, got {observed.shape} and {nulls.shape}"
+        )
+    exceed = np.count_nonzero(nulls >= observed[:, None] - ACCURACY_TIE, axis=1)
+    p_value = (1 + exceed) / (1 + nulls.shape[1])
+    significant, p_bhy = bhy(p_value, alpha)
+    return PermutationTests(nulls.mean(axis=1), nulls.std(axis=1), p_value, p_bhy, significant)

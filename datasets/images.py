@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from semprobe.analysis.errors import InputError
-from semprobe.datasets import cifar
+from semprobe.datasets import cifar, schema
 from semprobe.datasets.classes import CLASS_SPACES, ClassInfo, imagenet_classes
 
 IMAGE_SOURCE_CHOICES = (
@@ -38,16 +38,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 # The foolbox sample files are named <set>_<NN>_<class index>.<ext>.
 _SAMPLES = {"imagenet": re.compile(r"imagenet_(\d+)_(\d+)\.jpg"), "cifar100": re.compile(r"cifar100_(\d+)_(\d+)\.png")}
 
-IMAGE_TABLE = pa.schema(
-    [("image_id", pa.string()), ("uri", pa.string()), ("concept_id", pa.string()), ("class_index", pa.int32())]
-)
-
 
 @dataclass(frozen=True)
 class ImageSource:
     """Images with their classes.
 
-    ``images`` has the columns of :data:`IMAGE_TABLE`, sorted by image_id;
+    ``images`` has the columns of :data:`semprobe.datasets.schema.IMAGE_TABLE`, sorted by image_id;
     ``classes`` lists every class that has at least one image, in class order.
     """
 
@@ -174,7 +170,7 @@ def _build(name: str, space: str, rows: list[tuple[str, str, ClassInfo]]) -> Ima
             "concept_id": [r[2].concept_id for r in rows],
             "class_index": pa.array([r[2].class_index for r in rows], pa.int32()),
         },
-        schema=IMAGE_TABLE,
+        schema=schema.IMAGE_TABLE,
     )
     present = {r[2].concept_id: r[2] for r in rows}
     classes = tuple(sorted(present.values(), key=lambda c: (c.class_index is None, c.class_index, c.concept_id)))

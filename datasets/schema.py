@@ -23,6 +23,11 @@ CONCEPTS = pa.schema(
     ]
 )
 
+# An image source's images (datasets.images.ImageSource.images), sorted by image_id.
+IMAGE_TABLE = pa.schema(
+    [("image_id", pa.string()), ("uri", pa.string()), ("concept_id", pa.string()), ("class_index", pa.int32())]
+)
+
 # One row per image taken into a job.
 MANIFEST = pa.schema(
     [
@@ -186,7 +191,38 @@ AFFINE_SCORES = pa.schema(
     ]
 )
 
-# The 1 vs. 2 test through the layers, per group of images ("misclassified", or an adversarial target rank).
+# affine_maps/manifest.parquet of ``semprobe affine``: one row per (source, target, method) map stored beside it.
+AFFINE_MAPS = pa.schema(
+    [
+        ("source", pa.string()),
+        ("target", pa.string()),
+        ("method", pa.string()),  # affine | logit | naive
+        ("file", pa.string()),  # <method>/<source>__<target>.npy under affine_maps/: (d_A + 1, d_B), the bias last
+        ("rcond", pa.float64()),  # reciprocal condition number of the system solved (affine; NaN otherwise)
+        ("train_r2", pa.float64()),  # share of the target's feature variance explained on the training images
+        ("rank", pa.int64()),  # of the target's classifier (logit maps; null otherwise)
+        ("full_row_rank", pa.bool_()),  # rank == classes: the logit map loses nothing (logit maps; null otherwise)
+    ]
+)
+
+# severity.parquet of ``semprobe misclassified``: one row per misclassified image whose true and predicted
+# classes both have a word.
+SEVERITY = pa.schema(
+    [
+        ("model", pa.string()),
+        ("image_id", pa.string()),
+        ("true_index", pa.int32()),
+        ("true_word", pa.string()),
+        ("predicted_index", pa.int32()),
+        ("predicted_word", pa.string()),
+        ("cosine", pa.float64()),  # of the true and the predicted word vectors: the severity
+    ]
+)
+
+# The 1 vs. 2 test through the layers: one row per (layer, group of images), each its own test of its own images.
+# one_vs_two.parquet holds every image of the run in one group ("misclassified", or "all targets" of
+# ``semprobe adversarial``); one_vs_two_by_rank.parquet of ``semprobe adversarial`` its parts, one group per target
+# rank ("target rank k"). Both tables of a run are one BHY family.
 ONE_VS_TWO = pa.schema(
     [
         ("model", pa.string()),
@@ -200,7 +236,7 @@ ONE_VS_TWO = pa.schema(
         ("null_mean", pa.float64()),
         ("null_std", pa.float64()),
         ("p_value", pa.float64()),
-        ("p_bhy", pa.float64()),  # BHY over the layers (and groups) of the run
+        ("p_bhy", pa.float64()),  # BHY over the layers and groups of the run
         ("significant", pa.bool_()),
     ]
 )
@@ -223,6 +259,24 @@ ADVERSARIAL = pa.schema(
         ("linf", pa.float64()),  # L-inf norm of the stored perturbation, in the attack's input space
         ("adversarial_id", pa.string()),  # the image's id in extract-adversarial/ (successes only)
         ("png", pa.binary()),  # the adversarial image at the model's input size
+    ]
+)
+
+# adversarial/shards/shard-NNNNN.parquet of ``semprobe adversarial``: what an attack task decides, per pair.
+ATTACK_RESULT = pa.schema(
+    [
+        (name, ADVERSARIAL.field(name).type)
+        for name in ("pair", "status", "note", "clean_predicted", "predicted", "linf", "png")
+    ]
+)
+
+# adversarial/manifest.parquet of ``semprobe adversarial``: the successful adversarial images as an image source
+# (a manifest .parquet of datasets.images), labelled with the source class.
+ADVERSARIAL_MANIFEST = pa.schema(
+    [
+        ("image_id", pa.string()),  # adversarial_id of adversarial.parquet
+        ("uri", pa.string()),  # OUT/adversarial/images/<image_id>.png
+        ("label", pa.int32()),  # the source's ImageNet class index
     ]
 )
 

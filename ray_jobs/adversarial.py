@@ -13,11 +13,20 @@ Layout under OUT::
     extract/                     the clean images (``ray_jobs.extract``): predictions and the references' activations
     adversarial/shards/shard-NNNNN.parquet   the attack, one file per task (a rerun skips what exists)
     adversarial/images/pair-NNNNN.png        each successful adversarial image, at the model's input size
-    adversarial/manifest.parquet             those images as an image source, labelled with the source class
+    adversarial/manifest.parquet             datasets.schema.ADVERSARIAL_MANIFEST: those images as an image source
     extract-adversarial/         their extraction
     adversarial.parquet          datasets.schema.ADVERSARIAL, one row per requested pair
-    one_vs_two.parquet           datasets.schema.ONE_VS_TWO, per target rank and over all ranks
-    figures/one_vs_two.png, figures/examples.png
+    one_vs_two.parquet           datasets.schema.ONE_VS_TWO, one row per layer: every successful attack ("all targets")
+    one_vs_two_by_rank.parquet   datasets.schema.ONE_VS_TWO, one row per (target rank, layer): the same images by rank
+    report.html, figures/one_vs_two.png, figures/examples.png
+
+Row kinds: the "all targets" group is the union of the rank groups, so its accuracy is their n-weighted mean and
+its n their sum; beside them in one table a ``groupby(layer)`` would count every image twice. It is kept
+apart, in one_vs_two.parquet, as in ``semprobe misclassified``; one_vs_two_by_rank.parquet holds the parts. Each
+row is still its own test with its own null, and the rows of both tables are one BHY family.
+
+The start and the 1 vs. 2 machinery are :mod:`semprobe.ray_jobs.failure_analysis`, shared with
+``semprobe misclassified``.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import dataclasses
 import io
 import os
 import posixpath
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,7 +55,13 @@ from semprobe.datasets.decode import ImageError, decode_image, read_bytes
 from semprobe.datasets.images import filesystem
 from semprobe.ray_jobs.config import AdversarialConfig
 from semprobe.ray_jobs.extraction import run_extract
-from semprobe.ray_jobs.failures import FailureContext, check_references, one_vs_two_through_layers, prepare
+from semprobe.ray_jobs.failure_analysis import (
+    FailureContext,
+    check_references,
+    one_vs_two_through_layers,
+    prepare,
+    write_one_vs_two,
+)
 from semprobe.ray_jobs.figures import save_figure
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.report import write_failure_report
@@ -53,13 +69,29 @@ from semprobe.ray_jobs.startup import model_actors
 from semprobe.ray_jobs.storage import Output
 from semprobe.ray_jobs.store import shard_file
 
-# What an attack task returns per pair.
-ATTACK_RESULT = pa.schema(
-    [
-        (name, schema.ADVERSARIAL.field(name).type)
-        for name in ("pair", "status", "note", "clean_predicted", "predicted", "linf", "png")
-    ]
-)
+OVERALL = "all targets"
+
+
+@dataclass
+class Pair:
+    """One requested (source image, target class) pair: what is known of it before the attack.
+
+    The fields are columns of ``datasets.schema.ADVERSARIAL`` (and the source's uri); the attack decides the
+    others (``datasets.schema.ATTACK_RESULT``).
+    """
+
+    pair: int
+    image_id: str
+    target_index: int | None  # None: the target names no ImageNet class
+    target_word: str | None
+    uri: str | None = None  # None: no such image
+    source_index: int | None = None
+    source_word: str | None = None
+    target_rank: int | None = None  # 1 = the most similar word ... K = the least similar; None for --pairs
+    word_cosine: float | None = None
+    clean_predicted: int | None = None  # known before the attack for --pairs
+    status: str | None = None  # "skipped" when it cannot be attacked; None: to attack
+    note: str | None = None  # why skipped
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -89,26 +121,24 @@ class AttackWorker:
         self.attacker = TargetedAttacker(model, space, eps, step, steps, momentum, threads=threads)
         self.output, self.batch_size = Output(out), batch_size
 
-    def attack_shard(self, shard: int, pairs: list[dict[str, Any]]) -> int:
+    def attack_shard(self, shard: int, pairs: list[Pair]) -> int:
         pre = self.attacker.preprocess
         results, decoded = [], []
         for pair in pairs:
             try:
-                decoded.append(
-                    (pair, decode_image(read_bytes(pair["uri"]), pre.size, pre.resize_size, pre.interpolation))
-                )
+                decoded.append((pair, decode_image(read_bytes(pair.uri), pre.size, pre.resize_size, pre.interpolation)))
             except ImageError as err:  # this pair's failure, not the job's
-                results.append({"pair": pair["pair"], "status": "skipped", "note": f"{err.stage}: {err}"})
+                results.append({"pair": pair.pair, "status": "skipped", "note": f"{err.stage}: {err}"})
         for lo in range(0, len(decoded), self.batch_size):
             part = decoded[lo : lo + self.batch_size]
-            out = self.attacker(np.stack([x for _, x in part]), np.array([p["target_index"] for p, _ in part]))
+            out = self.attacker(np.stack([x for _, x in part]), np.array([p.target_index for p, _ in part]))
             for k, (pair, _) in enumerate(part):
                 clean, predicted = int(out["clean_predicted"][k]), int(out["predicted"][k])
-                row = {"pair": pair["pair"], "clean_predicted": clean}
-                if clean != pair["source_index"]:
+                row = {"pair": pair.pair, "clean_predicted": clean}
+                if clean != pair.source_index:
                     row.update(status="skipped", note=f"source already misclassified (as class {clean})")
                 else:
-                    reached = predicted == pair["target_index"]
+                    reached = predicted == pair.target_index
                     row.update(
                         status="success" if reached else "missed",
                         note=None if reached else f"ended at class {predicted}",
@@ -117,7 +147,7 @@ class AttackWorker:
                         png=_png(out["adversarial"][k]),
                     )
                 results.append(row)
-        table = pa.Table.from_pylist(sorted(results, key=lambda r: r["pair"]), schema=ATTACK_RESULT)
+        table = pa.Table.from_pylist(sorted(results, key=lambda r: r["pair"]), schema=schema.ATTACK_RESULT)
         self.output.write_table(table, "adversarial", "shards", shard_file(shard))
         return len(pairs)
 
@@ -144,22 +174,22 @@ def _read_pairs(path: str) -> list[tuple[str, str]]:
     return [(str(i), str(t)) for i, t in zip(table["image_id"].to_pylist(), table["target"].to_pylist())]
 
 
-def _pair(ctx: FailureContext, n: int, image: dict[str, Any], target: int, rank: int | None) -> dict[str, Any]:
+def _pair(ctx: FailureContext, n: int, image: dict[str, Any], target: int | None, rank: int | None) -> Pair:
     t = image["class_index"]
-    return {
-        "pair": n,
-        "image_id": image["image_id"],
-        "uri": image["uri"],
-        "source_index": t,
-        "source_word": ctx.words[t],
-        "target_index": target,
-        "target_word": ctx.words.get(target),
-        "target_rank": rank,
-        "word_cosine": float(ctx.cosine([t], [target])[0]) if target in ctx.words else None,
-    }
+    return Pair(
+        pair=n,
+        image_id=image["image_id"],
+        uri=image["uri"],
+        source_index=t,
+        source_word=ctx.words[t],
+        target_index=target,
+        target_word=ctx.words.get(target),
+        target_rank=rank,
+        word_cosine=float(ctx.cosine([t], [target])[0]) if target in ctx.words else None,
+    )
 
 
-def chosen_pairs(cfg: AdversarialConfig, ctx: FailureContext) -> list[dict[str, Any]]:
+def chosen_pairs(cfg: AdversarialConfig, ctx: FailureContext) -> list[Pair]:
     """S sources (one correctly classified image per class, classes in the seed's order) x K targets by word
     similarity."""
     classes = [int(c) for c in np.random.default_rng([cfg.seed, 1]).permutation(sorted(ctx.pool))][: cfg.sources]
@@ -181,7 +211,7 @@ def chosen_pairs(cfg: AdversarialConfig, ctx: FailureContext) -> list[dict[str, 
     return pairs
 
 
-def requested_pairs(requested: list[tuple[str, str]], ctx: FailureContext) -> list[dict[str, Any]]:
+def requested_pairs(requested: list[tuple[str, str]], ctx: FailureContext) -> list[Pair]:
     """The --pairs rows; a row that cannot be attacked is kept as skipped, with the reason."""
     by_id = {m["image_id"]: m for m in ctx.manifest}
     by_wnid = {c.wnid: c.class_index for c in imagenet_classes()}
@@ -190,11 +220,11 @@ def requested_pairs(requested: list[tuple[str, str]], ctx: FailureContext) -> li
         index = by_wnid.get(target, int(target) if target.isdigit() and int(target) < 1000 else None)
         image = by_id.get(image_id)
         if image is None:
-            row = {"pair": len(pairs), "image_id": image_id, "target_index": index, "target_word": ctx.words.get(index)}
+            pair = Pair(pair=len(pairs), image_id=image_id, target_index=index, target_word=ctx.words.get(index))
             note = "not an image of --images whose class has a word"
         else:
-            row = _pair(ctx, len(pairs), image, index, None)
-            row["clean_predicted"] = predicted = ctx.predictions.get(image_id)
+            pair = _pair(ctx, len(pairs), image, index, None)
+            pair.clean_predicted = predicted = ctx.predictions.get(image_id)
             note = (
                 f"target '{target}' is not an ImageNet class (an index 0-999 or a wnid)"
                 if index is None
@@ -207,14 +237,17 @@ def requested_pairs(requested: list[tuple[str, str]], ctx: FailureContext) -> li
                 else None
             )
         if note:
-            row.update(status="skipped", note=note)
-        pairs.append(row)
+            pair.status, pair.note = "skipped", note
+        pairs.append(pair)
     return pairs
 
 
-def _attack(cfg: AdversarialConfig, output: Output, pairs: list[dict[str, Any]], log) -> dict[int, dict[str, Any]]:
-    """Attack every pair not yet skipped, as actor tasks over shards; resumes from the shards on disk."""
-    todo = [p for p in pairs if p.get("status") is None]
+def _attack(cfg: AdversarialConfig, output: Output, pairs: list[Pair], log) -> dict[int, dict[str, Any]]:
+    """Attack every pair not yet skipped, as actor tasks over shards; resumes from the shards on disk.
+
+    Returns the rows of the shards (``datasets.schema.ATTACK_RESULT``) by pair number.
+    """
+    todo = [p for p in pairs if p.status is None]
     shards = [(i // cfg.attack_shard, todo[i : i + cfg.attack_shard]) for i in range(0, len(todo), cfg.attack_shard)]
     done = set(output.list("adversarial", "shards", suffix=".parquet"))
     pending = [(s, rows) for s, rows in shards if shard_file(s) not in done]
@@ -257,7 +290,7 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
     pairs = requested_pairs(requested, ctx) if requested is not None else chosen_pairs(cfg, ctx)
     n_misclassified = sum(1 for m in ctx.manifest if ctx.predictions.get(m["image_id"]) not in (None, m["class_index"]))
     log(
-        f"adversarial: {len(pairs)} (source, target) pairs from {len({p['image_id'] for p in pairs})} source images "
+        f"adversarial: {len(pairs)} (source, target) pairs from {len({p.image_id for p in pairs})} source images "
         f"({n_misclassified} misclassified image(s) are no sources); eps {cfg.eps}, step {cfg.step}, "
         f"{cfg.steps} steps, "
         f"momentum {cfg.momentum} in {cfg.space}; R = {r}"
@@ -266,9 +299,9 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
 
     rows = []
     for p in pairs:
-        merged = {**p, **results.get(p["pair"], {})}
+        merged = {**dataclasses.asdict(p), **results.get(p.pair, {})}
         row = {k: merged.get(k) for k in schema.ADVERSARIAL.names} | {"uri": merged.get("uri")}
-        row["adversarial_id"] = f"pair-{p['pair']:05d}" if row["status"] == "success" else None
+        row["adversarial_id"] = f"pair-{p.pair:05d}" if row["status"] == "success" else None
         rows.append(row)
     table = pa.Table.from_pylist(
         [{k: row[k] for k in schema.ADVERSARIAL.names} for row in rows], schema=schema.ADVERSARIAL
@@ -300,23 +333,24 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
                     posixpath.join(output.uri, "adversarial", "images", f"{row['adversarial_id']}.png")
                     for row in success
                 ],
-                "label": pa.array([row["source_index"] for row in success], pa.int32()),
-            }
+                "label": [row["source_index"] for row in success],
+            },
+            schema=schema.ADVERSARIAL_MANIFEST,
         )
         output.write_table(manifest, "adversarial", "manifest.parquet")
-        ecfg = dataclasses.replace(
+        extraction = dataclasses.replace(
             cfg.extract_config(cfg.model, posixpath.join(cfg.out, "extract-adversarial"), [cfg.words]),
             images=posixpath.join(output.uri, "adversarial", "manifest.parquet"),
             precropped=True,
         ).validate()
-        extracted = run_extract(ecfg, log=log)
+        extracted = run_extract(extraction, log=log)
         if extracted["n_errors"]:
             raise InputError(
-                f"{extracted['n_errors']} adversarial image(s) failed to extract: see {ecfg.out}/errors.parquet"
+                f"{extracted['n_errors']} adversarial image(s) failed to extract: see {extraction.out}/errors.parquet"
             )
         predicted = {
             p["image_id"]: p["predicted_index"]
-            for p in pq.read_table(Output(ecfg.out).path("predictions"), filesystem=output.fs).to_pylist()
+            for p in pq.read_table(Output(extraction.out).path("predictions"), filesystem=output.fs).to_pylist()
         }
         summary["n_extraction_agrees"] = sum(predicted[row["adversarial_id"]] == row["target_index"] for row in success)
         groups = {}
@@ -324,7 +358,7 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
         for rank in ranks:
             label = {1: " (most similar)", cfg.targets_per_source: " (least similar)"}.get(rank, "")
             groups[f"target rank {rank}{label}"] = [i for i, row in enumerate(success) if row["target_rank"] == rank]
-        groups["all targets"] = list(range(len(success)))
+        groups[OVERALL] = list(range(len(success)))
         one_vs_two_rows = one_vs_two_through_layers(
             cfg,
             output,
@@ -336,13 +370,16 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
             r,
             groups,
         )
+        write_one_vs_two(output, cfg, [row for row in one_vs_two_rows if row["group"] == OVERALL], "one_vs_two.parquet")
+        write_one_vs_two(
+            output, cfg, [row for row in one_vs_two_rows if row["group"] != OVERALL], "one_vs_two_by_rank.parquet"
+        )
         title = (
             f"{ctx.plan.model}: {len(success)} targeted adversarial images (MIM, eps {cfg.eps} in {cfg.space}), R = {r}"
         )
-        figures["one_vs_two.png"] = save_figure(
-            output, one_vs_two_figure(one_vs_two_rows, title, "source beats target", "all targets"), "one_vs_two.png"
-        )
-        figures["examples.png"] = save_figure(output, _examples(ctx, rows), "examples.png")
+        figure = one_vs_two_figure(one_vs_two_rows, title, "source beats target", OVERALL)
+        figures["one_vs_two.png"] = save_figure(output, figure, "figures", "one_vs_two.png")
+        figures["examples.png"] = save_figure(output, _examples(ctx, rows), "figures", "examples.png")
     output.write_json(summary, "summary.json")
     report = write_failure_report(
         output, cfg, "adversarial", summary, one_vs_two_rows, figures, _report_notes(cfg, rows)

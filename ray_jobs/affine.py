@@ -17,7 +17,7 @@ Layout under OUT::
     config.json, summary.json, errors.parquet
     gram/<actor run>.npz                   partial Grams and the shards they hold
     affine_maps/<method>/<source>__<target>.npy   (d_A + 1, d_B): weight rows, then the bias
-    affine_maps/manifest.parquet           source, target, method, file, rcond, train_r2, rank, full_row_rank
+    affine_maps/manifest.parquet           datasets.schema.AFFINE_MAPS, one row per map
     affine_scores.parquet                  datasets.schema.AFFINE_SCORES
     figures/affine_<method>.png            the N x N table as a heatmap
 """
@@ -28,6 +28,7 @@ import io
 import json
 import os
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,18 +37,52 @@ import ray
 from ray.util import ActorPool
 
 from semprobe.actors.encoder import FeatureEncoder
-from semprobe.analysis.affine import AffineMap, JointGram, fit_affine, logit_map, naive_map
+from semprobe.analysis.affine import (
+    AffineMap,
+    JointGram,
+    classifier_head,
+    correct_count,
+    fit_affine,
+    logit_map,
+    naive_map,
+)
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.figures import affine_heatmap
 from semprobe.datasets import schema
 from semprobe.datasets.decode import ImageError, decode_image, read_bytes
 from semprobe.datasets.images import resolve_images
 from semprobe.ray_jobs.config import AffineConfig
+from semprobe.ray_jobs.figures import save_figure
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.startup import check_same_experiment, connect, model_actors, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
 
 METHODS = ("affine", "logit", "naive")
+
+# (method, source index, target index) -> the target's classifier composed with the map: (classes, d_A), (classes,)
+Heads = dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class ValidationCounts:
+    """Top-1 counts on validation images: of every head, and of each CNN alone; a shard's, or the sum of shards'."""
+
+    correct: dict[tuple[str, int, int], int]  # per head (the keys of Heads): images put in their class
+    own: list[int]  # per CNN: images its own classifier puts in their class
+    n: int = 0  # images scored
+    errors: list[dict[str, Any]] = field(default_factory=list)  # images skipped: rows of datasets.schema.ERRORS
+
+    @classmethod
+    def zero(cls, heads: Heads, n_models: int) -> ValidationCounts:
+        return cls({key: 0 for key in heads}, [0] * n_models)
+
+    def add(self, other: ValidationCounts) -> ValidationCounts:
+        for key, count in other.correct.items():
+            self.correct[key] += count
+        self.own = [a + b for a, b in zip(self.own, other.own)]
+        self.n += other.n
+        self.errors += other.errors
+        return self
 
 
 def _decode(encoder: FeatureEncoder, rows: list[list[Any]]) -> tuple[list[np.ndarray], list[int], list[dict]]:
@@ -102,27 +137,22 @@ class AffineWorker:
         np.savez(buf, gram=self.gram.gram, shards=np.array(self.shards), errors=np.array(json.dumps(self.errors)))
         self.output.write_bytes(buf.getvalue(), "gram", f"{self.name}.npz")
 
-    def val_shard(
-        self, rows: list[list[Any]], heads: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]]
-    ) -> dict:
+    def val_shard(self, rows: list[list[Any]], heads: Heads) -> ValidationCounts:
         """Correct counts of every (method, source, target) head on one validation shard, and each CNN alone."""
-        counts = {key: 0 for key in heads}
-        own = [0] * len(self.encoder.names)
-        n, errors = 0, []
+        counts = ValidationCounts.zero(heads, len(self.encoder.names))
         for lo in range(0, len(rows), self.batch_size):
             pixels, labels, bad = _decode(self.encoder, rows[lo : lo + self.batch_size])
-            errors += bad
+            counts.errors += bad
             if pixels[0] is None:
                 continue
             features, top1 = self.encoder(pixels)
             y = np.array(labels)
-            n += len(y)
+            counts.n += len(y)
             for i, t in enumerate(top1):
-                own[i] += int(np.count_nonzero(t == y))
-            for key, (weight, bias) in heads.items():
-                logits = features[key[1]].astype(np.float64) @ weight + bias
-                counts[key] += int(np.count_nonzero(logits.argmax(1) == y))
-        return {"counts": counts, "own": own, "n": n, "errors": errors}
+                counts.own[i] += int(np.count_nonzero(t == y))
+            for (method, source, target), (weight, bias) in heads.items():
+                counts.correct[(method, source, target)] += correct_count(features[source], y, None, weight, bias)
+        return counts
 
 
 def _shards(table: pa.Table, size: int, label: str) -> list[tuple[int, list[list[Any]]]]:
@@ -177,7 +207,7 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     for name in output.list("gram", suffix=".npz"):
         with output.fs.open_input_file(output.path("gram", name)) as f:
             part = np.load(io.BytesIO(f.read()))
-            gram.gram += part["gram"]
+            gram.merge(JointGram(names, widths, part["gram"]))
             errors += json.loads(str(part["errors"]))
     log(
         f"affine: {gram.n} training images in the Gram ({len(errors)} skipped); "
@@ -192,33 +222,28 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
             "classes): its logit maps lose information"
         )
     progress = Progress(val.num_rows, "images", "affine: validation")
-    totals: dict = {"counts": {k: 0 for k in heads}, "own": [0] * len(names), "n": 0, "errors": []}
+    totals = ValidationCounts.zero(heads, len(names))
     heads_ref = ray.put(heads)
     for result in ActorPool(workers).map_unordered(
         lambda w, item: w.val_shard.remote(item[1], heads_ref), _shards(val, cfg.shard_size, "class_index")
     ):
-        for k, v in result["counts"].items():
-            totals["counts"][k] += v
-        totals["own"] = [a + b for a, b in zip(totals["own"], result["own"])]
-        totals["n"] += result["n"]
-        totals["errors"] += result["errors"]
-        progress.update(result["n"] + len(result["errors"]))
+        totals.add(result)
+        progress.update(result.n + len(result.errors))
     progress.close()
 
     scores = _scores(names, totals, gram.n)
     output.write_table(schema.stamp(scores, exp), "affine_scores.parquet")
-    output.write_table(schema.stamp(pa.Table.from_pylist(manifest), exp), "affine_maps", "manifest.parquet")
-    errors = sorted(errors + totals["errors"], key=lambda e: e["image_id"])
+    maps = pa.Table.from_pylist(manifest, schema=schema.AFFINE_MAPS)
+    output.write_table(schema.stamp(maps, exp), "affine_maps", "manifest.parquet")
+    errors = sorted(errors + totals.errors, key=lambda e: e["image_id"])
     output.write_table(schema.stamp(pa.Table.from_pylist(errors, schema=schema.ERRORS), exp), "errors.parquet")
     for method in METHODS:
-        buf = io.BytesIO()
-        affine_heatmap(scores.to_pylist(), names, method).savefig(buf, format="png", dpi=110)
-        output.write_bytes(buf.getvalue(), "figures", f"affine_{method}.png")
+        save_figure(output, affine_heatmap(scores.to_pylist(), names, method), "figures", f"affine_{method}.png")
     summary = {
         "experiment_id": exp,
         "models": names,
         "n_train": gram.n,
-        "n_val": totals["n"],
+        "n_val": totals.n,
         "n_errors": len(errors),
         "maps": len(manifest),
     }
@@ -228,8 +253,9 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     return summary
 
 
-def _solve(output: Output, encoder: FeatureEncoder, gram: JointGram, ridge: float):
-    """Every ordered pair's maps, written; returns their heads (each map composed with the target's classifier)."""
+def _solve(output: Output, encoder: FeatureEncoder, gram: JointGram, ridge: float) -> tuple[Heads, list[dict]]:
+    """Every ordered pair's maps, written; returns their heads (each map composed with the target's classifier)
+    and the rows of affine_maps/manifest.parquet."""
     names, widths = encoder.names, encoder.widths
     classifiers = [encoder.classifier(i) for i in range(len(names))]
     heads, manifest = {}, []
@@ -242,13 +268,12 @@ def _solve(output: Output, encoder: FeatureEncoder, gram: JointGram, ridge: floa
                 "logit": logit_map(source, names[b], *classifiers[a], *classifiers[b]),
                 "naive": naive_map(source, names[b], widths[a], widths[b]),
             }
-            w_b, b_b = classifiers[b]
             for method, m in maps.items():
                 file = f"{model_key(source)}__{model_key(names[b])}.npy"
                 buf = io.BytesIO()
                 np.save(buf, np.vstack([m.weight, m.bias[None]]))
                 output.write_bytes(buf.getvalue(), "affine_maps", method, file)
-                heads[(method, a, b)] = (m.weight @ w_b.T, m.bias @ w_b.T + b_b)
+                heads[(method, a, b)] = classifier_head(m, *classifiers[b])
                 manifest.append(
                     {
                         "source": source,
@@ -264,9 +289,9 @@ def _solve(output: Output, encoder: FeatureEncoder, gram: JointGram, ridge: floa
     return heads, manifest
 
 
-def _scores(names: list[str], totals: dict, n_train: int) -> pa.Table:
-    n = max(totals["n"], 1)
-    own = [c / n for c in totals["own"]]
+def _scores(names: list[str], totals: ValidationCounts, n_train: int) -> pa.Table:
+    n = max(totals.n, 1)
+    own = [c / n for c in totals.own]
     rows = [
         {
             "source": s,
@@ -277,12 +302,12 @@ def _scores(names: list[str], totals: dict, n_train: int) -> pa.Table:
             "target_accuracy": own[i],
             "pct_change_vs_source": 0.0,
             "n_train": n_train,
-            "n_val": totals["n"],
+            "n_val": totals.n,
         }
         for method in METHODS
         for i, s in enumerate(names)
     ]
-    for (method, a, b), correct in totals["counts"].items():
+    for (method, a, b), correct in totals.correct.items():
         acc = correct / n
         rows.append(
             {
@@ -294,7 +319,7 @@ def _scores(names: list[str], totals: dict, n_train: int) -> pa.Table:
                 "target_accuracy": own[b],
                 "pct_change_vs_source": 100 * (acc - own[a]) / own[a] if own[a] else None,
                 "n_train": n_train,
-                "n_val": totals["n"],
+                "n_val": totals.n,
             }
         )
     rows.sort(key=lambda r: (METHODS.index(r["method"]), names.index(r["source"]), names.index(r["target"])))

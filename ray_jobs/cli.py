@@ -70,7 +70,7 @@ JOBS = {
     "run": ("semprobe.ray_jobs.run", "run", "RunConfig"),
     "extract": ("semprobe.ray_jobs.extraction", "run_extract", "ExtractConfig"),
     "affine": ("semprobe.ray_jobs.affine", "run_affine", "AffineConfig"),
-    "misclassified": ("semprobe.ray_jobs.failures", "run_misclassified", "MisclassifiedConfig"),
+    "misclassified": ("semprobe.ray_jobs.misclassified", "run_misclassified", "MisclassifiedConfig"),
     "adversarial": ("semprobe.ray_jobs.adversarial", "run_adversarial", "AdversarialConfig"),
     "train": ("semprobe.ray_jobs.train", "run_train", "TrainConfig"),
     "dynamics": ("semprobe.ray_jobs.dynamics", "run_dynamics", "DynamicsConfig"),

@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from semprobe.analysis.affine import JointGram, accuracy, fit_affine, logit_map, naive_map
+from semprobe.analysis.affine import (
+    AffineMap,
+    JointGram,
+    accuracy,
+    classifier_head,
+    correct_count,
+    fit_affine,
+    logit_map,
+    naive_map,
+)
 from semprobe.analysis.errors import InputError
 
 
@@ -85,3 +94,38 @@ def test_naive_map_truncates_or_zero_pads():
     x = np.arange(6.0).reshape(2, 3)
     np.testing.assert_array_equal(naive_map("a", "b", 3, 2)(x), x[:, :2])
     np.testing.assert_array_equal(naive_map("a", "b", 3, 5)(x), np.hstack([x, np.zeros((2, 2))]))
+
+
+def test_a_checkpointed_gram_merges_like_the_sums_of_its_images(feats):
+    names, widths = list(feats), [f.shape[1] for f in feats.values()]
+    halves = [JointGram(names, widths), JointGram(names, widths)]
+    for half, rows in zip(halves, (slice(0, 150), slice(150, 400))):
+        half.add([f[rows] for f in feats.values()])
+    merged = JointGram(names, widths, halves[0].gram.copy()).merge(JointGram(names, widths, halves[1].gram))
+    z = np.hstack([*feats.values(), np.ones((400, 1))])
+    expected = np.zeros((z.shape[1], z.shape[1]))
+    for row in z:  # one image at a time
+        expected += np.outer(row, row)
+    np.testing.assert_allclose(merged.gram, expected, rtol=1e-12, atol=1e-8)
+    assert merged.n == 400
+    with pytest.raises(InputError, match=r"a joint Gram of a, exact, other is 29 x 29, got \(3, 3\)"):
+        JointGram(names, widths, np.zeros((3, 3)))
+
+
+def test_correct_count_and_classifier_head_match_a_loop_over_images():
+    rng = np.random.default_rng(2)
+    x_a, labels = rng.normal(size=(50, 6)), rng.integers(0, 4, size=50)
+    mapping = AffineMap("a", "b", rng.normal(size=(6, 5)), rng.normal(size=5), rcond=float("nan"))
+    w, b = rng.normal(size=(4, 5)), rng.normal(size=4)
+    by_hand = 0
+    for x, label in zip(x_a, labels):  # map, classify, compare: one image at a time
+        mapped = [sum(x[i] * mapping.weight[i, j] for i in range(6)) + mapping.bias[j] for j in range(5)]
+        logits = [sum(mapped[j] * w[c, j] for j in range(5)) + b[c] for c in range(4)]
+        by_hand += int(max(range(4), key=lambda c: logits[c]) == label)
+    assert 0 < by_hand < 50
+    assert correct_count(x_a, labels, mapping, w, b, rows=7) == by_hand == correct_count(x_a, labels, mapping, w, b)
+    assert accuracy(x_a, labels, mapping, w, b) == by_hand / 50
+    w_ab, b_ab = classifier_head(mapping, w, b)
+    assert w_ab.shape == (4, 6) and b_ab.shape == (4,)
+    np.testing.assert_allclose(x_a @ w_ab.T + b_ab, mapping(x_a) @ w.T + b, rtol=1e-12, atol=1e-12)
+    assert correct_count(x_a, labels, None, w_ab, b_ab) == by_hand

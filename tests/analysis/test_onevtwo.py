@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from semprobe.analysis.errors import InputError
-from semprobe.analysis.onevtwo import one_vs_two, one_vs_two_null
+from semprobe.analysis.onevtwo import one_vs_two, one_vs_two_null, reference_correlations
 from semprobe.analysis.twovtwo import permutations
 
 
@@ -45,3 +45,21 @@ def test_ties_and_constant_rows():
     d_t[2] = 0.3
     with pytest.raises(InputError, match="zero-variance row 2 in the true-class word correlations"):
         one_vs_two(i_x, d_t, i_x)
+
+
+def test_reference_correlations_are_numpy_pearson_item_by_item():
+    rng = np.random.default_rng(6)
+    rows = rng.normal(size=(9, 30)).astype(np.float32) * 4 + 1
+    items, references = [0, 4, 4], [[1, 2, 3, 5], [0, 1, 2, 8], [8, 7, 6, 5]]
+    result = reference_correlations(rows, items, references)
+    assert result.shape == (3, 4) and result.dtype == np.float64
+    for k, (item, refs) in enumerate(zip(items, references)):
+        for j, r in enumerate(refs):
+            expected = np.corrcoef(rows[item].astype(np.float64), rows[r].astype(np.float64))[0, 1]
+            assert result[k, j] == pytest.approx(expected, abs=1e-14)
+    # an item's row does not depend on the others asked for with it
+    np.testing.assert_array_equal(reference_correlations(rows, items[1:], references[1:]), result[1:])
+    assert reference_correlations(rows, [], []).shape == (0, 0)
+    rows[5] = 2.0
+    with pytest.raises(InputError, match="zero-variance row 5 in the activations"):
+        reference_correlations(rows, items, references, "the activations")

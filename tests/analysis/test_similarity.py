@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from semprobe.analysis.errors import ZeroVarianceError
-from semprobe.analysis.similarity import GramAccumulator, correlation_matrix, zscore_rows
+from semprobe.analysis.similarity import (
+    GramAccumulator,
+    centred_unit_rows,
+    correlation_matrix,
+    paired_cosine,
+    zscore_rows,
+)
 
 
 def test_zscore_rows_gram_is_pearson():
@@ -85,3 +91,42 @@ def test_correlation_matrix_names_constant_rows():
     stored = zscore_rows(torch.from_numpy(x)).numpy()  # the store keeps a constant row as zeros
     with pytest.raises(ZeroVarianceError):
         correlation_matrix(stored, block=5)
+
+
+def test_centred_unit_rows_dot_products_are_numpy_pearson_row_by_row():
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(7, 40)) * rng.uniform(0.1, 20, size=(7, 1)) + 5).astype(np.float16)
+    z = centred_unit_rows(x)
+    assert z.shape == (7, 40) and z.dtype == np.float64
+    for i in range(7):
+        row = x[i].astype(np.float64)
+        np.testing.assert_allclose(z[i], (row - row.mean()) / np.sqrt(((row - row.mean()) ** 2).sum()), rtol=1e-13)
+        for j in range(7):
+            assert z[i] @ z[j] == pytest.approx(np.corrcoef(x[i].astype(np.float64), x[j].astype(np.float64))[0, 1])
+    # row k does not depend on the other rows: any split gives the same bits
+    np.testing.assert_array_equal(np.concatenate([centred_unit_rows(x[:3]), centred_unit_rows(x[3:])]), z)
+    np.testing.assert_array_equal(centred_unit_rows(x[None])[0], z)  # (..., d)
+
+
+def test_centred_unit_rows_names_a_constant_row():
+    x = np.arange(12.0).reshape(3, 4)
+    x[1] = 2.5
+    with pytest.raises(
+        ZeroVarianceError, match="zero-variance row 1 in the word vectors: its correlation is undefined$"
+    ):
+        centred_unit_rows(x, "the word vectors")
+
+
+def test_paired_cosine_is_the_cosine_of_each_pair_of_rows():
+    rng = np.random.default_rng(5)
+    u, v = rng.normal(size=(6, 9)), rng.normal(size=(6, 9)).astype(np.float32)
+    expected = [
+        sum(a * b for a, b in zip(u[k], v[k].astype(np.float64)))
+        / np.sqrt(sum(a * a for a in u[k]) * sum(float(b) * float(b) for b in v[k]))
+        for k in range(6)
+    ]
+    cosine = paired_cosine(u, v)
+    assert cosine.shape == (6,) and cosine.dtype == np.float64
+    np.testing.assert_allclose(cosine, expected, rtol=1e-12)
+    np.testing.assert_allclose(paired_cosine(u, 3 * u), 1.0, rtol=1e-14)
+    assert paired_cosine(np.zeros((0, 9)), np.zeros((0, 9))).shape == (0,)

@@ -12,7 +12,7 @@ from conftest import cli_stderr
 from PIL import Image
 from statsmodels.stats.multitest import multipletests
 from test_attack import reference_mim
-from test_failures import naive_one_vs_two, reference_pool
+from test_misclassified import naive_one_vs_two, reference_pool
 
 from semprobe.actors.zoo import load_model
 from semprobe.analysis.errors import InputError
@@ -29,11 +29,12 @@ EPS, STEP, STEPS = 0.3, 0.06, 3  # in [-1, 1]: 0.3 is 38.25 levels of 255
 
 @pytest.fixture(scope="module")
 def glove():
-    wm = load_word_model("glove-50d")
+    word_model = load_word_model("glove-50d")
     words = {
-        c["class_index"]: c["word"] for c in match_concepts(imagenet_classes(), "imagenet", [wm]).table.to_pylist()
+        c["class_index"]: c["word"]
+        for c in match_concepts(imagenet_classes(), "imagenet", [word_model]).table.to_pylist()
     }
-    return words, dict(zip(words, wm.vectors(list(words.values())).astype(np.float64)))
+    return words, dict(zip(words, word_model.vectors(list(words.values())).astype(np.float64)))
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,11 @@ def test_one_vs_two_by_target_rank_matches_the_naive_reference(adversarial_run, 
     vec = vectors.__getitem__
     success = [row for row in pq.read_table(out / "adversarial.parquet").to_pylist() if row["status"] == "success"]
     _, pool, order = reference_pool(out)
-    rows = pq.read_table(out / "one_vs_two.parquet").to_pylist()
+    # the rank groups, then their union ("all targets"), which has a table of its own
+    rows = [
+        *pq.read_table(out / "one_vs_two_by_rank.parquet").to_pylist(),
+        *pq.read_table(out / "one_vs_two.parquet").to_pylist(),
+    ]
     groups = list(dict.fromkeys(row["group"] for row in rows))
     assert groups[-1] == "all targets" and len(rows) == 16 * len(groups)
     for row in rows[::5]:
@@ -159,7 +164,8 @@ def test_one_vs_two_by_target_rank_matches_the_naive_reference(adversarial_run, 
 
 def test_rerun_attacks_nothing_and_is_identical(adversarial_run, capsys):
     out, _ = adversarial_run
-    before = {name: (out / name).read_bytes() for name in ("adversarial.parquet", "one_vs_two.parquet")}
+    names = ("adversarial.parquet", "one_vs_two.parquet", "one_vs_two_by_rank.parquet")
+    before = {name: (out / name).read_bytes() for name in names}
     (out / "adversarial" / "shards" / "shard-00001.parquet").unlink()  # an interrupted run: one shard of two missing
     logs = []
     cfg = json.loads((out / "config.json").read_text())["config"]

@@ -11,7 +11,7 @@ from semprobe.datasets.classes import imagenet_classes
 from semprobe.datasets.concepts import match_concepts
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.config import MisclassifiedConfig
-from semprobe.ray_jobs.failures import run_misclassified
+from semprobe.ray_jobs.misclassified import run_misclassified
 
 
 def r(a, b):

@@ -1,0 +1,253 @@
+"""What ``semprobe misclassified`` and ``semprobe adversarial`` share: their start, and 1 vs. 2 through the layers.
+
+Both jobs start alike (:func:`prepare`, giving a :class:`FailureContext`): check the inputs, extract the clean
+images with their predictions (``extract/`` under OUT), match the ImageNet classes to words, and pool the
+reference concepts: every class with a correctly classified image, represented by the first such image by id,
+in the seed's shuffled order. Image x with true (source) class t and predicted (target) class p is then judged
+against the first R pooled concepts that are neither t nor p.
+
+Both end alike (:func:`one_vs_two_through_layers`): the 1 vs. 2 test (:mod:`semprobe.analysis.onevtwo`) of
+every layer as one Ray task, per named group of images, each group with its own permutation null, BHY over
+every (group, layer) row as one family (:mod:`semprobe.analysis.stats`); the job writes the rows as
+``datasets.schema.ONE_VS_TWO`` tables (:func:`write_one_vs_two`).
+
+This module is machinery, not a job: it imports no job module, and job modules import it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from semprobe.analysis.errors import InputError, ZeroVarianceError
+from semprobe.analysis.onevtwo import one_vs_two, one_vs_two_null, reference_correlations
+from semprobe.analysis.similarity import paired_cosine
+from semprobe.analysis.stats import permutation_tests
+from semprobe.datasets import schema
+from semprobe.datasets.classes import imagenet_classes
+from semprobe.datasets.concepts import match_concepts
+from semprobe.datasets.words import load_word_model
+from semprobe.ray_jobs.extraction import ExtractionPlan, plan_extraction, run_extract
+from semprobe.ray_jobs.startup import check_same_experiment, connect, write_resolved
+from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.store import layer_views
+
+MIN_REFERENCES = 5
+
+
+@dataclass(frozen=True)
+class GroupOneVsTwo:
+    """One layer's 1 vs. 2 test of one group of images."""
+
+    accuracy: float  # the fraction of the group's images that side with t
+    n: int  # images in the group
+    null: np.ndarray  # (n_perm,) float64: the accuracy under each permutation of the reference words
+
+
+@ray.remote
+def layer_task(
+    out: str,
+    folders: list[tuple[str, ...]],
+    images: list[str],
+    references: list[list[str]],
+    d_true: np.ndarray,
+    d_pred: np.ndarray,
+    groups: dict[str, list[int]],
+    n_perm: int,
+    seed: int,
+) -> dict[str, GroupOneVsTwo]:
+    """1 vs. 2 of one layer: the images' activations against their references', and the null, per group of images.
+
+    ``folders`` hold the layer's activation files (the images and the references may come from different
+    extractions; an image in two folders is taken from the last); ``references[k]`` are image k's R reference
+    images; ``d_true``, ``d_pred`` (n, R) its word side; ``groups`` name subsets of the images, by position.
+    """
+    needed = set(images) | {r for refs in references for r in refs}
+    position: dict[str, int] = {}
+    parts = []
+    with tempfile.TemporaryDirectory(prefix="semprobe-1v2-") as scratch:
+        for folder in folders:
+            where, views = layer_views(Output(out), folder, scratch)
+            ids = sorted(needed & where.keys())
+            if ids:
+                start = sum(len(part) for part in parts)
+                position.update((image_id, start + k) for k, image_id in enumerate(ids))
+                parts.append(np.stack([views[where[i][0]][where[i][1]] for i in ids]))  # a copy: the maps go
+            del views, where  # release the memory maps before the scratch folder goes
+    activations = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    del parts
+    try:
+        i_x = reference_correlations(
+            activations,
+            [position[x] for x in images],
+            [[position[r] for r in refs] for refs in references],
+            "the activations",
+        )
+    except ZeroVarianceError as err:  # the store writes a constant activation as zeros: name the images
+        image_at = {k: image_id for image_id, k in position.items()}
+        constant = [image_at.get(k, f"row {k}") for k in err.rows]
+        raise InputError(
+            f"constant activation of image(s) {', '.join(constant[:5])} in {'/'.join(folders[0][-2:])}: "
+            "its correlation with the references is undefined"
+        ) from None
+    results = {}
+    for group, members in groups.items():
+        args = (i_x[members], d_true[members], d_pred[members])
+        results[group] = GroupOneVsTwo(one_vs_two(*args).accuracy, len(members), one_vs_two_null(*args, n_perm, seed))
+    return results
+
+
+@dataclass
+class FailureContext:
+    """What both failure analyses start from: the clean extraction, its predictions, the words, the references."""
+
+    plan: ExtractionPlan
+    word_model: Any
+    words: dict[int, str]  # ImageNet class index -> word, for every class the word model names
+    manifest: list[dict[str, Any]]
+    predictions: dict[str, int]  # image_id -> predicted class index
+    pool: dict[int, str]  # concept (class index) -> its reference image: the first correctly classified by id
+    order: list[int]  # the concepts of ``pool`` in the seed's shuffled order
+
+    @property
+    def correct(self) -> list[dict[str, Any]]:
+        return [m for m in self.manifest if self.predictions.get(m["image_id"]) == m["class_index"]]
+
+    def references(self, t: int, p: int, r: int) -> list[int]:
+        """The first ``r`` reference concepts that are neither t nor p."""
+        return [c for c in self.order if c not in (t, p)][:r]
+
+    def vectors(self, classes: list[int]) -> np.ndarray:
+        """(len(classes), d) float64: the word vectors of the classes."""
+        return self.word_model.vectors([self.words[c] for c in classes]).astype(np.float64)
+
+    def cosine(self, a: list[int], b: list[int]) -> np.ndarray:
+        """(n,) the cosine of the word vectors of classes a[k] and b[k]."""
+        if not a:
+            return np.zeros(0)
+        return paired_cosine(self.vectors(a), self.vectors(b))
+
+    def word_side(
+        self, true: list[int], predicted: list[int], references: list[list[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(n, R) d_t and d_p: the words of t and p correlated with the words of each image's references."""
+        classes = sorted(set(true) | set(predicted) | {c for refs in references for c in refs})
+        row = {c: k for k, c in enumerate(classes)}
+        vectors = self.vectors(classes)
+        reference_rows = [[row[c] for c in refs] for refs in references]
+        d_true = reference_correlations(vectors, [row[t] for t in true], reference_rows, "the word vectors")
+        d_pred = reference_correlations(vectors, [row[p] for p in predicted], reference_rows, "the word vectors")
+        return d_true, d_pred
+
+
+def prepare(cfg, output: Output, log) -> FailureContext:
+    """Check the inputs, write the resolved config, run (or resume) the clean extraction, gather predictions
+    and words."""
+    check_same_experiment(output, cfg)
+    extraction = cfg.extract_config(cfg.model, cfg.extract_out, [cfg.words])
+    plan = plan_extraction(extraction)
+    if plan.source.class_space != "imagenet":
+        raise InputError(
+            f"{cfg.images}: {cfg.COMMAND} needs ImageNet-labelled images (a folder of wnids, or sample:imagenet)"
+        )
+    word_model = load_word_model(cfg.words)
+    connect(log)
+    write_resolved(output, cfg)
+    run_extract(extraction, log=log, plan=plan)
+    extracted = Output(extraction.out)
+    manifest = extracted.read_table("manifest.parquet").to_pylist()
+    predictions = {
+        r["image_id"]: r["predicted_index"]
+        for r in pq.read_table(extracted.path("predictions", plan.model_key), filesystem=extracted.fs).to_pylist()
+    }
+    words = {
+        r["class_index"]: r["word"]
+        for r in match_concepts(imagenet_classes(), "imagenet", [word_model]).table.to_pylist()
+    }
+    pool: dict[int, str] = {}
+    for m in sorted(manifest, key=lambda m: m["image_id"]):
+        if predictions.get(m["image_id"]) == m["class_index"]:
+            pool.setdefault(m["class_index"], m["image_id"])
+    order = [int(k) for k in np.random.default_rng(cfg.seed).permutation(sorted(pool))]
+    return FailureContext(plan, word_model, words, manifest, predictions, pool, order)
+
+
+def check_references(r: int) -> None:
+    if r < MIN_REFERENCES:
+        raise InputError(
+            f"only {max(r, 0)} reference concepts with a correctly classified image besides t and p: "
+            f"the 1 vs. 2 test needs at least {MIN_REFERENCES} (use more images)"
+        )
+
+
+def one_vs_two_through_layers(
+    cfg,
+    output: Output,
+    ctx: FailureContext,
+    folder: tuple[str, ...],
+    images: list[str],
+    t_idx: list[int],
+    p_idx: list[int],
+    r: int,
+    groups: dict[str, list[int]],
+) -> list[dict[str, Any]]:
+    """Every layer's 1 vs. 2 per group as Ray tasks, p-values, BHY over every (group, layer) row.
+
+    Returns the rows of ``datasets.schema.ONE_VS_TWO``, group by group, each group's layers in order.
+    """
+    refs = [ctx.references(t, p, r) for t, p in zip(t_idx, p_idx)]
+    d_true, d_pred = ctx.word_side(t_idx, p_idx, refs)
+    ref_images = [[ctx.pool[c] for c in rs] for rs in refs]
+    key = ctx.plan.model_key
+    results = ray.get(
+        [
+            layer_task.options(num_cpus=cfg.task_cpus).remote(
+                output.uri,
+                list(dict.fromkeys([folder + (key, layer.name), ("extract", "activations", key, layer.name)])),
+                images,
+                ref_images,
+                d_true,
+                d_pred,
+                groups,
+                cfg.permutations,
+                cfg.seed,
+            )
+            for layer in ctx.plan.layers
+        ]
+    )
+    tested = [(group, layer, result[group]) for group in groups for layer, result in zip(ctx.plan.layers, results)]
+    rows = [
+        {
+            "model": ctx.plan.model,
+            "layer": layer.name,
+            "layer_index": layer.layer_index,
+            "group": group,
+            "accuracy": test.accuracy,
+            "n": test.n,
+            "n_references": r,
+            "n_perm": cfg.permutations,
+        }
+        for group, layer, test in tested
+    ]
+    if cfg.permutations:
+        tests = permutation_tests([test.accuracy for *_, test in tested], [test.null for *_, test in tested], cfg.alpha)
+        for k, row in enumerate(rows):
+            row["null_mean"], row["null_std"] = float(tests.null_mean[k]), float(tests.null_std[k])
+            row["p_value"], row["p_bhy"] = float(tests.p_value[k]), float(tests.p_bhy[k])
+            row["significant"] = bool(tests.significant[k])
+    else:
+        for row in rows:
+            row.update(null_mean=None, null_std=None, p_value=None, p_bhy=None, significant=None)
+    return rows
+
+
+def write_one_vs_two(output: Output, cfg, rows: list[dict[str, Any]], name: str) -> None:
+    """OUT/``name``: ``rows`` of :func:`one_vs_two_through_layers` as a ``datasets.schema.ONE_VS_TWO`` table."""
+    table = pa.Table.from_pylist(rows, schema=schema.ONE_VS_TWO)
+    output.write_table(schema.stamp(table, cfg.experiment_id()), name)
