@@ -11,58 +11,44 @@ import sys
 
 import semprobe
 from semprobe.analysis.errors import InputError
+from semprobe.ray_jobs import config
 from semprobe.ray_jobs.storage import write_error
 
+CONFIG_HELP = "TOML, YAML or JSON file (or a packaged config's name); flags override it"
+PRINT_CONFIG_HELP = (
+    "print the resolved config (defaults, then --config, then flags, validated) as JSON and exit without running; "
+    "saved as a .json file it is a --config"
+)
 
-def _extract_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML or JSON file of options; flags override it")
-    p.add_argument("--images", help="image source: DIR, s3://..., manifest .parquet, sample:imagenet, sample:cifar100")
-    p.add_argument("--model", help="efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH")
-    p.add_argument(
-        "--layers", help="kinds (activations, concat, blocks, pool, logits) and/or node names, comma-separated"
-    )
-    p.add_argument(
-        "--words", action="append", help="word model (repeatable): glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH"
-    )
-    p.add_argument("--sets", type=int, help="draw K disjoint image sets, one image per concept each")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--shard-size", type=int, dest="shard_size", help="images per unit of work and per output file")
-    p.add_argument("--dtype", help="float16 or float32")
-    p.add_argument("--store-format", dest="store_format", help="activation files: arrow (IPC, default) or parquet")
-    p.add_argument("--compression", help="none (default); arrow: lz4, zstd; parquet: snappy, zstd, lz4, gzip")
-    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
-    p.add_argument("--gpus-per-actor", type=float, dest="gpus_per_actor")
-    p.add_argument("--out", help="output folder or s3:// / gs:// URI")
+# command -> its line in `semprobe --help`; its flags come from its config class (JOBS)
+JOB_HELP = {
+    "run": "the main job: 2 vs. 2 of every layer against word models, permutations, BHY, report",
+    "extract": "capture every chosen layer of a CNN into an activation store of Arrow IPC files "
+    "(Parquet with --store-format parquet)",
+    "affine": "affine maps between the penultimate features of every pair of CNNs (the N x N table)",
+    "misclassified": "misclassification severity and 1 vs. 2 through the layers",
+    "adversarial": "targeted MIM adversarial examples and 1 vs. 2 through the layers by target rank",
+    "train": "train a CIFAR-100 CNN (FractalNet) through Ray Train, checkpointing every few epochs",
+    "dynamics": "2 vs. 2 of every checkpoint of semprobe train runs, by epoch (Fig. 4)",
+}
 
 
-def _two_vs_two_args(p: argparse.ArgumentParser, sets: str, layers: str, family: str) -> None:
-    """The options of the jobs that run the 2 vs. 2 test (run, dynamics)."""
-    p.add_argument("--words", help="word models, comma-separated: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH")
-    p.add_argument("--sets", type=int, help=f"K image sets, one image per concept each (default {sets})")
-    p.add_argument(
-        "--layers",
-        help=f"kinds (activations, concat, blocks, pool, logits) and/or node names, comma-separated (default {layers})",
-    )
-    p.add_argument("--permutations", type=int, help="permutations for the null (default 1000; 0: no p-values)")
-    p.add_argument("--seed", type=int, help="seeds the image sets and the permutations")
-    p.add_argument("--alpha", type=float, help=f"BHY false discovery rate over {family} (default 0.05)")
-    p.add_argument("--batch-size", type=int, dest="batch_size")
-    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
-    p.add_argument("--gpus-per-actor", type=float, dest="gpus_per_actor")
-
-
-def _run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config", help="TOML (or YAML/JSON) file of options, or a packaged config's name; flags override it"
-    )
-    p.add_argument("--images", help="image source: DIR, s3://..., manifest .parquet, sample:imagenet, sample:cifar100")
-    p.add_argument(
-        "--models",
-        help="CNNs, comma-separated: efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH",
-    )
-    _two_vs_two_args(p, sets="1", layers="blocks", family="every model x layer x word model")
-    p.add_argument("--out", help="output folder or s3:// / gs:// URI (default: runs/<experiment id>)")
+def add_options(p: argparse.ArgumentParser, cls: type) -> None:
+    """A job command's flags: --config, --print-config and one per option of its config class that is not
+    config-only, each with the field's help and default; booleans get --x / --no-x. Every flag's default is
+    None (not given), so a config file's value stands unless a flag overrides it."""
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.add_argument("--print-config", action="store_true", dest="print_config", help=PRINT_CONFIG_HELP)
+    resources = p.add_argument_group("resources")
+    for f in config.options(cls):
+        if not f.metadata["flag"]:
+            continue
+        kwargs = {"dest": f.name, "help": config.help_text(f).replace("%", "%%")}
+        if config.kind(cls, f.name)[0] is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.metadata["choices"]:
+            kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        (resources if f.metadata["group"] == "resources" else p).add_argument(config.flag_name(f.name), **kwargs)
 
 
 # command -> (module, runner, config class); a job's module is imported only when it runs (torch and Ray import slowly)
@@ -78,15 +64,18 @@ JOBS = {
 
 
 def _job(args: argparse.Namespace) -> int:
-    from semprobe.ray_jobs import config
-
     module, runner, cls = JOBS[args.command]
+    cls = getattr(config, cls)
+    flags = {f.name for f in config.options(cls) if f.metadata["flag"]}
+    overrides = {k: config.parse_flag(cls, k, v) for k, v in vars(args).items() if k in flags and v is not None}
+    cfg = config.load_config(cls, args.config, overrides)
+    if args.print_config:
+        print(config.dumps(cfg))
+        return 0
     runner = getattr(importlib.import_module(module), runner)
     # After Ray Data configured its logging on import: our progress line says what a person
     # needs, Ray Data's INFO lines restate its execution plan on every run.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func")}
-    cfg = config.load_config(getattr(config, cls), args.config, overrides)
     try:
         runner(cfg, log=lambda m: print(m, file=sys.stderr))
     except Exception as err:
@@ -99,19 +88,6 @@ def _job(args: argparse.Namespace) -> int:
             "and run the same command again to resume, or choose another --out"
         ) from None
     return 0
-
-
-def _failure_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML (or YAML/JSON) file of options; flags override it")
-    p.add_argument("--images", help="ImageNet-labelled images: DIR of wnids, s3://..., sample:imagenet")
-    p.add_argument("--model", help="the CNN")
-    p.add_argument("--words", help="one word model: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH")
-    p.add_argument("--layers", help="kinds (activations, concat, blocks, pool, logits) and/or node names")
-    p.add_argument("--references", type=int, help="R reference concepts (default 100; all that qualify if fewer)")
-    p.add_argument("--permutations", type=int, help="permutations for the null (default 1000)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
-    p.add_argument("--gpus-per-actor", type=float, dest="gpus_per_actor")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -135,122 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"semprobe {semprobe.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser(
-        "run", help="the main job: 2 vs. 2 of every layer against word models, permutations, BHY, report"
-    )
-    _run_args(r)
-    r.set_defaults(func=_job)
-    p = sub.add_parser("extract", help="capture every chosen layer of a CNN into Parquet")
-    _extract_args(p)
-    p.set_defaults(func=_job)
-    a = sub.add_parser(
-        "affine", help="affine maps between the penultimate features of every pair of CNNs (the N x N table)"
-    )
-    a.add_argument("--config", help="TOML (or YAML/JSON) file of options; flags override it")
-    a.add_argument("--models", help="CNNs, comma-separated (at least two)")
-    a.add_argument(
-        "--train", help="training images (no labels used): DIR, s3://..., manifest .parquet, sample:imagenet"
-    )
-    a.add_argument("--val", help="validation images with ImageNet labels")
-    a.add_argument("--max-train", type=int, dest="max_train", help="a seeded sample of at most N training images")
-    a.add_argument("--ridge", type=float, help="ridge added to the feature covariance (default 0: least squares)")
-    a.add_argument("--seed", type=int)
-    a.add_argument("--actors", type=int, help="model actors (default: one per GPU, or 1)")
-    a.add_argument("--out", help="output folder or s3:// / gs:// URI (default: runs/affine-<experiment id>)")
-    a.set_defaults(func=_job)
-    m = sub.add_parser("misclassified", help="misclassification severity and 1 vs. 2 through the layers")
-    _failure_args(m)
-    m.add_argument("--out", help="output folder or URI (default: runs/misclassified-<experiment id>)")
-    m.set_defaults(func=_job)
-    v = sub.add_parser(
-        "adversarial", help="targeted MIM adversarial examples and 1 vs. 2 through the layers by target rank"
-    )
-    _failure_args(v)
-    v.add_argument("--sources", type=int, help="correctly classified source images, one per class (default 100)")
-    v.add_argument(
-        "--targets-per-source",
-        type=int,
-        dest="targets_per_source",
-        help="targets by word similarity: the most and least similar and evenly spaced ranks between (default 6)",
-    )
-    v.add_argument(
-        "--pairs", help="instead of --sources: a .csv or .parquet of image_id, target (ImageNet index or wnid)"
-    )
-    v.add_argument("--eps", type=float, help="L-inf radius in --space (default 0.3)")
-    v.add_argument("--step", type=float, help="step size in --space (default 0.06)")
-    v.add_argument("--steps", type=int, help="iterations (default 20)")
-    v.add_argument("--momentum", type=float, help="decay of the accumulated gradient (default 1.0)")
-    v.add_argument("--space", help="input space eps and step are measured in: -1,1 (default) or 0,1")
-    v.add_argument("--out", help="output folder or URI (default: runs/adversarial-<experiment id>)")
-    v.set_defaults(func=_job)
-    t = sub.add_parser(
-        "train", help="train a CIFAR-100 CNN (FractalNet) through Ray Train, checkpointing every few epochs"
-    )
-    t.add_argument("--config", help="TOML (or YAML/JSON) file of options; flags override it")
-    t.add_argument("--data", help="cifar100:DIR, the folder holding cifar-100-python/ (train and test pickles)")
-    t.add_argument("--download", action="store_true", default=None, help="fetch CIFAR-100 into DIR first (torchvision)")
-    t.add_argument("--model", help="fractalnet (default), fractalnet_tiny, or another zoo name with 100 classes")
-    t.add_argument(
-        "--epochs", type=int, help="default 400; the learning rate drops 10x whenever the remaining epochs halve"
-    )
-    t.add_argument("--every", type=int, help="epochs between checkpoints (default 5)")
-    t.add_argument(
-        "--permute-labels",
-        action="store_true",
-        default=None,
-        dest="permute_labels",
-        help="the control: train and test labels shuffled (seeded)",
-    )
-    t.add_argument(
-        "--until-train-accuracy",
-        type=float,
-        dest="until_train_accuracy",
-        help="stop once an epoch's training accuracy reaches this (the control: 0.999)",
-    )
-    t.add_argument("--lr", type=float, help="default 0.02 (SGD, momentum 0.9)")
-    t.add_argument("--batch-size", type=int, dest="batch_size", help="the global batch (default 100)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--workers", type=int, help="Ray Train workers (default 1)")
-    t.add_argument(
-        "--use-gpu",
-        action="store_true",
-        default=None,
-        dest="use_gpu",
-        help="one GPU per worker (default: when the cluster has GPUs)",
-    )
-    t.add_argument(
-        "--words",
-        help="analyse the checkpoints while training goes on (semprobe dynamics into OUT/dynamics) "
-        "against these word models, comma-separated",
-    )
-    t.add_argument("--sets", type=int, help="with --words: K image sets per split (default 5)")
-    t.add_argument("--layers", help="with --words: the layers to analyse (default blocks,logits)")
-    t.add_argument("--permutations", type=int, help="with --words: permutations for the null (default 1000)")
-    t.add_argument("--out", help="output folder (default: runs/train-<experiment id>)")
-    t.set_defaults(func=_job)
-    d = sub.add_parser("dynamics", help="2 vs. 2 of every checkpoint of semprobe train runs, by epoch (Fig. 4)")
-    d.add_argument("--config", help="TOML (or YAML/JSON) file of options; flags override it")
-    d.add_argument(
-        "--runs", help="semprobe train output folders, comma-separated (e.g. the normal and the permuted run)"
-    )
-    d.add_argument("--images", help="cifar100:DIR (default: the folder each run trained on)")
-    d.add_argument("--splits", help="whose images: train, test or train,test (default)")
-    _two_vs_two_args(
-        d,
-        sets="5 per split",
-        layers="blocks,logits: every join and the classifier",
-        family="every run x epoch x split x layer x word model",
-    )
-    d.add_argument(
-        "--follow", action="store_true", default=None, help="keep analysing new checkpoints until the runs finish"
-    )
-    d.add_argument(
-        "--poll-seconds", type=float, dest="poll_seconds", help="with --follow: how often to look (default 30)"
-    )
-    d.add_argument(
-        "--out", help="output folder (default: RUN/dynamics for one run, runs/dynamics-<experiment id> for several)"
-    )
-    d.set_defaults(func=_job)
+    for command, (_, _, cls) in JOBS.items():
+        p = sub.add_parser(command, help=JOB_HELP[command], description=JOB_HELP[command])
+        add_options(p, getattr(config, cls))
+        p.set_defaults(func=_job)
     b = sub.add_parser(
         "bench", help="benchmarks, each figure beside its floor (the bare operation, measured in the same run)"
     )

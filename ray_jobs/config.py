@@ -1,16 +1,25 @@
 """Job configuration: defaults, a config file (TOML, YAML or JSON) and flags, resolved once.
 
-Resources (actors, GPUs and CPUs per actor, threads) are configuration, never
-code; ``None`` means "derive from the cluster this job runs on".
+Every option is a dataclass field, declared once with ``option()``: its default, help, minimum, choices
+and whether it belongs to the experiment's identity live in the field's metadata. Validation (types,
+minimums, choices), each command's flags (``cli``) and ``identity()`` are generated from the fields, so
+the help can never disagree with the default; rules that tie several options together stay in each
+class's ``check()``.
+
+Resources (actors, GPUs and CPUs per actor, threads) are configuration, never code, declared once in
+``ModelActors`` and ``Resources``; ``None`` means "derive from the cluster this job runs on".
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import posixpath
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -19,14 +28,169 @@ import tomllib
 import yaml
 
 from semprobe.analysis.errors import InputError
+from semprobe.datasets.words import WORD_MODEL_CHOICES
 from semprobe.ray_jobs.storage import STORE_FORMATS, absolute
 
 DTYPE_CHOICES = ("float16", "float32")
+INPUT_SPACES = ("[0,1]", "[-1,1]")  # the spaces actors.attack.SPACES knows (config imports no torch)
+MODEL_HELP = "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH"
+LAYERS_HELP = "kinds (activations, concat, blocks, pool, logits) and/or node names, comma-separated"
+IMAGES_HELP = "image source: DIR, s3://..., gs://..., manifest .parquet, sample:imagenet, sample:cifar100"
+OUT_HELP = "output folder or s3:// / gs:// URI"
+BHY = "Benjamini-Hochberg-Yekutieli false discovery rate"
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    identity: bool = False,
+    flag: bool = True,
+    none: str | None = None,
+    noun: str | None = None,
+    normalize: typing.Callable[[str], str] | None = None,
+    group: str | None = None,
+) -> Any:
+    """A config option: a dataclass field whose metadata says everything the CLI and validation need.
+
+    help: what the option is, never its default (the help appends that itself).
+    minimum: the least value of a number, or the least number of names of a list.
+    choices: the values a string may take; noun names them in the error ('unknown input space ...').
+    identity: the option decides the bytes of the outputs, so a rerun into the same --out must agree on it.
+    flag: False for an option awkward on a command line (a table): settable only in a config file.
+    none: what a default of None means (e.g. 'one per GPU'), shown as the default.
+    normalize: applied to a string before the choices are checked ('0,1' -> '[0,1]').
+    group: 'resources' for the options that size and place the job's work, listed apart in the help.
+    """
+    if default is None and not none:
+        raise ValueError(f"option with default None needs none=: what None means ({help!r})")
+    metadata = {
+        "help": help,
+        "minimum": minimum,
+        "choices": tuple(choices) if choices else None,
+        "identity": identity,
+        "flag": flag,
+        "none": none,
+        "noun": noun,
+        "normalize": normalize,
+        "group": group,
+    }
+    if isinstance(default, (list, dict)):
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def redefault(cls: type, name: str, default: Any, **changes: Any) -> Any:
+    """``cls``'s option ``name`` with another default (and optionally other metadata) for a subclass."""
+    (base,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    return option(default, **{**base.metadata, **changes})
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """An option's default as its help shows it: what None means, 'none' for an empty value, lists comma-joined."""
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    if value is None:
+        return f.metadata["none"]
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        value = ",".join(value)
+    return str(value) if value not in ("", {}) else "none"
+
+
+def help_text(f: dataclasses.Field) -> str:
+    """An option's help: what it is, then its default, taken from the field so the two never disagree."""
+    return f"{f.metadata['help']} (default: {default_text(f)})"
+
+
+def options(cls: type) -> list[dataclasses.Field]:
+    """A config class's options in the order the help and the resolved config list them: resources last."""
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.metadata["group"] != "resources"] + [
+        f for f in fields if f.metadata["group"] == "resources"
+    ]
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def label(f: dataclasses.Field) -> str:
+    """How errors name an option: its flag, or its config key when it has no flag."""
+    return flag_name(f.name) if f.metadata["flag"] else f.name
+
+
+@functools.cache
+def _kinds(cls: type) -> dict[str, tuple[type, bool]]:
+    """Each option's base type (int, float, bool, str, list or dict) and whether None is allowed."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        if optional:
+            (hint,) = [a for a in args if a is not type(None)]
+        kinds[name] = (typing.get_origin(hint) or hint, optional)
+    return kinds
+
+
+def kind(cls: type, name: str) -> tuple[type, bool]:
+    return _kinds(cls)[name]
+
+
+_EXPECTED = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list: "a list of names or a comma-separated string",
+    dict: "a table of names to numbers",
+}
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it: strings quoted, booleans and null as in TOML/JSON."""
+    return f"'{value}'" if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _split(value: str | list[str]) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+
+
+def typed(cls: type, name: str, value: Any, where: str) -> Any:
+    """``value`` checked against option ``name``'s type (a comma-separated string becomes a list); ``where``
+    names the option in the error. bool is not an int; an int is a number."""
+    base, optional = kind(cls, name)
+    if value is None and optional:
+        return None
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        list: isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)),
+        dict: isinstance(value, dict),
+    }[base]
+    if not ok:
+        raise InputError(f"{where} must be {_EXPECTED[base]}, got {_shown(value)}")
+    return _split(value) if base is list else value
+
+
+def parse_flag(cls: type, name: str, text: Any) -> Any:
+    """A flag's text as option ``name``'s type (numbers parsed; strings, lists and booleans as they come)."""
+    base, _ = kind(cls, name)
+    if base in (int, float) and isinstance(text, str):
+        try:
+            return base(text)
+        except ValueError:
+            raise InputError(f"{flag_name(name)} must be {_EXPECTED[base]}, got '{text}'") from None
+    return text
 
 
 def names(value: str | list[str], option: str) -> list[str]:
     """A list option given as a list or a comma-separated string, checked: at least one name, none repeated."""
-    value = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    value = _split(value)
     if not value:
         raise InputError(f"--{option} needs at least one name")
     if len(set(value)) != len(value):
@@ -34,84 +198,26 @@ def names(value: str | list[str], option: str) -> list[str]:
     return value
 
 
-class _Identity:
-    """An experiment's identity: the options (IDENTITY) that decide the bytes of its outputs.
-
-    A rerun into the same output folder must agree on them; the others (resources,
-    shard sizes of the analysis) may change between runs.
-    """
-
-    IDENTITY: tuple[str, ...] = ()
-
-    def identity(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.IDENTITY}
-
-    def experiment_id(self) -> str:
-        return hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class ExtractConfig(_Identity):
-    images: str = "sample:imagenet"
-    model: str = "efficientnet_lite0"
-    out: str = "runs/extract"
-    layers: str = "activations"
-    words: list[str] = field(default_factory=list)
-    sets: int | None = None
-    seed: int = 0
-    batch_size: int = 32
-    shard_size: int = 64
-    dtype: str = "float16"
-    store_format: str = "arrow"  # activation files: arrow (IPC) or parquet
-    compression: str = "none"
-    precropped: bool = False  # images already at the model's input size: neither resized nor cropped
-    # resources
-    actors: int | None = None  # None: one per GPU in the cluster, or 1 without GPUs
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_actor: float = 1
-    torch_threads: int | None = None  # None: every CPU of the node when the actor runs on the CPU
-    decode_cpus: float = 1
-    actor_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per model actor
-
-    # Fields that decide the bytes of the outputs; a rerun into the same --out must agree on them.
-    IDENTITY = (
-        "images",
-        "model",
-        "layers",
-        "words",
-        "sets",
-        "seed",
-        "batch_size",
-        "shard_size",
-        "dtype",
-        "store_format",
-        "compression",
-        "precropped",
-    )
-
-    def validate(self) -> ExtractConfig:
-        if self.dtype not in DTYPE_CHOICES:
-            raise InputError(f"unknown dtype '{self.dtype}': choose one of {', '.join(DTYPE_CHOICES)}")
-        for name in ("batch_size", "shard_size"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.shard_size % self.batch_size:
-            raise InputError(f"--shard-size {self.shard_size} must be a multiple of --batch-size {self.batch_size}")
-        if self.sets is not None and self.sets < 1:
-            raise InputError(f"--sets must be at least 1, got {self.sets}")
-        if self.store_format not in STORE_FORMATS:
-            raise InputError(f"unknown store format '{self.store_format}': choose one of {', '.join(STORE_FORMATS)}")
-        if self.compression not in STORE_FORMATS[self.store_format]:
-            choices = ", ".join(STORE_FORMATS[self.store_format])
-            raise InputError(
-                f"compression '{self.compression}' is not available for {self.store_format}: choose one of {choices}"
-            )
-        check_resources(self.actor_resources)
-        self.out = absolute(self.out)
-        return self
+def check_options(cfg: Any) -> None:
+    """Every option of ``cfg`` checked against its field: type, minimum, choices; lists split and unrepeated."""
+    for f in dataclasses.fields(cfg):
+        meta, where = f.metadata, label(f)
+        value = typed(type(cfg), f.name, getattr(cfg, f.name), where)
+        minimum, choices = meta["minimum"], meta["choices"]
+        if isinstance(value, list):
+            if minimum and len(value) < minimum:
+                raise InputError(f"{where} needs at least {'one name' if minimum == 1 else f'{minimum} names'}")
+            repeated = sorted({v for v in value if value.count(v) > 1})
+            if repeated:
+                raise InputError(f"{where} must not repeat a name: {', '.join(repeated)}")
+        elif minimum is not None and value is not None and value < minimum:
+            raise InputError(f"{where} must be at least {minimum}, got {value}")
+        if isinstance(value, str) and meta["normalize"]:
+            value = meta["normalize"](value)
+        if choices and value not in choices:
+            noun = meta["noun"] or f.name
+            raise InputError(f"unknown {noun} '{value}': choose one of {', '.join(choices)}")
+        setattr(cfg, f.name, value)
 
 
 def check_resources(resources: dict[str, float]) -> None:
@@ -128,52 +234,160 @@ def check_resources(resources: dict[str, float]) -> None:
         raise InputError(f"actor_resources names {', '.join(builtin)}: use cpus_per_actor / gpus_per_actor for those")
 
 
-@dataclass
-class _ExtractingJob(_Identity):
-    """The options of a job that first extracts layers (``run``, ``misclassified``)."""
+class _Options:
+    """What every config class shares: validation from its fields, then ``check()``; the experiment's identity.
 
-    images: str = "sample:imagenet"
-    layers: str = "blocks"
-    seed: int = 0
-    permutations: int = 1000
-    alpha: float = 0.05
-    batch_size: int = 32
-    shard_size: int = 64
-    dtype: str = "float16"
-    # resources
-    actors: int | None = None  # None: one per GPU in the cluster, or 1 without GPUs
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float = 1
-    torch_threads: int | None = None
-    decode_cpus: float = 1
-    actor_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per model actor
-    task_cpus: float = 1  # per analysis task
+    The identity is the options marked ``identity``: those that decide the bytes of the outputs. A rerun into
+    the same output folder must agree on them; the others (resources, shard sizes of the analysis) may change
+    between runs.
+    """
+
+    def validate(self):
+        """Every option checked against its field, then the rules between options; derived defaults resolved."""
+        check_options(self)
+        self.check()
+        return self
+
+    def check(self) -> None:
+        """Rules that tie options together, and defaults derived from others (``out``). Subclasses extend it."""
+
+    def identity(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["identity"]}
+
+    def experiment_id(self) -> str:
+        return hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option by name (resources last), as the constructor and --config take them."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in options(type(self))}
+
+
+@dataclass
+class ModelActors(_Options):
+    """The pool of model actors a job runs its CNNs on."""
+
+    actors: int | None = option(
+        None, "model actors", minimum=1, none="one per GPU in the cluster, or 1 without GPUs", group="resources"
+    )
+    gpus_per_actor: float | None = option(
+        None,
+        "GPUs per model actor (a fraction shares a GPU)",
+        minimum=0,
+        none="1 when the cluster has GPUs, else 0",
+        group="resources",
+    )
+    cpus_per_actor: float = option(1, "CPUs Ray reserves per model actor", minimum=0, group="resources")
+    torch_threads: int | None = option(
+        None,
+        "PyTorch threads per model actor",
+        minimum=1,
+        none="every CPU of the node when the actor runs on the CPU",
+        group="resources",
+    )
+
+
+@dataclass
+class Resources(ModelActors):
+    """The resources of an extraction: its model actors, its image decoding and custom Ray resources."""
+
+    decode_cpus: float = option(1, "CPUs per image-decoding task", minimum=0, group="resources")
+    actor_resources: dict[str, float] = option(
+        {},
+        "custom Ray resources per model actor, e.g. {accelerator = 1}: only nodes that declare them take the actor",
+        flag=False,
+        group="resources",
+    )
+
+    def check(self) -> None:
+        super().check()
+        check_resources(self.actor_resources)
+
+
+@dataclass
+class _Extraction(Resources):
+    """The options every extraction takes, whether it runs alone (``extract``) or inside a job."""
+
+    images: str = option("sample:imagenet", IMAGES_HELP, identity=True)
+    layers: str = option("blocks", LAYERS_HELP, identity=True)
+    seed: int = option(0, "seeds the image sets and the permutations of the null", identity=True)
+    batch_size: int = option(32, "images per forward pass of a model actor", minimum=1, identity=True)
+    shard_size: int = option(
+        64, "images per unit of work and per activation file (a multiple of --batch-size)", minimum=1, identity=True
+    )
+    dtype: str = option("float16", "precision of the stored activations", choices=DTYPE_CHOICES, identity=True)
+
+    def check(self) -> None:
+        super().check()
+        if self.shard_size % self.batch_size:
+            raise InputError(f"--shard-size {self.shard_size} must be a multiple of --batch-size {self.batch_size}")
+
+
+@dataclass
+class ExtractConfig(_Extraction):
+    """``semprobe extract``: every chosen layer of one CNN into the activation store."""
+
+    model: str = option("efficientnet_lite0", f"the CNN: {MODEL_HELP}", identity=True)
+    out: str = option("runs/extract", OUT_HELP)
+    layers: str = redefault(_Extraction, "layers", "activations")
+    seed: int = redefault(_Extraction, "seed", 0, help="seeds the image sets")
+    words: list[str] = option(
+        [],
+        f"word models, comma-separated: {WORD_MODEL_CHOICES}; only classes one of them names are extracted",
+        identity=True,
+    )
+    sets: int | None = option(
+        None,
+        "draw K disjoint image sets, one image per concept each",
+        minimum=1,
+        identity=True,
+        none="every image, in no set",
+    )
+    store_format: str = option(
+        "arrow",
+        "activation files: Arrow IPC or Parquet",
+        choices=tuple(STORE_FORMATS),
+        noun="store format",
+        identity=True,
+    )
+    compression: str = option(
+        "none",
+        "of the activation files: " + "; ".join(f"{fmt}: {', '.join(STORE_FORMATS[fmt])}" for fmt in STORE_FORMATS),
+        identity=True,
+    )
+    precropped: bool = option(
+        False, "images already at the model's input size: neither resized nor cropped", identity=True
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.compression not in STORE_FORMATS[self.store_format]:
+            choices = ", ".join(STORE_FORMATS[self.store_format])
+            raise InputError(
+                f"compression '{self.compression}' is not available for {self.store_format}: choose one of {choices}"
+            )
+        self.out = absolute(self.out)
+
+
+@dataclass
+class _ExtractingJob(_Extraction):
+    """The options of a job that first extracts layers (``run``, ``dynamics``, ``misclassified``, ...)."""
+
+    permutations: int = option(1000, "permutations for the null (0: no p-values)", minimum=0, identity=True)
+    alpha: float = option(0.05, f"{BHY} over every test of the job")
+    task_cpus: float = option(1, "CPUs per analysis task (Gram, test, permutations)", minimum=0, group="resources")
+
+    def check(self) -> None:
+        super().check()
+        if not 0 < self.alpha < 1:
+            raise InputError(f"--alpha must lie between 0 and 1, got {self.alpha}")
 
     def extract_config(
         self, model: str, out: str, words: list[str], sets: int | None = None, images: str | None = None
     ) -> ExtractConfig:
         """The extraction this job runs for ``model`` (on ``images``, default the job's), checked."""
-        if int(self.permutations) < 0:
-            raise InputError(f"--permutations must be at least 0, got {self.permutations}")
-        if not 0 < self.alpha < 1:
-            raise InputError(f"--alpha must lie between 0 and 1, got {self.alpha}")
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(_Extraction)}
         return ExtractConfig(
-            images=images or self.images,
-            model=model,
-            out=out,
-            layers=self.layers,
-            words=words,
-            sets=sets,
-            seed=self.seed,
-            batch_size=self.batch_size,
-            shard_size=self.shard_size,
-            dtype=self.dtype,
-            actors=self.actors,
-            gpus_per_actor=self.gpus_per_actor,
-            cpus_per_actor=self.cpus_per_actor,
-            torch_threads=self.torch_threads,
-            decode_cpus=self.decode_cpus,
-            actor_resources=self.actor_resources,
+            **{**shared, "images": images or self.images, "model": model, "out": out, "words": words, "sets": sets}
         ).validate()
 
 
@@ -181,153 +395,135 @@ class _ExtractingJob(_Identity):
 class _TwoVsTwoJob(_ExtractingJob):
     """The options of a job that runs the 2 vs. 2 test on its extractions (``run``, ``dynamics``)."""
 
-    words: list[str] = field(default_factory=lambda: ["glove-50d"])
-    sets: int = 1
-    permutation_shard: int = 50  # permutations per task
-    gram_memory_mb: int = 256  # features read per Gram chunk: at most this much float32 per task
-    gram_compute: str = "float32"  # precision of each chunk's Gram product (sums are float64)
-
-    def check_two_vs_two(self, model: str) -> None:
-        """Check the analysis options (``words`` may be a comma-separated string) and those of ``model``'s
-        extraction."""
-        self.words = names(self.words, "words")
-        for name in ("sets", "permutation_shard", "gram_memory_mb"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.gram_compute not in ("float32", "float64"):
-            raise InputError(f"unknown gram_compute '{self.gram_compute}': choose float32 or float64")
-        self.extract_config(model, "unused", self.words, self.sets)  # the extraction options, checked now
+    words: list[str] = option(
+        ["glove-50d"], f"word models, comma-separated: {WORD_MODEL_CHOICES}", minimum=1, identity=True
+    )
+    sets: int = option(1, "K disjoint image sets, one image per concept each", minimum=1, identity=True)
+    permutation_shard: int = option(50, "permutations per task", minimum=1)
+    gram_memory_mb: int = option(
+        256, "features read per Gram chunk: at most this many MB of float32 per task", minimum=1
+    )
+    gram_compute: str = option(
+        "float32", "precision of each chunk's Gram product (the sums are float64)", choices=("float32", "float64")
+    )
 
 
 @dataclass
 class RunConfig(_TwoVsTwoJob):
     """``semprobe run``: extraction of every model, then 2 vs. 2, permutations and the reducer."""
 
-    models: list[str] = field(default_factory=lambda: ["efficientnet_lite0"])
-    out: str | None = None  # None: runs/<experiment id>, so the same command resumes
-
-    IDENTITY = (
-        "images",
-        "models",
-        "words",
-        "sets",
-        "layers",
-        "permutations",
-        "seed",
-        "batch_size",
-        "shard_size",
-        "dtype",
+    models: list[str] = option(["efficientnet_lite0"], f"CNNs, comma-separated: {MODEL_HELP}", minimum=1, identity=True)
+    out: str | None = option(None, OUT_HELP, none="runs/<experiment id>, so the same command resumes")
+    alpha: float = redefault(
+        _ExtractingJob, "alpha", 0.05, help=f"{BHY} over the family: every model x layer x word model"
     )
 
-    def validate(self) -> RunConfig:
-        self.models = names(self.models, "models")
-        self.check_two_vs_two(self.models[0])
+    def check(self) -> None:
+        super().check()
         self.out = absolute(self.out or os.path.join("runs", self.experiment_id()))
-        return self
 
 
 @dataclass
 class DynamicsConfig(_TwoVsTwoJob):
     """``semprobe dynamics``: 2 vs. 2 of every checkpoint of one or more ``semprobe train`` runs."""
 
-    runs: list[str] = field(default_factory=list)  # the --out folders of semprobe train
-    images: str | None = None  # None: each run's own CIFAR-100 folder
-    splits: list[str] = field(default_factory=lambda: ["train", "test"])  # whose images: K sets of each split
-    layers: str = "blocks,logits"
-    sets: int = 5
-    follow: bool = False  # keep analysing new checkpoints until every run has finished training
-    poll_seconds: float = 30
-    out: str | None = None  # None: RUN/dynamics for one run, runs/dynamics-<experiment id> for several
-
-    IDENTITY = (
-        "runs",
-        "images",
-        "splits",
-        "words",
-        "sets",
-        "layers",
-        "permutations",
-        "seed",
-        "batch_size",
-        "shard_size",
-        "dtype",
+    runs: list[str] = option(
+        [],
+        "semprobe train output folders, comma-separated (e.g. the normal and the permuted run)",
+        minimum=1,
+        identity=True,
     )
+    images: str | None = redefault(
+        _Extraction, "images", None, help="cifar100:DIR", none="the folder each run trained on"
+    )
+    splits: list[str] = option(
+        ["train", "test"], "whose images: K sets of each split, train and/or test, comma-separated", identity=True
+    )
+    layers: str = redefault(
+        _Extraction, "layers", "blocks,logits", help=f"{LAYERS_HELP} (blocks: every join; logits: the classifier)"
+    )
+    alpha: float = redefault(
+        _ExtractingJob, "alpha", 0.05, help=f"{BHY} over the family: every run x epoch x split x layer x word model"
+    )
+    sets: int = redefault(_TwoVsTwoJob, "sets", 5, help="K disjoint image sets of each split, one image per class each")
+    follow: bool = option(False, "keep analysing new checkpoints until every run has finished training")
+    poll_seconds: float = option(30, "with --follow: seconds between looks for new checkpoints")
+    out: str | None = option(None, OUT_HELP, none="RUN/dynamics for one run, runs/dynamics-<experiment id> for several")
 
-    def validate(self) -> DynamicsConfig:
-        self.runs = [absolute(r) for r in names(self.runs, "runs")]
-        self.splits = names(self.splits, "splits")
+    def check(self) -> None:
+        super().check()
+        self.runs = [absolute(r) for r in self.runs]
         bad = [s for s in self.splits if s not in ("train", "test")]
         if bad:
             raise InputError(f"unknown split '{bad[0]}': choose train, test or train,test")
         if self.poll_seconds <= 0:
             raise InputError(f"--poll-seconds must be positive, got {self.poll_seconds}")
-        self.check_two_vs_two(
-            "fractalnet"
-        )  # the analysis options; each checkpoint's own model is checked when it is planned
         default = (
             posixpath.join(self.runs[0], "dynamics")
             if len(self.runs) == 1
             else os.path.join("runs", f"dynamics-{self.experiment_id()}")
         )
         self.out = absolute(self.out or default)
-        return self
 
 
 @dataclass
-class AffineConfig(_Identity):
+class AffineConfig(ModelActors):
     """``semprobe affine``: least-squares maps between the penultimate features of every pair of CNNs."""
 
-    models: list[str] = field(
-        default_factory=lambda: ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    models: list[str] = option(
+        ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+        f"CNNs, comma-separated, at least two: {MODEL_HELP}",
+        identity=True,
     )
-    train: str = "sample:imagenet"
-    val: str = "sample:imagenet"
-    max_train: int | None = None  # a seeded sample of the training images
-    ridge: float = 0.0  # added to the feature covariance; 0 is ordinary least squares
-    seed: int = 0
-    out: str | None = None  # None: runs/affine-<experiment id>
-    batch_size: int = 32
-    shard_size: int = 64
-    checkpoint_every: int = 16  # shards between an actor's Gram checkpoints
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float = 1
-    torch_threads: int | None = None
-
+    train: str = option(
+        "sample:imagenet",
+        "training images (no labels used): DIR, s3://..., manifest .parquet, sample:imagenet",
+        identity=True,
+    )
+    val: str = option("sample:imagenet", "validation images with ImageNet labels", identity=True)
+    max_train: int | None = option(
+        None, "a seeded sample of at most N training images", minimum=1, identity=True, none="every training image"
+    )
     # The ridge only changes the solve: a rerun with another ridge reuses the accumulated Gram.
-    IDENTITY = ("models", "train", "val", "max_train", "seed", "shard_size")
+    ridge: float = option(0.0, "ridge added to the feature covariance (0: ordinary least squares)", minimum=0)
+    seed: int = option(0, "seeds the sample of training images", identity=True)
+    out: str | None = option(None, OUT_HELP, none="runs/affine-<experiment id>")
+    batch_size: int = option(32, "images per forward pass of a model actor", minimum=1)
+    shard_size: int = option(64, "images per unit of work", minimum=1, identity=True)
+    checkpoint_every: int = option(16, "shards between an actor's Gram checkpoints", minimum=1)
 
-    def validate(self) -> AffineConfig:
-        if isinstance(self.models, str):
-            self.models = [m.strip() for m in self.models.split(",") if m.strip()]
-        if len(self.models) < 2 or len(set(self.models)) != len(self.models):
+    def check(self) -> None:
+        super().check()
+        if len(self.models) < 2:
             raise InputError(f"--models needs at least two different CNNs, got {', '.join(self.models) or 'none'}")
-        for name, low in (("batch_size", 1), ("shard_size", 1), ("checkpoint_every", 1), ("max_train", 1)):
-            if getattr(self, name) is not None and int(getattr(self, name)) < low:
-                raise InputError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(self, name)}")
-        if self.ridge < 0:
-            raise InputError(f"--ridge must be at least 0, got {self.ridge}")
         self.out = absolute(self.out or os.path.join("runs", f"affine-{self.experiment_id()}"))
-        return self
 
 
 @dataclass
 class _FailureJob(_ExtractingJob):
     """The options of the failure analyses: one CNN, one word model, R reference concepts."""
 
-    model: str = "efficientnet_lite0"
-    words: str = "glove-50d"
-    references: int = 100  # R reference concepts, each with one correctly classified image
-    out: str | None = None  # None: runs/<command>-<experiment id>
+    images: str = redefault(
+        _Extraction,
+        "images",
+        "sample:imagenet",
+        help="ImageNet-labelled images: DIR of wnids, s3://..., sample:imagenet",
+    )
+    model: str = option("efficientnet_lite0", f"the CNN: {MODEL_HELP}", identity=True)
+    words: str = option("glove-50d", f"one word model: {WORD_MODEL_CHOICES}", identity=True)
+    references: int = option(
+        100,
+        "R reference concepts, each with one correctly classified image (all that qualify if fewer)",
+        minimum=5,
+        identity=True,
+    )
+    out: str | None = option(None, OUT_HELP, none="runs/<command>-<experiment id>")
 
     COMMAND = ""
 
-    def validate(self):
-        if int(self.references) < 5:
-            raise InputError(f"--references must be at least 5, got {self.references}")
+    def check(self) -> None:
+        super().check()
         self.out = absolute(self.out or os.path.join("runs", f"{self.COMMAND}-{self.experiment_id()}"))
-        self.extract_config(self.model, self.extract_out, [self.words])
-        return self
 
     @property
     def extract_out(self) -> str:
@@ -338,19 +534,9 @@ class _FailureJob(_ExtractingJob):
 class MisclassifiedConfig(_FailureJob):
     """``semprobe misclassified``: misclassification severity and 1 vs. 2 through the layers."""
 
+    out: str | None = redefault(_FailureJob, "out", None, none="runs/misclassified-<experiment id>")
+
     COMMAND = "misclassified"
-    IDENTITY = (
-        "images",
-        "model",
-        "words",
-        "layers",
-        "references",
-        "permutations",
-        "seed",
-        "batch_size",
-        "shard_size",
-        "dtype",
-    )
 
 
 def _space(value: str) -> str:
@@ -362,118 +548,113 @@ def _space(value: str) -> str:
 class AdversarialConfig(_FailureJob):
     """``semprobe adversarial``: targeted MIM examples, then 1 vs. 2 through the layers by target rank."""
 
-    sources: int = 100  # correctly classified source images, one per class
-    targets_per_source: int = 6  # by word similarity: the most and least similar and evenly spaced ranks between
-    pairs: str | None = None  # instead: a .csv or .parquet of (image_id, target) pairs to attack
-    eps: float = 0.3
-    step: float = 0.06
-    steps: int = 20
-    momentum: float = 1.0
-    space: str = "[-1,1]"  # where eps and step are measured
-    attack_shard: int = 16  # (source, target) pairs per task
+    out: str | None = redefault(_FailureJob, "out", None, none="runs/adversarial-<experiment id>")
+    sources: int = option(100, "correctly classified source images, one per class", minimum=1, identity=True)
+    targets_per_source: int = option(
+        6,
+        "targets by word similarity: the most and least similar and evenly spaced ranks between",
+        minimum=1,
+        identity=True,
+    )
+    pairs: str | None = option(
+        None,
+        "a .csv or .parquet of image_id, target (ImageNet index or wnid) to attack",
+        identity=True,
+        none="--sources images, --targets-per-source targets each",
+    )
+    eps: float = option(0.3, "L-inf radius in --space", identity=True)
+    step: float = option(0.06, "step size in --space", identity=True)
+    steps: int = option(20, "iterations", minimum=1, identity=True)
+    momentum: float = option(1.0, "decay of the accumulated gradient", minimum=0, identity=True)
+    space: str = option(
+        "[-1,1]",
+        "input space eps and step are measured in, LOW,HIGH",
+        choices=INPUT_SPACES,
+        noun="input space",
+        normalize=_space,
+        identity=True,
+    )
+    attack_shard: int = option(16, "(source, target) pairs per task", minimum=1, identity=True)
 
     COMMAND = "adversarial"
-    IDENTITY = (
-        "images",
-        "model",
-        "words",
-        "layers",
-        "references",
-        "permutations",
-        "seed",
-        "batch_size",
-        "shard_size",
-        "dtype",
-        "sources",
-        "targets_per_source",
-        "pairs",
-        "eps",
-        "step",
-        "steps",
-        "momentum",
-        "space",
-        "attack_shard",
-    )
 
-    def validate(self) -> AdversarialConfig:
-        from semprobe.actors.attack import SPACES
-
-        self.space = _space(str(self.space))
-        if self.space not in SPACES:
-            raise InputError(f"unknown input space '{self.space}': choose one of {', '.join(SPACES)}")
-        low, high = SPACES[self.space]
-        if not 0 < self.eps <= high - low:
-            raise InputError(
-                f"--eps {self.eps} lies outside the range of the input space {self.space}: choose 0 < eps <= "
-                f"{high - low:g}"
-            )
-        if not 0 < self.step <= high - low:
-            raise InputError(
-                f"--step {self.step} lies outside the range of the input space {self.space}: choose 0 < step <= "
-                f"{high - low:g}"
-            )
-        for name in ("sources", "targets_per_source", "steps", "attack_shard"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.momentum < 0:
-            raise InputError(f"--momentum must be at least 0, got {self.momentum}")
+    def check(self) -> None:
+        low, high = (float(b) for b in self.space.strip("[]").split(","))
+        for name in ("eps", "step"):
+            if not 0 < getattr(self, name) <= high - low:
+                raise InputError(
+                    f"--{name} {getattr(self, name)} lies outside the range of the input space {self.space}: "
+                    f"choose 0 < {name} <= {high - low:g}"
+                )
         if self.pairs is not None:
             self.pairs = absolute(self.pairs)
-        return super().validate()
+        super().check()
+
+
+def _dynamics_default(name: str) -> str:
+    (f,) = [f for f in dataclasses.fields(DynamicsConfig) if f.name == name]
+    return f"as semprobe dynamics: {default_text(f)}"
 
 
 @dataclass
-class TrainConfig(_Identity):
+class TrainConfig(_Options):
     """``semprobe train``: a CIFAR-100 CNN trained through Ray Train, checkpointed every few epochs."""
 
-    data: str = ""  # cifar100:DIR, the folder holding cifar-100-python/
-    model: str = "fractalnet"
-    epochs: int = 400
-    every: int = 5  # epochs between checkpoints
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 100  # the global batch, split over the workers
-    permute_labels: bool = False  # the control: train and test labels shuffled (seeded)
-    until_train_accuracy: float | None = None  # stop once an epoch's training accuracy reaches it
-    seed: int = 0
-    download: bool = False  # fetch CIFAR-100 into the --data folder first (torchvision)
-    out: str | None = None  # None: runs/train-<experiment id>
-    # resources
-    workers: int = 1
-    use_gpu: bool | None = None  # None: when the cluster has GPUs
-    cpus_per_worker: float = 1
-    torch_threads: int | None = None  # None: every CPU of the node on a CPU worker
-    max_failures: int = 3  # worker failures Ray Train recovers from, from the latest checkpoint
-    # the analysis of the checkpoints while training goes on (semprobe dynamics into OUT/dynamics); none without words.
-    # None: semprobe dynamics' default.
-    words: list[str] = field(default_factory=list)
-    sets: int | None = None
-    layers: str | None = None
-    permutations: int | None = None
-
+    data: str = option("", "cifar100:DIR, the folder holding cifar-100-python/ (train and test pickles)", identity=True)
+    model: str = option(
+        "fractalnet", "fractalnet, fractalnet_tiny, or another zoo name with 100 classes", identity=True
+    )
+    epochs: int = option(
+        400, "epochs; the learning rate drops 10x whenever the remaining epochs halve", minimum=1, identity=True
+    )
+    every: int = option(5, "epochs between checkpoints", minimum=1)
+    lr: float = option(0.02, "learning rate of SGD with --momentum", identity=True)
+    momentum: float = option(0.9, "SGD momentum, in [0, 1)", identity=True)
+    weight_decay: float = option(0.0, "SGD weight decay", minimum=0, identity=True)
+    batch_size: int = option(100, "the global batch, split over the workers", minimum=1, identity=True)
+    permute_labels: bool = option(False, "the control: train and test labels shuffled (seeded)", identity=True)
+    until_train_accuracy: float | None = option(
+        None,
+        "stop once an epoch's training accuracy reaches this (the control: 0.999)",
+        identity=True,
+        none="train every epoch",
+    )
+    seed: int = option(0, "seeds initialisation, data order and the label permutation", identity=True)
+    download: bool = option(False, "fetch CIFAR-100 into the --data folder first (torchvision)")
+    out: str | None = option(None, "output folder", none="runs/train-<experiment id>")
+    # The analysis of the checkpoints while training goes on (semprobe dynamics into OUT/dynamics).
+    words: list[str] = option(
+        [],
+        "analyse the checkpoints while training goes on (semprobe dynamics into OUT/dynamics) against these word "
+        f"models, comma-separated: {WORD_MODEL_CHOICES}",
+    )
+    sets: int | None = option(
+        None, "with --words: K image sets of each split", minimum=1, none=_dynamics_default("sets")
+    )
+    layers: str | None = option(None, "with --words: the layers to analyse", none=_dynamics_default("layers"))
+    permutations: int | None = option(
+        None, "with --words: permutations for the null", minimum=0, none=_dynamics_default("permutations")
+    )
     # The rest (checkpoint spacing, resources) may change when a run is resumed.
-    IDENTITY = (
-        "data",
-        "model",
-        "epochs",
-        "lr",
-        "momentum",
-        "weight_decay",
-        "batch_size",
-        "permute_labels",
-        "until_train_accuracy",
-        "seed",
+    workers: int = option(1, "Ray Train workers", minimum=1, group="resources")
+    use_gpu: bool | None = option(None, "one GPU per worker", none="when the cluster has GPUs", group="resources")
+    cpus_per_worker: float = option(1, "CPUs Ray reserves per worker", minimum=0, group="resources")
+    torch_threads: int | None = option(
+        None, "PyTorch threads per worker", minimum=1, none="every CPU of the node on a CPU worker", group="resources"
+    )
+    max_failures: int = option(
+        3,
+        "worker failures Ray Train recovers from, from the latest checkpoint (-1: any number)",
+        minimum=-1,
+        group="resources",
     )
 
-    def validate(self) -> TrainConfig:
+    def check(self) -> None:
+        super().check()
         if not self.data.startswith("cifar100:"):
             raise InputError(
                 f"--data '{self.data}' is not a CIFAR-100 source: pass cifar100:DIR (the folder of cifar-100-python/)"
             )
-        for name in ("epochs", "every", "batch_size", "workers"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.batch_size % self.workers:
             raise InputError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
         if self.lr <= 0 or not 0 <= self.momentum < 1:
@@ -482,9 +663,7 @@ class TrainConfig(_Identity):
             raise InputError(f"--until-train-accuracy must lie in (0, 1], got {self.until_train_accuracy}")
         self.out = absolute(self.out or os.path.join("runs", f"train-{self.experiment_id()}"))
         if self.words:
-            self.words = names(self.words, "words")
             self.dynamics_config()  # its options, checked before training starts
-        return self
 
     @property
     def run_name(self) -> str:
@@ -494,6 +673,11 @@ class TrainConfig(_Identity):
         """The analysis of this run's checkpoints as training reports them."""
         chosen = {k: getattr(self, k) for k in ("sets", "layers", "permutations") if getattr(self, k) is not None}
         return DynamicsConfig(runs=[self.out], words=self.words, seed=self.seed, follow=True, **chosen).validate()
+
+
+def dumps(cfg: _Options) -> str:
+    """The resolved config as JSON: every option, loadable back through --config (a .json file)."""
+    return json.dumps(cfg.to_dict(), indent=2)
 
 
 PACKAGED_CONFIGS = "semprobe.ray_jobs.configs"
@@ -516,7 +700,13 @@ def _read_file(path: str) -> dict[str, Any]:
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        values = tomllib.loads(raw.decode()) if path.endswith(".toml") else yaml.safe_load(raw) or {}
+        if path.endswith(".toml"):
+            values = tomllib.loads(raw.decode())
+        else:
+            try:  # JSON first: YAML 1.1 reads a float without a dot (1e-05, as json writes it) as a string
+                values = json.loads(raw)
+            except ValueError:
+                values = yaml.safe_load(raw) or {}
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as err:
         raise InputError(f"malformed config {path}: {str(err).splitlines()[0]}") from None
     if not isinstance(values, dict):
@@ -526,14 +716,14 @@ def _read_file(path: str) -> dict[str, Any]:
 
 def load_config(cls, path: str | None, overrides: dict[str, Any]):
     """Defaults, then the file at ``path`` (TOML, YAML or JSON; or a packaged config's name), then the non-None
-    ``overrides``."""
-    values = _read_file(path) if path else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    ``overrides``; validated. A wrong type in the file is named with the file."""
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InputError(f"unknown config option '{unknown[0]}': choose from {', '.join(sorted(known))}")
-    try:
-        return cls(**values).validate()
-    except TypeError as err:
-        raise InputError(f"malformed config {path or 'options'}: {err}") from None
+    values = _read_file(path) if path else {}
+    for source, given in ((f" in {path}", values), ("", overrides)):
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise InputError(f"unknown config option '{unknown[0]}'{source}: choose from {', '.join(sorted(known))}")
+    for name, value in values.items():
+        typed(cls, name, value, f"{name} in {path}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values).validate()
