@@ -188,16 +188,6 @@ def parse_flag(cls: type, name: str, text: Any) -> Any:
     return text
 
 
-def names(value: str | list[str], option: str) -> list[str]:
-    """A list option given as a list or a comma-separated string, checked: at least one name, none repeated."""
-    value = _split(value)
-    if not value:
-        raise InputError(f"--{option} needs at least one name")
-    if len(set(value)) != len(value):
-        raise InputError(f"--{option} must not repeat a name")
-    return value
-
-
 def check_options(cfg: Any) -> None:
     """Every option of ``cfg`` checked against its field: type, minimum, choices; lists split and unrepeated."""
     for f in dataclasses.fields(cfg):
