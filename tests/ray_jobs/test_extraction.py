@@ -21,6 +21,8 @@ from semprobe.datasets.images import resolve_images
 from semprobe.ray_jobs.cli import main
 from semprobe.ray_jobs.config import ExtractConfig
 from semprobe.ray_jobs.extraction import plan_extraction, run_extract
+from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.store import layer_folder, layer_views
 
 SAMPLES = {Path(u).name: Path(u) for u in resolve_images("sample:imagenet").images["uri"].to_pylist()}
 LAYER = "blocks.1.0.bn1"  # timm BatchNormAct2d: an in-place ReLU6 inside a leaf module
@@ -171,6 +173,24 @@ def test_same_out_with_other_options_is_refused(extracted):
     images, out, _ = extracted
     with pytest.raises(InputError, match=r"holds another experiment \(it differs in layers\)"):
         run_extract(config(images, out, layers="pool"), log=lambda m: None)
+
+
+def test_the_store_reader_takes_parquet_as_it_takes_arrow(extracted, tmp_path):
+    """The Gram and 1 vs. 2 tasks read a --store-format parquet extraction like the default Arrow IPC one."""
+    images, out, _ = extracted
+    layer = pq.read_table(out / "layers.parquet")["layer"][0].as_py()
+    as_parquet = tmp_path / "parquet"
+    run_extract(config(images, as_parquet, layers=layer, store_format="parquet"), log=lambda m: None)
+    folder = layer_folder("efficientnet_lite0", layer)
+    assert {p.suffix for p in as_parquet.joinpath(*folder).iterdir()} == {".parquet"}
+    read = []
+    for root in (out, as_parquet):
+        where, views = layer_views(Output(str(root)), folder, str(tmp_path))
+        read.append({image_id: views[v][row].copy() for image_id, (v, row) in where.items()})
+    arrow, parquet = read
+    assert sorted(arrow) == sorted(parquet) and len(arrow) == 8
+    for image_id, values in arrow.items():
+        np.testing.assert_array_equal(parquet[image_id], values)
 
 
 def test_sets_are_drawn_per_concept(tmp_path):
