@@ -54,7 +54,7 @@ from semprobe.datasets.images import resolve_images
 from semprobe.ray_jobs.config import AffineConfig
 from semprobe.ray_jobs.figures import save_figure
 from semprobe.ray_jobs.progress import Progress
-from semprobe.ray_jobs.startup import check_same_experiment, connect, model_actors, write_resolved
+from semprobe.ray_jobs.startup import connect, model_actors, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
 
 METHODS = ("affine", "logit", "naive")
@@ -162,8 +162,7 @@ def _shards(table: pa.Table, size: int, label: str) -> list[tuple[int, list[list
 
 def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     """Fit and score every ordered pair of maps; returns the summary it also writes."""
-    output = Output(cfg.out)
-    check_same_experiment(output, cfg)
+    output = open_output(cfg)
     train, val = resolve_images(cfg.train).images, resolve_images(cfg.val).images
     if val["class_index"].null_count:
         raise InputError(f"validation images {cfg.val} carry no ImageNet class indices: scoring needs them")
