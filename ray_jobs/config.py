@@ -232,6 +232,8 @@ class _Options:
     between runs.
     """
 
+    COMMAND = ""  # the semprobe command this config class is for
+
     def validate(self):
         """Every option checked against its field, then the rules between options; derived defaults resolved."""
         check_options(self)
@@ -315,6 +317,8 @@ class _Extraction(Resources):
 @dataclass
 class ExtractConfig(_Extraction):
     """``semprobe extract``: every chosen layer of one CNN into the activation store."""
+
+    COMMAND = "extract"
 
     model: str = option("efficientnet_lite0", f"the CNN: {MODEL_HELP}", identity=True)
     out: str = option("runs/extract", OUT_HELP)
@@ -402,6 +406,8 @@ class _TwoVsTwoJob(_ExtractingJob):
 class RunConfig(_TwoVsTwoJob):
     """``semprobe run``: extraction of every model, then 2 vs. 2, permutations and the reducer."""
 
+    COMMAND = "run"
+
     models: list[str] = option(["efficientnet_lite0"], f"CNNs, comma-separated: {MODEL_HELP}", minimum=1, identity=True)
     out: str | None = option(None, OUT_HELP, none="runs/<experiment id>, so the same command resumes")
     alpha: float = redefault(
@@ -416,6 +422,8 @@ class RunConfig(_TwoVsTwoJob):
 @dataclass
 class DynamicsConfig(_TwoVsTwoJob):
     """``semprobe dynamics``: 2 vs. 2 of every checkpoint of one or more ``semprobe train`` runs."""
+
+    COMMAND = "dynamics"
 
     runs: list[str] = option(
         [],
@@ -459,6 +467,8 @@ class DynamicsConfig(_TwoVsTwoJob):
 @dataclass
 class AffineConfig(ModelActors):
     """``semprobe affine``: least-squares maps between the penultimate features of every pair of CNNs."""
+
+    COMMAND = "affine"
 
     models: list[str] = option(
         ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
@@ -590,6 +600,8 @@ def _dynamics_default(name: str) -> str:
 class TrainConfig(_Options):
     """``semprobe train``: a CIFAR-100 CNN trained through Ray Train, checkpointed every few epochs."""
 
+    COMMAND = "train"
+
     data: str = option("", "cifar100:DIR, the folder holding cifar-100-python/ (train and test pickles)", identity=True)
     model: str = option(
         "fractalnet", "fractalnet, fractalnet_tiny, or another zoo name with 100 classes", identity=True
@@ -709,6 +721,13 @@ def load_config(cls, path: str | None, overrides: dict[str, Any]):
     ``overrides``; validated. A wrong type in the file is named with the file."""
     known = {f.name for f in dataclasses.fields(cls)}
     values = _read_file(path) if path else {}
+    # A config may say which command it is for (the packaged paper configs do): another command refuses it.
+    command = values.pop("command", cls.COMMAND)
+    if command != cls.COMMAND:
+        raise InputError(
+            f"config {path} is for semprobe {command}, not semprobe {cls.COMMAND}: "
+            f"run semprobe {command} --config {path}"
+        )
     for source, given in ((f" in {path}", values), ("", overrides)):
         unknown = sorted(set(given) - known)
         if unknown:
