@@ -6,8 +6,8 @@ import pytest
 from semprobe.actors.layers import LayerCatalog
 from semprobe.actors.zoo import untrained
 from semprobe.analysis.errors import InputError
-from semprobe.ray_jobs.cli import JOBS
 from semprobe.ray_jobs import config
+from semprobe.ray_jobs.cli import JOBS
 from semprobe.ray_jobs.config import load_config, packaged_configs
 
 V1 = "?weights=IMAGENET1K_V1"
