@@ -9,6 +9,10 @@ target) class is p, and R reference concepts (never t or p):
 
 The test passes iff corr(i_x, d_t) > corr(i_x, d_p) (ties, to within
 TIE_TOLERANCE, fail): the layer's view of x sides with the true class. Chance is 0.5.
+
+Significance over n images (:func:`one_vs_two_null`): by default the authors' null, which shuffles
+which image gets which word-correlation vector, on the true and the predicted side independently;
+optionally a null that permutes the reference columns of the word side instead.
 """
 
 from __future__ import annotations
@@ -88,21 +92,64 @@ def one_vs_two(i_x: np.ndarray, d_true: np.ndarray, d_pred: np.ndarray) -> OneVs
     return OneVsTwo(float(passed.mean()), passed)
 
 
-def one_vs_two_null(
-    i_x: np.ndarray, d_true: np.ndarray, d_pred: np.ndarray, n_perm: int, seed: int, start: int = 0
-) -> np.ndarray:
-    """(n_perm,) 1 vs. 2 accuracy with the reference concepts shuffled on the word side.
+NULLS = ("rows", "columns")
 
-    As the authors did: permutation ``p`` reorders the R reference columns of
-    ``d_true`` and ``d_pred`` (the same ``p`` for every image), so the word side
-    no longer lines up with the image side. Permutations are numbers ``start`` ..
-    ``start + n_perm - 1`` of :func:`semprobe.analysis.twovtwo.permutations`: any split into
-    shards reproduces the unsharded null exactly.
+
+def row_permutations(n: int, n_perm: int, seed: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two (n_perm, n) int64 arrays: permutation k of the true side's rows and, independent of it, of the predicted
+    side's, for k = start .. start + n_perm - 1.
+
+    Both of permutation k come from ``numpy.random.default_rng([seed, k])`` alone (first the true side's, then
+    the predicted side's), so any split of the sequence into shards reproduces it exactly.
     """
+    true, pred = np.zeros((n_perm, n), np.int64), np.zeros((n_perm, n), np.int64)
+    for row, k in enumerate(range(start, start + n_perm)):
+        rng = np.random.default_rng([seed, k])
+        true[row], pred[row] = rng.permutation(n), rng.permutation(n)
+    return true, pred
+
+
+def one_vs_two_null(
+    i_x: np.ndarray,
+    d_true: np.ndarray,
+    d_pred: np.ndarray,
+    n_perm: int,
+    seed: int,
+    start: int = 0,
+    null: str = "rows",
+) -> np.ndarray:
+    """(n_perm,) 1 vs. 2 accuracy of the n images under permutations ``start`` .. ``start + n_perm - 1``.
+
+    Parameters
+    ----------
+    i_x, d_true, d_pred : (n, R) float
+        As :func:`one_vs_two`.
+    n_perm, seed, start : int
+        Permutation k depends only on (seed, k): any split into shards reproduces the unsharded null exactly.
+    null : "rows" or "columns"
+        ``rows`` (the authors' null, as their one_vs_two scripts shuffle): which image gets which
+        word-correlation vector, shuffled independently on the true and the predicted side (permutation k
+        takes image j's d_t from image ``pt[j]`` and its d_p from image ``pp[j]``, with ``pt, pp`` from
+        :func:`row_permutations`), while each image keeps its own i_x. Each image's references are the first R
+        concepts that are neither its t nor its p, so a borrowed row may list a few references of its own; under
+        the null that misalignment is part of what is shuffled anyway. ``columns``: permutation ``p`` of
+        :func:`semprobe.analysis.twovtwo.permutations` reorders the R reference columns of ``d_true`` and
+        ``d_pred`` alike (the same ``p`` for every image), so the word side no longer lines up with the image
+        side over the references.
+
+    Returns
+    -------
+    ndarray (n_perm,) float64: the fraction of images that pass under each permutation.
+    """
+    if null not in NULLS:
+        raise InputError(f"unknown 1 vs. 2 null '{null}': choose one of {', '.join(NULLS)}")
     i_x, d_true, d_pred = (np.atleast_2d(np.asarray(m, np.float64)) for m in (i_x, d_true, d_pred))
     one_vs_two(i_x[:1], d_true[:1], d_pred[:1])  # shapes and variances, checked once
-    perms = permutations(i_x.shape[1], n_perm, seed, start)
-    null = np.empty(n_perm)
-    for k, p in enumerate(perms):
-        null[k] = np.mean(_margins(i_x, d_true[:, p], d_pred[:, p]) > TIE_TOLERANCE)
-    return null
+    result = np.empty(n_perm)
+    if null == "rows":
+        for k, (pt, pp) in enumerate(zip(*row_permutations(len(i_x), n_perm, seed, start))):
+            result[k] = np.mean(_margins(i_x, d_true[pt], d_pred[pp]) > TIE_TOLERANCE)
+    else:
+        for k, p in enumerate(permutations(i_x.shape[1], n_perm, seed, start)):
+            result[k] = np.mean(_margins(i_x, d_true[:, p], d_pred[:, p]) > TIE_TOLERANCE)
+    return result

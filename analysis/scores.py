@@ -18,7 +18,7 @@ import numpy as np
 
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.similarity import GramAccumulator, correlation_matrix
-from semprobe.analysis.stats import bhy, permutation_p_value
+from semprobe.analysis.stats import BhyReach, bhy, bhy_reach, permutation_p_value
 from semprobe.analysis.twovtwo import permutation_null, two_vs_two
 
 if TYPE_CHECKING:
@@ -152,12 +152,57 @@ def concept_pass_rates(test: LayerTest) -> tuple[np.ndarray, np.ndarray]:
     return per_set.mean(axis=0), per_set
 
 
-def adjust_family(rows: list[dict[str, Any]], alpha: float) -> None:
-    """Set ``p_bhy`` and ``significant`` on every row with a p-value: BHY over them all, one family."""
-    tested = [i for i, row in enumerate(rows) if row["p_value"] is not None]
-    significant, adjusted = bhy([rows[i]["p_value"] for i in tested], alpha)
-    for i, sig, adj in zip(tested, significant, adjusted):
-        rows[i]["p_bhy"], rows[i]["significant"] = float(adj), bool(sig)
+# The BHY families a job may choose (``--family``): the columns whose values split its rows into families.
+# ``all``: one family of every test; ``model``: one figure (one CNN's layers x word models); ``model,word_model``:
+# one curve (one CNN's layers against one word model). A job whose "model" is another column renames it.
+FAMILIES = {"all": (), "model": ("model",), "model,word_model": ("model", "word_model")}
+
+
+def family_columns(family: str, model: str = "model") -> tuple[str, ...]:
+    """The columns that split rows into BHY families for ``family`` (a key of FAMILIES); ``model`` names the
+    column that identifies one network (``semprobe dynamics``: ``run``, a training run's checkpoints)."""
+    if family not in FAMILIES:
+        raise InputError(f"unknown BHY family '{family}': choose one of {', '.join(FAMILIES)}")
+    return tuple(model if c == "model" else c for c in FAMILIES[family])
+
+
+@dataclass(frozen=True)
+class Family:
+    """One BHY family: the values of the family columns its rows share, and its tested rows (by position)."""
+
+    key: tuple[Any, ...]
+    rows: list[int]
+    n_perm: int
+
+    @property
+    def m(self) -> int:
+        return len(self.rows)
+
+    def reach(self, alpha: float) -> BhyReach:
+        return bhy_reach(self.m, self.n_perm, alpha)
+
+
+def families(rows: Sequence[Mapping[str, Any]], by: Sequence[str] = ()) -> list[Family]:
+    """The rows with a p-value, split into families by their values of the columns ``by`` (none: one family),
+    in order of first appearance; each family's ``n_perm`` is the largest of its rows'."""
+    grouped: dict[tuple[Any, ...], list[int]] = {}
+    for i, row in enumerate(rows):
+        if row["p_value"] is not None:
+            grouped.setdefault(tuple(row[c] for c in by), []).append(i)
+    return [
+        Family(key, members, max(int(rows[i].get("n_perm") or 0) for i in members)) for key, members in grouped.items()
+    ]
+
+
+def adjust_family(rows: list[dict[str, Any]], alpha: float, by: Sequence[str] = ()) -> list[Family]:
+    """Set ``p_bhy`` and ``significant`` on every row with a p-value: BHY within each family of rows that share
+    their values of the columns ``by`` (none: all rows are one family). Returns the families."""
+    found = families(rows, by)
+    for family in found:
+        significant, adjusted = bhy([rows[i]["p_value"] for i in family.rows], alpha)
+        for i, sig, adj in zip(family.rows, significant, adjusted):
+            rows[i]["p_bhy"], rows[i]["significant"] = float(adj), bool(sig)
+    return found
 
 
 def _as_rows(x: Any, what: str, w: int | None) -> np.ndarray:

@@ -192,3 +192,15 @@ def paired_cosine(u, v) -> np.ndarray:
     """
     u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
     return np.einsum("ij,ij->i", u, v) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))
+
+
+def paired_pearson(u, v) -> np.ndarray:
+    """The Pearson r of row k of ``u`` and row k of ``v``, for every k: (n,) float64.
+
+    ``u, v`` : array-like, (n, d) real. Raises ZeroVarianceError (an InputError) for a constant row.
+    """
+    return np.einsum("ij,ij->i", centred_unit_rows(u, "the first rows"), centred_unit_rows(v, "the second rows"))
+
+
+# Word similarity of paired rows, by name (``semprobe adversarial --target-similarity``).
+PAIRED_SIMILARITY = {"pearson": paired_pearson, "cosine": paired_cosine}

@@ -34,6 +34,57 @@ def bhy(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass(frozen=True)
+class BhyReach:
+    """What BHY at ``alpha`` can reject in a family of ``m`` tests whose p-values come from ``n_perm`` permutations.
+
+    With n_perm permutations the smallest p-value is ``min_p = 1 / (n_perm + 1)``; BHY's k-th threshold is
+    ``k alpha / (m c(m))``, ``c(m) = 1 + 1/2 + ... + 1/m``, and it rejects the k smallest p-values when the
+    k-th is at most its threshold.
+    """
+
+    m: int
+    n_perm: int
+    alpha: float
+    first_threshold: float  # alpha / (m c(m)): the p a lone test must reach
+    min_p: float  # 1 / (n_perm + 1)
+    needed: int | None  # the fewest tests at min_p for BHY to reject any (1: a lone test can); None: not even all m
+
+    @property
+    def lone_test_can_be_rejected(self) -> bool:
+        return self.needed == 1
+
+    @property
+    def can_reject(self) -> bool:
+        return self.needed is not None
+
+    @property
+    def permutations_for_a_lone_test(self) -> int:
+        """The fewest permutations whose minimal p, 1 / (n_perm + 1), passes the first threshold."""
+        n = max(0, int(np.ceil(1 / self.first_threshold)) - 2)  # one below: the float quotient may round up
+        while 1 / (n + 1) > self.first_threshold:
+            n += 1
+        return n
+
+
+def bhy_reach(m: int, n_perm: int, alpha: float) -> BhyReach:
+    """Whether BHY at ``alpha`` over ``m`` permutation tests of ``n_perm`` permutations can reject anything.
+
+    The thresholds are those of ``multipletests(method="fdr_by")`` (``k / m / c(m) * alpha``, in that order),
+    so ``needed`` is exact: ``needed`` p-values at ``min_p`` (and the rest anywhere) are rejected, one fewer
+    and none is. E.g. m = 500 tests of 1000 permutations at alpha 0.05: c(m) = 6.793, the first threshold
+    1.47e-5 lies far below min_p = 1/1001, and 68 tests must reach min_p before BHY rejects any.
+    """
+    if m < 1 or n_perm < 1:
+        raise ValueError(f"BHY reach needs m >= 1 tests and n_perm >= 1 permutations, got {m} and {n_perm}")
+    c_m = float(np.sum(1.0 / np.arange(1, m + 1)))
+    thresholds = np.arange(1, m + 1) / m / c_m * alpha
+    min_p = 1 / (n_perm + 1)
+    reached = np.flatnonzero(min_p <= thresholds)
+    needed = int(reached[0]) + 1 if reached.size else None
+    return BhyReach(m, n_perm, alpha, float(thresholds[0]), min_p, needed)
+
+
+@dataclass(frozen=True)
 class PermutationTests:
     """m observed scores against their permutation nulls, BHY-corrected as one family; every field is (m,)."""
 

@@ -2,7 +2,8 @@
 
 Dharmaretnam & Fyshe 2021, Sections 5.2-5.3: S correctly classified source
 images (one per class, in the seed's order), each attacked toward K target
-classes picked by word similarity to the source's word (rank 1 the most
+classes picked by word similarity to the source's word (the Pearson r of the word vectors, as the
+paper says, or their cosine with ``--target-similarity cosine``; rank 1 the most
 similar, rank K the least, the others evenly spaced by rank) with Dong et al.'s
 momentum iterative method; then, for every attack that reached its target, the
 1 vs. 2 test through the layers with t = source and p = target, per target rank.
@@ -191,7 +192,8 @@ def _pair(ctx: FailureContext, n: int, image: dict[str, Any], target: int | None
 
 def chosen_pairs(cfg: AdversarialConfig, ctx: FailureContext) -> list[Pair]:
     """S sources (one correctly classified image per class, classes in the seed's order) x K targets by word
-    similarity."""
+    similarity (``--target-similarity``: the Pearson r of the word vectors, as the paper ranks them, or their
+    cosine; ``word_cosine`` is the cosine either way)."""
     classes = [int(c) for c in np.random.default_rng([cfg.seed, 1]).permutation(sorted(ctx.pool))][: cfg.sources]
     by_id = {m["image_id"]: m for m in ctx.manifest}
     pairs = []
@@ -203,8 +205,8 @@ def chosen_pairs(cfg: AdversarialConfig, ctx: FailureContext) -> list[Pair]:
             raise InputError(
                 f"--targets-per-source {cfg.targets_per_source} exceeds the {len(others)} classes with words"
             )
-        cosine = ctx.cosine([t] * len(others), others)
-        ranked = [others[i] for i in np.lexsort((others, -cosine))]  # most similar first; ties by class index
+        similarity = ctx.similarity([t] * len(others), others, cfg.target_similarity)
+        ranked = [others[i] for i in np.lexsort((others, -similarity))]  # most similar first; ties by class index
         picks = np.round(np.linspace(0, len(ranked) - 1, cfg.targets_per_source)).astype(int)
         for rank, i in enumerate(picks, 1):
             pairs.append(_pair(ctx, len(pairs), by_id[ctx.pool[t]], ranked[i], rank))

@@ -4,8 +4,10 @@
 Each checkpoint is a model of the zoo (``fractalnet:checkpoint=.../model.pt``), so it goes
 through the main job's machinery: per image split (K sets of CIFAR-100 training images, one
 per class each, and K of test images) an extraction, Gram tasks, 2 vs. 2 and
-permutation-shard tasks (:mod:`semprobe.ray_jobs.scheduler`). BHY runs over the experiment's
-whole family: every run x checkpoint x split x layer x word model. Following, the analysis
+permutation-shard tasks (:mod:`semprobe.ray_jobs.scheduler`). BHY runs within each family
+``--family`` names: ``model`` (the default) one training run, the network whose checkpoints these
+are (its checkpoints x splits x layers x word models); ``model,word_model`` one run against one word
+model; ``all`` every run x checkpoint x split x layer x word model. Following, the analysis
 keeps taking checkpoints as training reports them, until every run has finished (its
 ``training.parquet`` exists) or the caller says stop.
 """
@@ -23,12 +25,13 @@ import pyarrow as pa
 from semprobe.actors.trainer import MODEL_FILE
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.figures import training_dynamics
-from semprobe.analysis.scores import adjust_family
+from semprobe.analysis.scores import adjust_family, family_columns
 from semprobe.datasets import cifar, schema
 from semprobe.ray_jobs.checkpoints import TrainingRun, open_runs
 from semprobe.ray_jobs.config import DynamicsConfig
 from semprobe.ray_jobs.extraction import plan_extraction, run_extract
 from semprobe.ray_jobs.figures import save_figure
+from semprobe.ray_jobs.report import family_notes, family_summary
 from semprobe.ray_jobs.scheduler import ModelPlan, TwoVsTwoScheduler, plan_model, reduce_scores, test_file
 from semprobe.ray_jobs.startup import connect, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
@@ -64,6 +67,7 @@ class CheckpointAnalysis:
         self.cfg, self.output, self.runs, self.log = cfg, output, runs, log
         self.done: dict[str, Checkpoint] = {}
         self.tests_computed = self.gram_tasks = 0
+        self.families: list = []  # analysis.scores.Family, of the latest reduce
 
     def new_checkpoints(self) -> list[Checkpoint]:
         found = [
@@ -96,8 +100,8 @@ class CheckpointAnalysis:
         self.done.update({c.key: c for c in checkpoints})
 
     def reduce(self) -> pa.Table:
-        """dynamics.parquet and dynamics_by_set.parquet of every checkpoint analysed so far, BHY over all of
-        them, and the figures; returns the dynamics table."""
+        """dynamics.parquet and dynamics_by_set.parquet of every checkpoint analysed so far, BHY within each
+        family of them, and the figures; returns the dynamics table."""
         rows, by_set = [], []
         for c in sorted(self.done.values(), key=lambda c: (c.run.label, c.split, c.epoch)):
             tests = [
@@ -110,7 +114,8 @@ class CheckpointAnalysis:
             reduced = reduce_scores(tests, self.cfg.alpha, extra=extra, adjust=False)
             rows += reduced.scores
             by_set += reduced.by_set
-        adjust_family(rows, self.cfg.alpha)
+        # In dynamics a "model" is a training run: its checkpoints are one network as it learns.
+        self.families = adjust_family(rows, self.cfg.alpha, family_columns(self.cfg.family, model="run"))
         exp = self.cfg.experiment_id()
         table = pa.Table.from_pylist(rows, schema=schema.DYNAMICS)
         self.output.write_table(schema.stamp(table, exp), "dynamics.parquet")
@@ -159,7 +164,11 @@ def follow(cfg: DynamicsConfig, log=print, stop: threading.Event | None = None) 
         "checkpoints": len(job.done) // len(cfg.splits),
         "n_tests": table.num_rows,
         "n_significant": sum(bool(s) for s in table["significant"].to_pylist()),
+        **family_summary(cfg.family, job.families, cfg.alpha),
     }
+    statement, warnings = family_notes("dynamics", cfg.family, job.families, cfg.alpha)
+    for line in [statement, *warnings]:
+        log(f"dynamics: {line}")
     output.write_json(summary, "summary.json")
     log(
         f"dynamics: {summary['checkpoints']} checkpoint(s) x {len(cfg.splits)} split(s) "

@@ -33,11 +33,19 @@ from semprobe.ray_jobs.storage import STORE_FORMATS, absolute
 
 DTYPE_CHOICES = ("float16", "float32")
 INPUT_SPACES = ("[0,1]", "[-1,1]")  # the spaces actors.attack.SPACES knows (config imports no torch)
+BHY_FAMILIES = ("all", "model", "model,word_model")  # analysis.scores.FAMILIES (config imports no torch)
+ONE_VS_TWO_NULLS = ("rows", "columns")  # analysis.onevtwo.NULLS
+TARGET_SIMILARITIES = ("pearson", "cosine")
 MODEL_HELP = "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH"
 LAYERS_HELP = "kinds (activations, concat, blocks, pool, logits) and/or node names, comma-separated"
 IMAGES_HELP = "image source: DIR, s3://..., gs://..., manifest .parquet, sample:imagenet, sample:cifar100"
 OUT_HELP = "output folder or s3:// / gs:// URI"
 BHY = "Benjamini-Hochberg-Yekutieli false discovery rate"
+
+
+def _no_spaces(value: str) -> str:
+    """'model, word_model' -> 'model,word_model'."""
+    return value.replace(" ", "")
 
 
 def option(
@@ -400,6 +408,15 @@ class _TwoVsTwoJob(_ExtractingJob):
     gram_compute: str = option(
         "float32", "precision of each chunk's Gram product (the sums are float64)", choices=("float32", "float64")
     )
+    family: str = option(
+        "model",
+        "BHY family: all (every test of the job), model (one figure: one CNN's layers x word models), "
+        "model,word_model (one curve)",
+        choices=BHY_FAMILIES,
+        noun="BHY family",
+        normalize=_no_spaces,
+        identity=True,
+    )
 
 
 @dataclass
@@ -410,9 +427,7 @@ class RunConfig(_TwoVsTwoJob):
 
     models: list[str] = option(["efficientnet_lite0"], f"CNNs, comma-separated: {MODEL_HELP}", minimum=1, identity=True)
     out: str | None = option(None, OUT_HELP, none="runs/<experiment id>, so the same command resumes")
-    alpha: float = redefault(
-        _ExtractingJob, "alpha", 0.05, help=f"{BHY} over the family: every model x layer x word model"
-    )
+    alpha: float = redefault(_ExtractingJob, "alpha", 0.05, help=f"{BHY} within each --family")
 
     def check(self) -> None:
         super().check()
@@ -440,8 +455,13 @@ class DynamicsConfig(_TwoVsTwoJob):
     layers: str = redefault(
         _Extraction, "layers", "blocks,logits", help=f"{LAYERS_HELP} (blocks: every join; logits: the classifier)"
     )
-    alpha: float = redefault(
-        _ExtractingJob, "alpha", 0.05, help=f"{BHY} over the family: every run x epoch x split x layer x word model"
+    alpha: float = redefault(_ExtractingJob, "alpha", 0.05, help=f"{BHY} within each --family")
+    family: str = redefault(
+        _TwoVsTwoJob,
+        "family",
+        "model",
+        help="BHY family: all (every run x epoch x split x layer x word model), model (one training run: its "
+        "epochs x splits x layers x word models), model,word_model (one run against one word model)",
     )
     sets: int = redefault(_TwoVsTwoJob, "sets", 5, help="K disjoint image sets of each split, one image per class each")
     follow: bool = option(False, "keep analysing new checkpoints until every run has finished training")
@@ -517,6 +537,14 @@ class _FailureJob(_ExtractingJob):
         minimum=5,
         identity=True,
     )
+    null: str = option(
+        "rows",
+        "1 vs. 2 null: rows (the authors': which image gets which word-correlation vector, shuffled apart on the "
+        "true and predicted side) or columns (the reference words permuted)",
+        choices=ONE_VS_TWO_NULLS,
+        noun="1 vs. 2 null",
+        identity=True,
+    )
     out: str | None = option(None, OUT_HELP, none="runs/<command>-<experiment id>")
 
     COMMAND = ""
@@ -554,6 +582,13 @@ class AdversarialConfig(_FailureJob):
         6,
         "targets by word similarity: the most and least similar and evenly spaced ranks between",
         minimum=1,
+        identity=True,
+    )
+    target_similarity: str = option(
+        "pearson",
+        "the word similarity that ranks the targets: pearson (the paper's) or cosine",
+        choices=TARGET_SIMILARITIES,
+        noun="target similarity",
         identity=True,
     )
     pairs: str | None = option(

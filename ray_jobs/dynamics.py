@@ -1,9 +1,10 @@
 """``semprobe dynamics``: the 2 vs. 2 of every checkpoint of ``semprobe train`` runs (Fig. 4 of the 2021 paper).
 
 The machinery is :mod:`semprobe.ray_jobs.checkpoint_analysis`: per checkpoint and image split an
-extraction, Gram, 2 vs. 2 and permutation tasks, BHY over every run x checkpoint x split x layer
-x word model. With ``--follow`` the job keeps analysing checkpoints as training reports them,
-until every run has finished, so analysis runs while training goes on.
+extraction, Gram, 2 vs. 2 and permutation tasks, BHY within each ``--family`` (default: one training
+run's checkpoints x splits x layers x word models). With ``--follow`` the job keeps analysing
+checkpoints as training reports them, until every run has finished, so analysis runs while
+training goes on.
 
 Layout under OUT::
 

@@ -7,8 +7,10 @@ in the seed's shuffled order. Image x with true (source) class t and predicted (
 against the first R pooled concepts that are neither t nor p.
 
 Both end alike (:func:`one_vs_two_through_layers`): the 1 vs. 2 test (:mod:`semprobe.analysis.onevtwo`) of
-every layer as one Ray task, per named group of images, each group with its own permutation null, BHY over
-every (group, layer) row as one family (:mod:`semprobe.analysis.stats`); the job writes the rows as
+every layer as one Ray task, per named group of images, each group with its own permutation null (``--null``:
+word-correlation rows shuffled among the group's images, the authors' null, or reference columns permuted),
+BHY over every (group, layer) row as one family (:mod:`semprobe.analysis.stats`): one CNN against one word
+model, so the one figure of the job; the job writes the rows as
 ``datasets.schema.ONE_VS_TWO`` tables (:func:`write_one_vs_two`).
 
 This module is machinery, not a job: it imports no job module, and job modules import it.
@@ -27,7 +29,7 @@ import ray
 
 from semprobe.analysis.errors import InputError, ZeroVarianceError
 from semprobe.analysis.onevtwo import one_vs_two, one_vs_two_null, reference_correlations
-from semprobe.analysis.similarity import paired_cosine
+from semprobe.analysis.similarity import PAIRED_SIMILARITY
 from semprobe.analysis.stats import permutation_tests
 from semprobe.datasets import schema
 from semprobe.datasets.classes import imagenet_classes
@@ -61,12 +63,14 @@ def layer_task(
     groups: dict[str, list[int]],
     n_perm: int,
     seed: int,
+    null: str = "rows",
 ) -> dict[str, GroupOneVsTwo]:
     """1 vs. 2 of one layer: the images' activations against their references', and the null, per group of images.
 
     ``folders`` hold the layer's activation files (the images and the references may come from different
     extractions; an image in two folders is taken from the last); ``references[k]`` are image k's R reference
-    images; ``d_true``, ``d_pred`` (n, R) its word side; ``groups`` name subsets of the images, by position.
+    images; ``d_true``, ``d_pred`` (n, R) its word side; ``groups`` name subsets of the images, by position;
+    ``null`` is :func:`semprobe.analysis.onevtwo.one_vs_two_null`'s (rows are shuffled within each group).
     """
     needed = set(images) | {r for refs in references for r in refs}
     position: dict[str, int] = {}
@@ -99,7 +103,8 @@ def layer_task(
     results = {}
     for group, members in groups.items():
         args = (i_x[members], d_true[members], d_pred[members])
-        results[group] = GroupOneVsTwo(one_vs_two(*args).accuracy, len(members), one_vs_two_null(*args, n_perm, seed))
+        null_accuracy = one_vs_two_null(*args, n_perm, seed, null=null)
+        results[group] = GroupOneVsTwo(one_vs_two(*args).accuracy, len(members), null_accuracy)
     return results
 
 
@@ -129,9 +134,14 @@ class FailureContext:
 
     def cosine(self, a: list[int], b: list[int]) -> np.ndarray:
         """(n,) the cosine of the word vectors of classes a[k] and b[k]."""
+        return self.similarity(a, b, "cosine")
+
+    def similarity(self, a: list[int], b: list[int], kind: str) -> np.ndarray:
+        """(n,) the similarity ``kind`` (``analysis.similarity.PAIRED_SIMILARITY``: pearson, cosine) of the word
+        vectors of classes a[k] and b[k]."""
         if not a:
             return np.zeros(0)
-        return paired_cosine(self.vectors(a), self.vectors(b))
+        return PAIRED_SIMILARITY[kind](self.vectors(a), self.vectors(b))
 
     def word_side(
         self, true: list[int], predicted: list[int], references: list[list[int]]
@@ -217,6 +227,7 @@ def one_vs_two_through_layers(
                 groups,
                 cfg.permutations,
                 cfg.seed,
+                cfg.null,
             )
             for layer in ctx.plan.layers
         ]

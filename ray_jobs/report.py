@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from semprobe.analysis.scores import families
 from semprobe.ray_jobs.storage import Output
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -96,6 +97,72 @@ def _model_section(cfg, model: str, part: pl.DataFrame, concepts: pl.DataFrame, 
     return html
 
 
+# What one BHY family is, per --family (analysis.scores.FAMILIES), in the words of each job.
+FAMILY_WORDS = {
+    "run": {
+        "all": "one family of every test (every CNN x layer x word model)",
+        "model": "one family per CNN (its layers x word models: one figure)",
+        "model,word_model": "one family per CNN and word model (its layers: one curve)",
+    },
+    "dynamics": {
+        "all": "one family of every test (every run x epoch x split x layer x word model)",
+        "model": "one family per training run (its epochs x splits x layers x word models)",
+        "model,word_model": "one family per training run and word model (its epochs x splits x layers)",
+    },
+    "one vs. two": {
+        "job": "one family of every row (one CNN, one word model: every group x layer)",
+    },
+}
+
+
+def family_notes(job: str, family: str, families: list[Any], alpha: float) -> tuple[str, list[str]]:
+    """Plain text: what the BHY family is and its size, and a warning for each family in which the permutations
+    leave BHY no room (``analysis.stats.bhy_reach``: with P permutations no p is below 1 / (P + 1)).
+
+    ``families`` are ``analysis.scores.Family``: their key, m and n_perm.
+    """
+    if not families:
+        return "No permutation p-values (0 permutations): no BHY.", []
+    sizes = sorted({f.m for f in families})
+    statement = (
+        f"BHY at alpha {alpha} within {FAMILY_WORDS[job][family]}: {len(families)} "
+        f"famil{'y' if len(families) == 1 else 'ies'} of {', '.join(map(str, sizes)) or 0} test(s)"
+        + (" each" if len(families) > 1 and len(sizes) == 1 else "")
+        + "."
+    )
+    warnings = []
+    for f in families:
+        reach = f.reach(alpha)
+        if reach.lone_test_can_be_rejected:
+            continue
+        name = " / ".join(map(str, f.key)) or "the family"
+        why = (
+            f"the smallest p {reach.n_perm} permutations can give, 1/{reach.n_perm + 1} = {reach.min_p:.3g}, exceeds "
+            f"BHY's first threshold alpha / (m c(m)) = {reach.first_threshold:.3g} (m = {reach.m})"
+        )
+        more = f"{reach.permutations_for_a_lone_test} permutations would let a lone test through"
+        if reach.can_reject:
+            warnings.append(
+                f"{name}: no test is significant on its own: {why}; at least {reach.needed} of its {reach.m} tests "
+                f"must reach that p before BHY rejects any ({more})."
+            )
+        else:
+            warnings.append(
+                f"{name}: BHY at alpha {alpha} cannot reject any of its {reach.m} tests, even if every p were "
+                f"minimal: {why}, and even all {reach.m} at that p stay above alpha / c(m) ({more})."
+            )
+    return statement, warnings
+
+
+def family_summary(family: str, families: list[Any], alpha: float) -> dict[str, Any]:
+    """The BHY families for summary.json: the choice, each family's key, size and the fewest tests at the
+    smallest p that BHY needs to reject any (null: not even all)."""
+    return {
+        "family": family,
+        "families": [{"key": list(f.key), "m": f.m, "needed_at_min_p": f.reach(alpha).needed} for f in families],
+    }
+
+
 def _coverage(model: str, plan, left_out: list[str], errors: pa.Table) -> list[str]:
     """Concept matching, set drawing and image errors: what was skipped and why."""
     lemma = {c.concept_id: (c.lemmas[0] if c.lemmas else "") for c in plan.source.classes}
@@ -142,13 +209,16 @@ def write_report(
     concept_scores: pa.Table,
     figures: dict[str, bytes],
     coverage: dict[str, tuple[Any, list[str], pa.Table]],
+    families: list[Any] = (),
 ) -> str:
     """Write OUT/report.html and return its path or URI.
 
     ``figures`` maps each model to its PNG; ``coverage`` maps it to (extraction
-    plan, concepts left out after image errors, its errors table).
+    plan, concepts left out after image errors, its errors table); ``families`` are the BHY families
+    (``analysis.scores.Family``) of ``scores``.
     """
     df, concepts = pl.from_arrow(scores), pl.from_arrow(concept_scores)
+    statement, warnings = family_notes("run", cfg.family, list(families), cfg.alpha)
     html = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>semprobe run {cfg.experiment_id()}</title>"
         f"<style>{STYLE}</style></head><body>",
@@ -156,9 +226,9 @@ def write_report(
         f"<p>Images <code>{escape(cfg.images)}</code> · CNNs {escape(', '.join(cfg.models))} · word models "
         f"{escape(', '.join(cfg.words))} · layers <code>{escape(cfg.layers)}</code> · {cfg.sets} image set(s) "
         f"of one image "
-        f"per concept · {cfg.permutations} permutations (seed {cfg.seed}) · BHY at alpha {cfg.alpha} over all "
-        f"{df.height} "
-        f"tests (every CNN x layer x word model).</p>",
+        f"per concept · {cfg.permutations} permutations (seed {cfg.seed}) · {df.height} tests. "
+        f"{escape(statement)}</p>",
+        *(f'<p class="note">{escape(w)}</p>' for w in warnings),
     ]
     for model, png in figures.items():
         html += _model_section(cfg, model, df.filter(pl.col("model") == model), concepts, png)
@@ -175,6 +245,11 @@ def write_report(
     return posixpath.join(output.uri, "report.html")
 
 
+# The 1 vs. 2 nulls (--null, analysis.onevtwo.NULLS), as the report names them.
+NULL_WORDS = {
+    "rows": "word-correlation rows shuffled among the images, true and predicted side apart",
+    "columns": "reference words permuted",
+}
 FAILURE_TITLES = {"misclassified": "misclassified images", "adversarial": "targeted adversarial images"}
 
 
@@ -191,6 +266,7 @@ def write_failure_report(
     figures, ``notes``
     (title, header, rows) as tables; returns its path or URI."""
     title = f"semprobe {command} {cfg.experiment_id()}: {FAILURE_TITLES[command]}"
+    statement, warnings = family_notes("one vs. two", "job", families(rows), cfg.alpha)
     html = [
         f"<!doctype html><html><head><meta "
         f"charset='utf-8'><title>{escape(title)}</title><style>{STYLE}</style></head><body>",
@@ -199,8 +275,8 @@ def write_failure_report(
         f"{escape(cfg.words)} · layers "
         f"<code>{escape(cfg.layers)}</code> · R = {summary['references']} reference concepts, each with one correctly "
         f"classified image, never the true (source) or predicted (target) class · {cfg.permutations} "
-        f"permutations of the "
-        f"reference words (seed {cfg.seed}) · BHY at alpha {cfg.alpha} over every row below.</p>",
+        f"permutations (seed {cfg.seed}, null: {cfg.null}) · {escape(statement)}</p>",
+        *(f'<p class="note">{escape(w)}</p>' for w in warnings),
         _table(["", "value"], [[k, _f(v, ".4g") if isinstance(v, float) else v] for k, v in summary.items()]),
     ]
     for name, png in figures.items():
@@ -213,10 +289,13 @@ def write_failure_report(
         )
         n = min(r["n"] for r in rows)
         stds = [r["null_std"] for r in rows if r["null_std"] is not None]
+        scatter = (
+            f"; under the null ({NULL_WORDS[cfg.null]}) it scatters by about {np.mean(stds):.3f} (std)" if stds else ""
+        )
         html.append(
             f'<p class="note">Each accuracy is a fraction of its group\'s n images: with n = {n} one image moves it by '
             f"{1 / n:.3f}"
-            + (f"; under permuted reference words it scatters by about {np.mean(stds):.3f} (std)" if stds else "")
+            + scatter
             + ". Read small groups as a demonstration, not a measurement (the paper: 100 sources x 6 targets, R "
             "= 100).</p>"
         )

@@ -5,7 +5,7 @@ layer, set): the w x w concept correlations of each image set, from the memory-m
 activation store in bounded feature chunks -> 2 vs. 2 tasks, one per (model, layer, word
 model), and permutation-shard tasks (``permutation_shard`` permutations each) over those
 small matrices (:mod:`semprobe.ray_jobs.scheduler`) -> reducer: mean and std over sets,
-permutation p-values, BHY over the whole family -> tables, figure, report.
+permutation p-values, BHY within each family (``--family``) -> tables, figure, report.
 
 Layout under OUT (besides the extractions under ``extract/<model>/``)::
 
@@ -34,11 +34,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from semprobe.analysis.figures import layer_curves
+from semprobe.analysis.scores import family_columns
 from semprobe.datasets import schema
 from semprobe.ray_jobs.config import RunConfig
 from semprobe.ray_jobs.extraction import plan_extraction, run_extract
 from semprobe.ray_jobs.figures import save_figure
-from semprobe.ray_jobs.report import write_report
+from semprobe.ray_jobs.report import family_summary, write_report
 from semprobe.ray_jobs.scheduler import TwoVsTwoScheduler, plan_model, reduce_scores, test_file
 from semprobe.ray_jobs.startup import connect, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
@@ -83,7 +84,8 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         for word_model in cfg.words
         for layer in plans[model].layers
     ]
-    scores, scores_by_set, concept_scores, concept_scores_by_set = reduce_scores(tests, cfg.alpha).tables()
+    reduced = reduce_scores(tests, cfg.alpha, family=family_columns(cfg.family))
+    scores, scores_by_set, concept_scores, concept_scores_by_set = reduced.tables()
     concepts = Output(extractions[cfg.models[0]].out).read_table("concepts.parquet")
     concept_scores = _name_concepts(concept_scores, concepts)
     concept_scores_by_set = _name_concepts(concept_scores_by_set, concepts)
@@ -111,13 +113,14 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         )
         for model in cfg.models
     }
-    report = write_report(output, cfg, scores, concept_scores, figures, coverage)
+    report = write_report(output, cfg, scores, concept_scores, figures, coverage, reduced.families)
     summary = {
         "experiment_id": exp,
         "models": cfg.models,
         "words": cfg.words,
         "n_tests": len(tests),
         "n_significant": int(pc.sum(pc.fill_null(scores["significant"], False)).as_py() or 0),
+        **family_summary(cfg.family, reduced.families, cfg.alpha),
         "report": report,
     }
     output.write_json(summary, "summary.json")

@@ -29,6 +29,7 @@ import ray
 
 from semprobe.analysis.errors import InputError, ZeroVarianceError
 from semprobe.analysis.scores import (
+    Family,
     LayerTest,
     adjust_family,
     chunk_features,
@@ -337,13 +338,15 @@ def get(refs):
 
 @dataclass
 class Scores:
-    """The reduced tests as rows: ``scores`` (one per model x layer x word model, BHY over them all),
-    ``scores_by_set``, ``concept_scores`` (over sets) and ``concept_scores_by_set``."""
+    """The reduced tests as rows: ``scores`` (one per model x layer x word model, BHY within each family),
+    ``scores_by_set``, ``concept_scores`` (over sets) and ``concept_scores_by_set``; ``families``, the BHY
+    families of ``scores``."""
 
     scores: list[dict[str, Any]]
     by_set: list[dict[str, Any]]
     concepts: list[dict[str, Any]]
     concepts_by_set: list[dict[str, Any]]
+    families: list[Family] = field(default_factory=list)
 
     def tables(self) -> tuple[pa.Table, pa.Table, pa.Table, pa.Table]:
         return (
@@ -366,10 +369,15 @@ def layer_test(table: pa.Table) -> LayerTest:
 
 
 def reduce_scores(
-    tests: list[pa.Table], alpha: float, extra: dict[str, Any] | None = None, adjust: bool = True
+    tests: list[pa.Table],
+    alpha: float,
+    extra: dict[str, Any] | None = None,
+    adjust: bool = True,
+    family: tuple[str, ...] = (),
 ) -> Scores:
     """The scores of the stored tests (one table per model x layer x word model); ``extra`` columns on every
-    row; BHY over the whole family unless ``adjust`` is off (the caller adjusts a larger family)."""
+    row; BHY within each family of rows sharing their values of the columns ``family`` (none: one family of
+    all), unless ``adjust`` is off (the caller adjusts over rows it gathers)."""
     reduced = Scores([], [], [], [])
     for table in tests:
         test = layer_test(table)
@@ -390,5 +398,5 @@ def reduce_scores(
             for c, v in zip(concept_ids, rates)
         ]
     if adjust:
-        adjust_family(reduced.scores, alpha)
+        reduced.families = adjust_family(reduced.scores, alpha, family)
     return reduced

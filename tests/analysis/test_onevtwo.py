@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from semprobe.analysis.errors import InputError
-from semprobe.analysis.onevtwo import one_vs_two, one_vs_two_null, reference_correlations
+from semprobe.analysis.onevtwo import one_vs_two, one_vs_two_null, reference_correlations, row_permutations
 from semprobe.analysis.twovtwo import permutations
 
 
@@ -29,14 +29,58 @@ def test_matches_the_naive_loop_image_by_image(seed):
     assert flipped.accuracy == pytest.approx(1 - result.accuracy)
 
 
-def test_null_shuffles_reference_concepts_on_the_word_side_and_is_shard_independent():
+def test_column_null_shuffles_reference_concepts_on_the_word_side_and_is_shard_independent():
     i_x, d_t, d_p = structured(n=25, r=10, seed=3)
-    null = one_vs_two_null(i_x, d_t, d_p, n_perm=30, seed=5)
+    null = one_vs_two_null(i_x, d_t, d_p, n_perm=30, seed=5, null="columns")
     expected = [naive(i_x, d_t[:, p], d_p[:, p]).mean() for p in permutations(10, 30, seed=5)]
     np.testing.assert_array_equal(null, expected)
-    parts = np.concatenate([one_vs_two_null(i_x, d_t, d_p, n, seed=5, start=s) for s, n in [(0, 11), (11, 19)]])
+    parts = np.concatenate(
+        [one_vs_two_null(i_x, d_t, d_p, n, seed=5, start=s, null="columns") for s, n in [(0, 11), (11, 19)]]
+    )
     np.testing.assert_array_equal(parts, null)
     assert abs(null.mean() - 0.5) < 0.15 and one_vs_two(i_x, d_t, d_p).accuracy > np.quantile(null, 0.95)
+
+
+def naive_row_null(i_x, d_t, d_p, n_perm, seed):
+    """The authors' null written out: per permutation, image j keeps its i_x but takes d_t of image pt[j] and d_p of
+    image pp[j], pt and pp two independent shuffles of the images (drawn in that order from default_rng([seed, k]))."""
+    n, null = len(i_x), []
+    for k in range(n_perm):
+        rng = np.random.default_rng([seed, k])
+        pt, pp = rng.permutation(n), rng.permutation(n)
+        passed = []
+        for j in range(n):
+            r_t = np.corrcoef(i_x[j], d_t[pt[j]])[0, 1]
+            r_p = np.corrcoef(i_x[j], d_p[pp[j]])[0, 1]
+            passed.append(r_t - r_p > 1e-9)
+        null.append(np.mean(passed))
+    return np.array(null)
+
+
+def test_row_null_is_the_authors_shuffle_of_images_and_is_shard_independent():
+    i_x, d_t, d_p = structured(n=25, r=10, seed=3)
+    null = one_vs_two_null(i_x, d_t, d_p, n_perm=40, seed=5)  # rows: the default
+    np.testing.assert_array_equal(null, naive_row_null(i_x, d_t, d_p, 40, seed=5))
+    np.testing.assert_array_equal(one_vs_two_null(i_x, d_t, d_p, 40, seed=5, null="rows"), null)
+    parts = np.concatenate([one_vs_two_null(i_x, d_t, d_p, n, seed=5, start=s) for s, n in [(0, 7), (7, 33)]])
+    np.testing.assert_array_equal(parts, null)
+    assert abs(null.mean() - 0.5) < 0.1 and one_vs_two(i_x, d_t, d_p).accuracy > null.max()
+    # the two sides are shuffled apart: the true side's permutation differs from the predicted side's
+    true, pred = row_permutations(25, 40, seed=5)
+    assert (true != pred).any(axis=1).all()
+    np.testing.assert_array_equal(true[7:], row_permutations(25, 33, seed=5, start=7)[0])
+    # and the null is not the column null's
+    assert not np.array_equal(null[:30], one_vs_two_null(i_x, d_t, d_p, 30, seed=5, null="columns"))
+
+
+def test_row_null_of_images_that_share_a_word_side_is_the_observed():
+    """Shuffling identical rows changes nothing: every permutation gives the observed accuracy."""
+    i_x, d_t, d_p = structured(n=6, r=8, seed=4)
+    d_t[:], d_p[:] = d_t[0], d_p[0]
+    observed = one_vs_two(i_x, d_t, d_p).accuracy
+    np.testing.assert_array_equal(one_vs_two_null(i_x, d_t, d_p, 10, seed=1), np.full(10, observed))
+    with pytest.raises(InputError, match="unknown 1 vs. 2 null 'images': choose one of rows, columns"):
+        one_vs_two_null(i_x, d_t, d_p, 10, seed=1, null="images")
 
 
 def test_ties_and_constant_rows():

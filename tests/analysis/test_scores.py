@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
+from statsmodels.stats.multitest import multipletests
 
 import semprobe
 from semprobe.analysis.errors import InputError
-from semprobe.analysis.scores import LayerTest, adjust_family, concept_pass_rates, score
+from semprobe.analysis.scores import LayerTest, adjust_family, concept_pass_rates, family_columns, score
 from semprobe.analysis.twovtwo import permutations, two_vs_two
 
 
@@ -102,3 +103,45 @@ def test_layer_scores_refuses_bad_input_by_name(call, message):
     with pytest.raises(InputError, match=None) as err:
         call(rng.normal(size=(8, 20)), rng.normal(size=(8, 5)))
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "family, by",
+    [("all", ()), ("model", ("model",)), ("model,word_model", ("model", "word_model"))],
+)
+def test_family_grouping_is_statsmodels_within_each_group(family, by):
+    """Two CNNs x 5 layers x 2 word models, rows in a shuffled order: BHY per family equals multipletests run on each
+    group's p-values, gathered here by hand."""
+    rng = np.random.default_rng(11)
+    rows = [
+        {"model": m, "layer": f"l{k}", "word_model": w, "p_value": float(p), "n_perm": 1000}
+        for m in ("cnn_a", "cnn_b")
+        for w in ("glove", "w2v")
+        for k, p in enumerate(rng.choice([1 / 1001, 2 / 1001, 0.004, 0.02, 0.3, 0.9], 5))
+    ]
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    rows.append({"model": "cnn_a", "layer": "l9", "word_model": "glove", "p_value": None, "n_perm": 0})
+    assert family_columns(family) == by
+    found = adjust_family(rows, 0.05, family_columns(family))
+    groups = {}
+    for i, row in enumerate(rows[:-1]):
+        groups.setdefault(tuple(row[c] for c in by), []).append(i)
+    assert [(f.key, f.rows, f.m, f.n_perm) for f in found] == [(k, v, len(v), 1000) for k, v in groups.items()]
+    for members in groups.values():
+        reject, adjusted, _, _ = multipletests([rows[i]["p_value"] for i in members], alpha=0.05, method="fdr_by")
+        assert [rows[i]["p_bhy"] for i in members] == pytest.approx(list(adjusted), abs=1e-15)
+        assert [rows[i]["significant"] for i in members] == list(reject)
+    assert "p_bhy" not in rows[-1]  # untested: no p-value, in no family
+    # other families, other corrections: splitting the family changes p_bhy (up or down, with what else is in it)
+    everything = [dict(row) for row in rows]
+    adjust_family(everything, 0.05)
+    changed = [r["p_bhy"] != e["p_bhy"] for r, e in zip(rows[:-1], everything[:-1])]
+    assert any(changed) == (by != ())
+
+
+def test_family_columns_of_dynamics_and_unknown_families():
+    assert family_columns("model", model="run") == ("run",)
+    assert family_columns("model,word_model", model="run") == ("run", "word_model")
+    assert family_columns("all", model="run") == ()
+    with pytest.raises(InputError, match="unknown BHY family 'layer': choose one of all, model, model,word_model"):
+        family_columns("layer")

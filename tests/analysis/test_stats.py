@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
+from statsmodels.stats.multitest import multipletests
 
-from semprobe.analysis.stats import permutation_p_value, permutation_tests
+from semprobe.analysis.stats import bhy_reach, permutation_p_value, permutation_tests
 
 
 def naive_bhy(p, alpha):
@@ -45,3 +46,33 @@ def test_permutation_tests_need_a_null_per_test():
         permutation_tests([0.5, 0.6], np.zeros((2, 0)))
     with pytest.raises(ValueError, match="got \\(3,\\) and \\(2, 5\\)"):
         permutation_tests([0.5, 0.6, 0.7], np.zeros((2, 5)))
+
+
+def test_bhy_reach_against_a_hand_computation():
+    # m = 500 tests of 1000 permutations at alpha 0.05 (an NN2021-scale family): c(500) = H_500 = 6.79282342...
+    reach = bhy_reach(500, 1000, 0.05)
+    c_m = 6.79282342999052
+    assert reach.first_threshold == pytest.approx(0.05 / (500 * c_m), rel=1e-12)  # 1.4722e-5
+    assert reach.min_p == 1 / 1001
+    # rejecting k tests at p = 1/1001 needs 1/1001 <= k 0.05 / (500 c_m): k >= 500 c_m / (1001 0.05) = 67.86
+    assert reach.needed == 68 and not reach.lone_test_can_be_rejected and reach.can_reject
+    # a lone test needs 1 / (P + 1) <= 1.4722e-5: P >= 67927.2, so 67928 permutations
+    assert reach.permutations_for_a_lone_test == 67928
+    assert bhy_reach(500, 67928, 0.05).needed == 1 and bhy_reach(500, 67927, 0.05).needed == 2
+    # 16 layers (the embedded default): c(16) = 3.3807; k >= 16 * 3.3807 / (1001 * 0.05) = 1.08, so 2
+    assert bhy_reach(16, 1000, 0.05).needed == 2 and bhy_reach(16, 1000, 0.1).needed == 1
+    # nothing can be rejected when even m tests at 1/(P+1) stay above alpha / c(m): 1/41 > 0.05 / c(4) = 0.024
+    assert bhy_reach(4, 40, 0.05).needed is None and not bhy_reach(4, 40, 0.05).can_reject
+    assert bhy_reach(4, 40, 0.06).needed == 4  # 1/41 = 0.0244 <= 0.06 / 2.0833 = 0.0288
+
+
+@pytest.mark.parametrize("m, n_perm, alpha", [(500, 1000, 0.05), (16, 1000, 0.05), (30, 200, 0.1), (7, 99, 0.05)])
+def test_bhy_reach_is_what_statsmodels_rejects(m, n_perm, alpha):
+    """`needed` tests at the smallest p (the others at 1) are rejected by BHY; one fewer, none is."""
+    reach = bhy_reach(m, n_perm, alpha)
+    p_min = 1 / (n_perm + 1)
+    for k in range(1, m + 1):
+        p = np.array([p_min] * k + [1.0] * (m - k))
+        assert multipletests(p, alpha=alpha, method="fdr_by")[0].any() == (
+            reach.needed is not None and k >= reach.needed
+        )

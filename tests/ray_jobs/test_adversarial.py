@@ -1,5 +1,6 @@
 """``semprobe adversarial`` end to end on the packaged samples, against references computed here."""
 
+import dataclasses
 import io
 import json
 
@@ -20,9 +21,10 @@ from semprobe.datasets.classes import imagenet_classes
 from semprobe.datasets.concepts import match_concepts
 from semprobe.datasets.decode import decode_image, read_bytes
 from semprobe.datasets.words import load_word_model
-from semprobe.ray_jobs.adversarial import run_adversarial
+from semprobe.ray_jobs.adversarial import chosen_pairs, run_adversarial
 from semprobe.ray_jobs.cli import main
 from semprobe.ray_jobs.config import AdversarialConfig
+from semprobe.ray_jobs.failure_analysis import FailureContext
 
 EPS, STEP, STEPS = 0.3, 0.06, 3  # in [-1, 1]: 0.3 is 38.25 levels of 255
 
@@ -57,7 +59,8 @@ def test_pairs_follow_the_word_similarity_ranks(adversarial_run, glove):
     for t in sources:
         others = [c for c in sorted(words) if words[c] != words[t]]
         cos = {c: vectors[t] @ vectors[c] / np.linalg.norm(vectors[t]) / np.linalg.norm(vectors[c]) for c in others}
-        ranked = sorted(others, key=lambda c: (-cos[c], c))
+        pearson = {c: np.corrcoef(vectors[t], vectors[c])[0, 1] for c in others}  # the paper ranks by Pearson r
+        ranked = sorted(others, key=lambda c: (-pearson[c], c))
         mine = [row for row in rows if row["source_index"] == t]
         # the most similar, the least similar, and the middle rank (round((len - 1) / 2))
         assert [row["target_index"] for row in mine] == [ranked[0], ranked[round((len(ranked) - 1) / 2)], ranked[-1]]
@@ -65,6 +68,47 @@ def test_pairs_follow_the_word_similarity_ranks(adversarial_run, glove):
         assert [row["word_cosine"] for row in mine] == pytest.approx(
             [cos[row["target_index"]] for row in mine], abs=1e-12
         )
+
+
+class FakeWords:
+    def __init__(self, vectors: dict[str, np.ndarray]):
+        self.table = vectors
+
+    def vectors(self, words):
+        return np.stack([self.table[w] for w in words])
+
+
+@pytest.mark.parametrize("similarity", ["pearson", "cosine"])
+def test_targets_are_ranked_by_the_chosen_word_similarity(similarity):
+    """Word vectors with offsets, so that Pearson r (centred) and cosine (not) rank the targets differently."""
+    rng = np.random.default_rng(3)
+    classes = list(range(12))
+    words = {c: f"w{c}" for c in classes}
+    vectors = {f"w{c}": rng.normal(size=8) + rng.normal(scale=3) for c in classes}
+    manifest = [{"image_id": f"img{c}", "uri": f"/x/{c}.png", "class_index": c} for c in classes]
+    pool = {c: f"img{c}" for c in classes}
+    ctx = FailureContext(None, FakeWords(vectors), words, manifest, {}, pool, classes)
+    cfg = AdversarialConfig(sources=3, targets_per_source=4, target_similarity=similarity).validate()
+    pairs = chosen_pairs(cfg, ctx)
+    sources = [int(c) for c in np.random.default_rng([0, 1]).permutation(classes)][:3]
+    assert [p.source_index for p in pairs] == [t for t in sources for _ in range(4)]
+    measures = {
+        "pearson": lambda a, b: np.corrcoef(a, b)[0, 1],
+        "cosine": lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b),
+    }
+    for t in sources:
+        others = [c for c in classes if c != t]
+        sim = {c: measures[similarity](vectors[words[t]], vectors[words[c]]) for c in others}
+        ranked = sorted(others, key=lambda c: (-sim[c], c))
+        # ranks 1 and 4: the most and least similar; 2 and 3 evenly spaced: round(10/3) = 3, round(20/3) = 7
+        expected = [ranked[0], ranked[3], ranked[7], ranked[10]]
+        mine = [p for p in pairs if p.source_index == t]
+        assert [p.target_index for p in mine] == expected and [p.target_rank for p in mine] == [1, 2, 3, 4]
+        cosine = [measures["cosine"](vectors[words[t]], vectors[words[c]]) for c in expected]
+        assert [p.word_cosine for p in mine] == pytest.approx(cosine, abs=1e-12)  # the cosine, whatever ranks
+    if similarity == "pearson":  # the data are built so that the two rankings disagree somewhere
+        cosine = chosen_pairs(dataclasses.replace(cfg, target_similarity="cosine"), ctx)
+        assert [p.target_index for p in cosine] != [p.target_index for p in pairs]
 
 
 def test_stored_images_are_the_quantised_mim_attack_inside_the_eps_ball(adversarial_run):

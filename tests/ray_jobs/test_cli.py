@@ -74,8 +74,14 @@ def test_flags_are_the_fields_not_config_only_each_with_its_default_once(command
         ("dynamics", "--sets", "K disjoint image sets of each split, one image per class each (default: 5)"),
         ("dynamics", "--layers", "kinds (activations, concat, blocks, pool, logits) and/or node names, "
          "comma-separated (blocks: every join; logits: the classifier) (default: blocks,logits)"),
-        ("dynamics", "--alpha", "Benjamini-Hochberg-Yekutieli false discovery rate over the family: every run x "
-         "epoch x split x layer x word model (default: 0.05)"),
+        ("dynamics", "--alpha", "Benjamini-Hochberg-Yekutieli false discovery rate within each --family "
+         "(default: 0.05)"),
+        ("dynamics", "--family", "BHY family: all (every run x epoch x split x layer x word model), model (one "
+         "training run: its epochs x splits x layers x word models), model,word_model (one run against one word "
+         "model) (default: model)"),
+        ("misclassified", "--null", "1 vs. 2 null: rows (the authors': which image gets which word-correlation "
+         "vector, shuffled apart on the true and predicted side) or columns (the reference words permuted) "
+         "(default: rows)"),
         ("train", "--sets", "with --words: K image sets of each split (default: as semprobe dynamics: 5)"),
         ("extract", "--layers", "kinds (activations, concat, blocks, pool, logits) and/or node names, "
          "comma-separated (default: activations)"),

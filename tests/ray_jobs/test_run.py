@@ -125,6 +125,12 @@ def test_default_run_scores_against_a_reference(default_run, capsys):
     assert [r["significant"] for r in means] == list(by_hand_bhy(p_values) <= 0.05)
     report = (out / "report.html").read_text()
     assert "<b>78 concept pairs</b> passed, from <b>13 concepts</b>" in report and "significant after BHY" in report
+    # the family and its size; 1/1001 is above 0.05 / (16 c(16)) = 9.24e-4, so a lone layer cannot be significant:
+    # k layers at p = 1/1001 need 1/1001 <= k 0.05 / (16 c(16)), k >= 1.08, so 2
+    assert (
+        "BHY at alpha 0.05 within one family per CNN (its layers x word models: one figure): 1 family of 16" in report
+    )
+    assert "efficientnet_lite0: no test is significant on its own" in report and "at least 2 of its 16 tests" in report
     assert "13 of 19 classes have a word in every word model; 6 dropped" in report  # coverage, and why
     assert (out / "figures" / "efficientnet_lite0.png").read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64," in report and "http" not in report  # self-contained, opens offline
@@ -339,3 +345,43 @@ def test_layer_scores_on_the_activation_store_equals_the_run(two_sets):
     stored = pl.read_parquet(out / "scores.parquet")
     assert scores.columns == stored.columns and scores.dtypes == stored.dtypes
     assert scores.equals(stored), (scores, stored)
+
+
+def test_two_models_bhy_per_model_and_over_all(ray_session, tmp_path):
+    """--family model (the default): BHY within each CNN, as multipletests per CNN; over all tests (--family all,
+    what the reducer gives the same stored tests) the adjusted p-values differ, as one family of both CNNs."""
+    from statsmodels.stats.multitest import multipletests
+
+    from semprobe.ray_jobs.scheduler import reduce_scores, test_file
+    from semprobe.ray_jobs.storage import model_key
+
+    models = ["efficientnet_lite0", "efficientnet_lite1"]
+    cfg = RunConfig(
+        images="sample:imagenet", models=models, layers=",".join(LAYERS), permutations=200, out=str(tmp_path / "o")
+    ).validate()
+    summary = run(cfg, log=lambda m: None)
+    rows = pq.read_table(tmp_path / "o" / "scores.parquet").to_pylist()
+    assert len(rows) == 6 and cfg.family == "model"
+    for model in models:
+        mine = [r for r in rows if r["model"] == model]
+        reject, adjusted, _, _ = multipletests([r["p_value"] for r in mine], alpha=0.05, method="fdr_by")
+        assert [r["p_bhy"] for r in mine] == pytest.approx(list(adjusted), abs=1e-15)
+        assert [r["significant"] for r in mine] == list(reject)
+    # 3 tests of 200 permutations: 1/201 <= 0.05 / (3 c(3)) = 0.00909, so a lone test can be significant
+    assert summary["family"] == "model"
+    assert summary["families"] == [{"key": [m], "m": 3, "needed_at_min_p": 1} for m in models]
+    report = (tmp_path / "o" / "report.html").read_text()
+    assert "within one family per CNN (its layers x word models: one figure): 2 families of 3 test(s) each" in report
+    tests = [
+        pq.read_table(tmp_path.joinpath("o", *test_file(model_key(model), "glove-50d", layer)))
+        for model in models
+        for layer in LAYERS
+    ]
+    pooled = reduce_scores(tests, 0.05, family=())
+    reject, adjusted, _, _ = multipletests([r["p_value"] for r in pooled.scores], alpha=0.05, method="fdr_by")
+    assert [r["p_bhy"] for r in pooled.scores] == pytest.approx(list(adjusted), abs=1e-15)
+    assert [(f.key, f.m) for f in pooled.families] == [((), 6)]
+    by_key = {(r["model"], r["layer"]): r for r in rows}
+    per_model = [by_key[r["model"], r["layer"]]["p_bhy"] for r in pooled.scores]
+    assert [r["p_value"] for r in pooled.scores] == [by_key[r["model"], r["layer"]]["p_value"] for r in pooled.scores]
+    assert per_model != [r["p_bhy"] for r in pooled.scores]  # a family of 6 corrects otherwise than two of 3
