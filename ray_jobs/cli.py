@@ -47,7 +47,7 @@ def add_options(p: argparse.ArgumentParser, cls: type) -> None:
         if config.kind(cls, f.name)[0] is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.metadata["choices"]:
-            kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+            kwargs["metavar"] = "{" + "|".join(f.metadata["choices"]) + "}"
         (resources if f.metadata["group"] == "resources" else p).add_argument(config.flag_name(f.name), **kwargs)
 
 
