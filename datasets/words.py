@@ -206,11 +206,11 @@ class _ParquetTable(_CachedModel):
 
     def _first_length(self) -> int:
         """The length of the first non-null vector: a variable-length list column's dimension."""
-        reader = pq.ParquetFile(self._fs.open_input_file(self._path))
-        for batch in reader.iter_batches(batch_size=1024, columns=[self._column]):
-            valid = batch.column(0).drop_null()
-            if len(valid):
-                return len(valid[0])
+        with self._fs.open_input_file(self._path) as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024, columns=[self._column]):
+                valid = batch.column(0).drop_null()
+                if len(valid):
+                    return len(valid[0])
         raise InputError(f"{self.uri}: vector column {self._column!r} holds no vector")
 
     def _fetch(self, wanted: list[str]) -> dict[str, np.ndarray]:
