@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse
 
-from semprobe.analysis.errors import InputError
-from semprobe.analysis.similarity import centred_unit_rows
+from semprobe.analysis.errors import InputError, ZeroVarianceError
+from semprobe.analysis.similarity import centred_unit_rows, correlation_matrix
 from semprobe.analysis.twovtwo import TIE_TOLERANCE, permutations
 
 
@@ -42,8 +43,10 @@ def reference_correlations(
 
     Parameters
     ----------
-    rows : array-like, (m, d) real
+    rows : array-like, (m, d) real, or a scipy.sparse matrix
         Every row the items and references name: activations of one layer (for i_x) or word vectors (d_t, d_p).
+        Sparse rows (``nondist:`` word vectors) are never densified: the correlations of the rows named come
+        from one sparse Gram product.
     items : (n,) int
         Row k of the result is about row ``items[k]`` of ``rows`` (image x, or the class t or p of image x).
     references : (n, R) int
@@ -56,11 +59,31 @@ def reference_correlations(
     ndarray, (n, R) float64
         ``[k, j]``: Pearson r of rows ``items[k]`` and ``references[k][j]``.
     """
+    if scipy.sparse.issparse(rows):
+        return _sparse_reference_correlations(rows, items, references, what)
     z = centred_unit_rows(rows, what)
     result = np.empty((len(items), len(references[0]) if len(items) else 0))
     for k, (item, refs) in enumerate(zip(items, references)):
         # one dot product per pair, so a row's numbers do not depend on which other rows came along
         result[k] = [z[item] @ z[r] for r in refs]
+    return result
+
+
+def _sparse_reference_correlations(
+    rows, items: Sequence[int], references: Sequence[Sequence[int]], what: str
+) -> np.ndarray:
+    named = sorted({*items, *(r for refs in references for r in refs)})
+    at = {row: k for k, row in enumerate(named)}
+    try:
+        r = correlation_matrix(scipy.sparse.csr_array(rows)[named])
+    except ZeroVarianceError as err:
+        constant = [named[k] for k in err.rows]
+        raise ZeroVarianceError(
+            f"zero-variance row {constant[0]} in {what}: its correlation is undefined", constant
+        ) from None
+    result = np.empty((len(items), len(references[0]) if len(items) else 0))
+    for k, (item, refs) in enumerate(zip(items, references)):
+        result[k] = r[at[item], [at[j] for j in refs]]
     return result
 
 

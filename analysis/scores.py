@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import scipy.sparse
 
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.similarity import GramAccumulator, correlation_matrix
@@ -59,8 +60,10 @@ def concept_matrix(chunks: Iterable[np.ndarray], w: int, compute: str = "float32
 
 
 def word_matrix(vectors: np.ndarray) -> np.ndarray:
-    """(w, w) float32 Pearson correlations between w word vectors ((w, k) any real dtype), computed in float64."""
-    return correlation_matrix(np.asarray(vectors)).astype(np.float32)
+    """(w, w) float32 Pearson correlations between w word vectors ((w, k) any real dtype, or a sparse matrix
+    kept sparse), computed in float64."""
+    vectors = vectors if scipy.sparse.issparse(vectors) else np.asarray(vectors)
+    return correlation_matrix(vectors).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -235,8 +238,8 @@ def layer_scores(
     features : mapping of layer name -> array-like (n_concepts, d) (or (n_concepts, ...), flattened)
         One image set: each layer's feature row per concept, rows in concept order.
         Layers keep the mapping's order (``layer_index``).
-    words : array-like (n_concepts, k)
-        The concepts' word vectors, in the same order.
+    words : array-like (n_concepts, k), or a scipy.sparse matrix
+        The concepts' word vectors, in the same order (sparse rows, e.g. ``nondist:``'s, stay sparse).
     concepts : sequence of str, optional
         The concepts' names, to name a culprit in errors.
     sets : sequence of mappings like ``features``, optional
@@ -260,7 +263,7 @@ def layer_scores(
     """
     if permutations < 0 or not 0 < alpha < 1:
         raise InputError(f"permutations must be >= 0 and alpha in (0, 1), got {permutations} and {alpha}")
-    word_rows = _as_rows(words, "words", None)
+    word_rows = words if scipy.sparse.issparse(words) else _as_rows(words, "words", None)
     w = word_rows.shape[0]
     if concepts is not None and len(concepts) != w:
         raise InputError(f"{len(concepts)} concept names for {w} rows of word vectors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse
 import torch
 
 from semprobe.analysis.errors import InputError, ZeroVarianceError
@@ -74,7 +75,16 @@ class GramAccumulator:
         self.n_features = 0
 
     def add(self, chunk: np.ndarray) -> None:
-        """Fold in a (w, d_chunk) slice of the rows' features (any real dtype)."""
+        """Fold in a (w, d_chunk) slice of the rows' features (any real dtype; or a scipy.sparse matrix,
+        whose sparse Gram product is the only one made: no row is densified)."""
+        if scipy.sparse.issparse(chunk):
+            if self.shift is not None:
+                raise InputError("a shift would densify sparse rows: pass them unshifted")
+            x = scipy.sparse.csr_array(chunk, dtype=self.compute)
+            self.gram += (x @ x.T).toarray()
+            self.sums += np.asarray(x.sum(axis=1), np.float64).ravel()
+            self.n_features += x.shape[1]
+            return
         x = np.asarray(chunk, self.compute)
         if self.shift is not None:
             x = x - self.shift
@@ -110,10 +120,13 @@ def correlation_matrix(x, compute: str = "float64", block: int | None = None) ->
 
     Parameters
     ----------
-    x : array-like, (w, ...) real
+    x : array-like, (w, ...) real, or a (w, d) scipy.sparse matrix
         One row per item (a concept's activation or word vector); trailing
         dimensions are flattened. Any object with numpy slicing works,
-        including a memory-mapped array.
+        including a memory-mapped array. Sparse rows (``nondist:`` word vectors,
+        171,839 binary features) go through one sparse Gram product and are never
+        densified; for binary rows with ``|a|`` ones of n the result is
+        ``(n|a∩b| - |a||b|) / sqrt((n|a| - |a|²)(n|b| - |b|²))``.
     compute : "float64" (default) or "float32"
         Precision of the Gram products; sums are float64 either way.
     block : int, optional
@@ -128,6 +141,10 @@ def correlation_matrix(x, compute: str = "float64", block: int | None = None) ->
         If a row is constant: its correlation with anything is undefined.
     """
     w = x.shape[0]
+    if scipy.sparse.issparse(x):
+        acc = GramAccumulator(w, "float64")  # exact for 0/1 rows: integer counts
+        acc.add(x)
+        return acc.correlation()
     rows = x.reshape(w, -1)
     d = rows.shape[1]
     if block is None:
@@ -182,7 +199,7 @@ def paired_cosine(u, v) -> np.ndarray:
 
     Parameters
     ----------
-    u, v : array-like, (n, d) real
+    u, v : array-like, (n, d) real, or scipy.sparse matrices (kept sparse)
         E.g. the word vectors of each misclassified image's true and predicted class.
 
     Returns
@@ -190,6 +207,13 @@ def paired_cosine(u, v) -> np.ndarray:
     ndarray, (n,) float64
         ``u_k . v_k / (|u_k| |v_k|)``; nan where a row is all zeros.
     """
+    if scipy.sparse.issparse(u) or scipy.sparse.issparse(v):
+        u, v = (scipy.sparse.csr_array(m, dtype=np.float64) for m in (u, v))
+
+        def row_dots(a, b):
+            return np.asarray(a.multiply(b).sum(axis=1), np.float64).ravel()
+
+        return row_dots(u, v) / np.sqrt(row_dots(u, u) * row_dots(v, v))
     u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
     return np.einsum("ij,ij->i", u, v) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))
 

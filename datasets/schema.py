@@ -16,9 +16,10 @@ CONCEPTS = pa.schema(
         ("concept_id", pa.string()),  # wnid for ImageNet, the class name for CIFAR-100
         ("class_index", pa.int32()),
         ("wnid", pa.string()),  # null outside ImageNet
-        ("source", pa.string()),  # class space: imagenet | cifar100 | folder
+        # class space: imagenet | cifar100 | folder; table:FILE where a concept-words table named the word
+        ("source", pa.string()),
         ("word_model", pa.string()),
-        ("lemma", pa.string()),  # the lemma of the class that matched
+        ("lemma", pa.string()),  # the lemma of the class that matched; null where a table named the word
         ("word", pa.string()),  # the lemma as spelled in the word model
     ]
 )

@@ -198,9 +198,7 @@ def chosen_pairs(cfg: AdversarialConfig, ctx: FailureContext) -> list[Pair]:
     by_id = {m["image_id"]: m for m in ctx.manifest}
     pairs = []
     for t in classes:
-        others = [
-            c for c in sorted(ctx.words) if ctx.words[c] != ctx.words[t]
-        ]  # another class with the same word is no target
+        others = [c for c in sorted(ctx.words) if c != t]  # one class per word: no other class shares t's
         if cfg.targets_per_source > len(others):
             raise InputError(
                 f"--targets-per-source {cfg.targets_per_source} exceeds the {len(others)} classes with words"
@@ -230,7 +228,7 @@ def requested_pairs(requested: list[tuple[str, str]], ctx: FailureContext) -> li
             note = (
                 f"target '{target}' is not an ImageNet class (an index 0-999 or a wnid)"
                 if index is None
-                else f"no word vector for target class {index} in {ctx.word_model.name}"
+                else f"target class {index} has no word: {ctx.unnamed(index)}"
                 if index not in ctx.words
                 else f"source already misclassified (as class {predicted})"
                 if predicted != image["class_index"]
@@ -322,6 +320,7 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
         **{f"n_{k}": v for k, v in count.items()},
         "references": r,
         "n_misclassified_images": n_misclassified,
+        "n_classes_sharing_a_word": len(ctx.concepts.shared),
         "mean_linf": float(np.mean([row["linf"] for row in success])) if success else None,
     }
     figures, one_vs_two_rows = {}, []
@@ -384,7 +383,7 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
         figures["examples.png"] = save_figure(output, _examples(ctx, rows), "figures", "examples.png")
     output.write_json(summary, "summary.json")
     report = write_failure_report(
-        output, cfg, "adversarial", summary, one_vs_two_rows, figures, _report_notes(cfg, rows)
+        output, cfg, "adversarial", summary, one_vs_two_rows, figures, [*_report_notes(cfg, rows), ctx.shared_words()]
     )
     log(f"adversarial: report at {report}")
     return summary

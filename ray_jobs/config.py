@@ -28,6 +28,7 @@ import tomllib
 import yaml
 
 from semprobe.analysis.errors import InputError
+from semprobe.datasets.concepts import NO_TABLE
 from semprobe.datasets.words import WORD_MODEL_CHOICES
 from semprobe.ray_jobs.storage import STORE_FORMATS, absolute
 
@@ -41,6 +42,11 @@ LAYERS_HELP = "kinds (activations, concat, blocks, pool, logits) and/or node nam
 IMAGES_HELP = "image source: DIR, s3://..., gs://..., manifest .parquet, sample:imagenet, sample:cifar100"
 OUT_HELP = "output folder or s3:// / gs:// URI"
 BHY = "Benjamini-Hochberg-Yekutieli false discovery rate"
+CONCEPT_WORDS_HELP = (
+    "a .csv or .parquet table of class (wnid, ImageNet index or CIFAR-100 name) -> word that overrides the lemma "
+    f"match for the classes it names; '{NO_TABLE}': the lemma match alone"
+)
+CONCEPT_WORDS_NONE = "the packaged table of the class space: for CIFAR-100, its nine two-word classes; ImageNet none"
 
 
 def _no_spaces(value: str) -> str:
@@ -315,9 +321,12 @@ class _Extraction(Resources):
         64, "images per unit of work and per activation file (a multiple of --batch-size)", minimum=1, identity=True
     )
     dtype: str = option("float16", "precision of the stored activations", choices=DTYPE_CHOICES, identity=True)
+    concept_words: str | None = option(None, CONCEPT_WORDS_HELP, identity=True, none=CONCEPT_WORDS_NONE)
 
     def check(self) -> None:
         super().check()
+        if self.concept_words not in (None, NO_TABLE):
+            self.concept_words = absolute(self.concept_words)
         if self.shard_size % self.batch_size:
             raise InputError(f"--shard-size {self.shard_size} must be a multiple of --batch-size {self.batch_size}")
 
@@ -669,6 +678,7 @@ class TrainConfig(_Options):
         None, "with --words: K image sets of each split", minimum=1, none=_dynamics_default("sets")
     )
     layers: str | None = option(None, "with --words: the layers to analyse", none=_dynamics_default("layers"))
+    concept_words: str | None = option(None, f"with --words: {CONCEPT_WORDS_HELP}", none=CONCEPT_WORDS_NONE)
     permutations: int | None = option(
         None, "with --words: permutations for the null", minimum=0, none=_dynamics_default("permutations")
     )
@@ -708,7 +718,11 @@ class TrainConfig(_Options):
 
     def dynamics_config(self) -> DynamicsConfig:
         """The analysis of this run's checkpoints as training reports them."""
-        chosen = {k: getattr(self, k) for k in ("sets", "layers", "permutations") if getattr(self, k) is not None}
+        chosen = {
+            k: getattr(self, k)
+            for k in ("sets", "layers", "permutations", "concept_words")
+            if getattr(self, k) is not None
+        }
         return DynamicsConfig(runs=[self.out], words=self.words, seed=self.seed, follow=True, **chosen).validate()
 
 

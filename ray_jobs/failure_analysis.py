@@ -33,7 +33,7 @@ from semprobe.analysis.similarity import PAIRED_SIMILARITY
 from semprobe.analysis.stats import permutation_tests
 from semprobe.datasets import schema
 from semprobe.datasets.classes import imagenet_classes
-from semprobe.datasets.concepts import match_concepts
+from semprobe.datasets.concepts import ConceptMatch, match_concepts
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.extraction import ExtractionPlan, plan_extraction, run_extract
 from semprobe.ray_jobs.startup import check_same_experiment, connect, write_resolved
@@ -114,7 +114,8 @@ class FailureContext:
 
     plan: ExtractionPlan
     word_model: Any
-    words: dict[int, str]  # ImageNet class index -> word, for every class the word model names
+    concepts: ConceptMatch  # the 1000 ImageNet classes matched: one class per word, the rest dropped with why
+    words: dict[int, str]  # ImageNet class index -> word, for every class kept
     manifest: list[dict[str, Any]]
     predictions: dict[str, int]  # image_id -> predicted class index
     pool: dict[int, str]  # concept (class index) -> its reference image: the first correctly classified by id
@@ -123,6 +124,17 @@ class FailureContext:
     @property
     def correct(self) -> list[dict[str, Any]]:
         return [m for m in self.manifest if self.predictions.get(m["image_id"]) == m["class_index"]]
+
+    def unnamed(self, class_index: int) -> str:
+        """Why an ImageNet class has no word here (it shares one with a lower class, or has none)."""
+        cid = imagenet_classes()[class_index].concept_id
+        return self.concepts.reason(cid) or f"no word in {self.word_model.name}"
+
+    def shared_words(self) -> tuple[str, list[str], list[list[str]]]:
+        """The report's note on the classes dropped for sharing their word with a lower class: (title, header,
+        rows)."""
+        rows = [[cid, self.concepts.reason(cid)] for cid in sorted(self.concepts.shared)]
+        return (f"classes dropped for sharing a word ({len(rows)})", ["class", "why"], rows)
 
     def references(self, t: int, p: int, r: int) -> list[int]:
         """The first ``r`` reference concepts that are neither t nor p."""
@@ -176,16 +188,15 @@ def prepare(cfg, output: Output, log) -> FailureContext:
         r["image_id"]: r["predicted_index"]
         for r in pq.read_table(extracted.path("predictions", plan.model_key), filesystem=extracted.fs).to_pylist()
     }
-    words = {
-        r["class_index"]: r["word"]
-        for r in match_concepts(imagenet_classes(), "imagenet", [word_model]).table.to_pylist()
-    }
+    # The same rule as the extraction's, over the same class space: a class is kept there iff it is here.
+    concepts = match_concepts(imagenet_classes(), "imagenet", [word_model], cfg.concept_words)
+    words = {r["class_index"]: r["word"] for r in concepts.table.to_pylist()}
     pool: dict[int, str] = {}
     for m in sorted(manifest, key=lambda m: m["image_id"]):
         if predictions.get(m["image_id"]) == m["class_index"]:
             pool.setdefault(m["class_index"], m["image_id"])
     order = [int(k) for k in np.random.default_rng(cfg.seed).permutation(sorted(pool))]
-    return FailureContext(plan, word_model, words, manifest, predictions, pool, order)
+    return FailureContext(plan, word_model, concepts, words, manifest, predictions, pool, order)
 
 
 def check_references(r: int) -> None:

@@ -78,6 +78,7 @@ def run_misclassified(cfg: MisclassifiedConfig, log=print) -> dict[str, Any]:
         "n_correct": len(correct),
         "n_misclassified": len(wrong),
         "n_unnamed": len(unnamed),
+        "n_classes_sharing_a_word": len(ctx.concepts.shared),
         "references": r,
         "mean_severity": float(cosine.mean()) if wrong else None,
     }
@@ -86,7 +87,8 @@ def run_misclassified(cfg: MisclassifiedConfig, log=print) -> dict[str, Any]:
             "misclassified images and their severity",
             ["image", "true", "predicted", "cosine"],
             [[s["image_id"], s["true_word"], s["predicted_word"], f"{s['cosine']:.3f}"] for s in severity.to_pylist()],
-        )
+        ),
+        ctx.shared_words(),
     ]
     output.write_json(summary, "summary.json")
     if not wrong:

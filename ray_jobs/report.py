@@ -163,6 +163,15 @@ def family_summary(family: str, families: list[Any], alpha: float) -> dict[str, 
     }
 
 
+def _shared_and_table(match) -> str:
+    """The coverage sentence's tail: classes dropped for a shared word, and those a concept-words table named."""
+    if match is None:
+        return ""
+    return (f", {len(match.shared)} more for sharing a word with a lower class" if match.shared else "") + (
+        f"; {len(match.overrides)} named by the concept-words table {match.words_table}" if match.overrides else ""
+    )
+
+
 def _coverage(model: str, plan, left_out: list[str], errors: pa.Table) -> list[str]:
     """Concept matching, set drawing and image errors: what was skipped and why."""
     lemma = {c.concept_id: (c.lemmas[0] if c.lemmas else "") for c in plan.source.classes}
@@ -172,15 +181,17 @@ def _coverage(model: str, plan, left_out: list[str], errors: pa.Table) -> list[s
         f"<h3>{escape(model)}</h3>",
         f"<p>{kept} of {n_classes} classes have a word in every word model; "
         f"{len(plan.concepts.dropped) if plan.concepts else 0} "
-        f"dropped. {len(plan.dropped_for_sets)} concept(s) dropped for fewer than {plan.config.sets} images; "
+        f"dropped{_shared_and_table(plan.concepts)}. "
+        f"{len(plan.dropped_for_sets)} concept(s) dropped for fewer than {plan.config.sets} images; "
         f"{errors.num_rows} image(s) skipped as unreadable; {len(left_out)} concept(s) left out for lacking an "
         f"extracted image in some set.</p>",
     ]
-    if plan.concepts is not None and plan.concepts.dropped:
-        rows = [[cid, lemma.get(cid, ""), ", ".join(models)] for cid, models in sorted(plan.concepts.dropped.items())]
+    if plan.concepts is not None and (plan.concepts.dropped or plan.concepts.shared):
+        match = plan.concepts
+        rows = [[cid, lemma.get(cid, ""), match.reason(cid)] for cid in sorted({*match.dropped, *match.shared})]
         html.append(
-            f"<details><summary>classes without a word ({len(rows)})</summary>"
-            + _table(["class", "first lemma", "missing in"], rows)
+            f"<details><summary>classes without a word of their own ({len(rows)})</summary>"
+            + _table(["class", "first lemma", "why"], rows)
             + "</details>"
         )
     if plan.dropped_for_sets:

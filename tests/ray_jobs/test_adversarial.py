@@ -221,7 +221,8 @@ def test_rerun_attacks_nothing_and_is_identical(adversarial_run, capsys):
 def test_bad_pairs_are_recorded_not_fatal(ray_session, tmp_path, glove):
     words, _ = glove
     classes = imagenet_classes()
-    no_word = next(c.wnid for c in classes if c.class_index not in words)
+    no_word = next(c.wnid for c in classes if c.class_index not in words and c.lemmas[0] != "crane")
+    classes_by_wnid = {c.wnid: c.class_index for c in classes}
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(
         "image_id,target\n"
@@ -229,20 +230,22 @@ def test_bad_pairs_are_recorded_not_fatal(ray_session, tmp_path, glove):
         f"imagenet_02_438.jpg,{no_word}\n"  # a class without a word
         "imagenet_06_609.jpg,1\n"  # misclassified by Lite0
         "missing.jpg,2\n"
-        "imagenet_02_438.jpg,438\n"
-    )  # its own class
+        "imagenet_02_438.jpg,438\n"  # its own class
+        "imagenet_02_438.jpg,n03126707\n"  # the machine crane: the bird (134) owns the word 'crane'
+    )
     summary = run_adversarial(
         AdversarialConfig(out=str(tmp_path / "out"), pairs=str(pairs), permutations=10).validate(), log=lambda m: None
     )
     rows = pq.read_table(tmp_path / "out" / "adversarial.parquet").to_pylist()
     notes = [row["note"] for row in rows]
     assert notes[0] == "target 'n00000000' is not an ImageNet class (an index 0-999 or a wnid)"
-    assert notes[1].startswith("no word vector for target class")
+    assert notes[1] == f"target class {classes_by_wnid[no_word]} has no word: no lemma found in glove-50d"
     assert notes[2].startswith("source already misclassified (as class ")
     assert notes[3] == "not an image of --images whose class has a word"
     assert notes[4] == "the target is the source's own class"
-    assert [row["status"] for row in rows] == ["skipped"] * 5 and rows[2]["clean_predicted"] == 436
-    assert (summary["n_skipped"], summary["n_success"]) == (5, 0) and not (
+    assert notes[5] == "target class 517 has no word: shares word 'crane' with n02012849"
+    assert [row["status"] for row in rows] == ["skipped"] * 6 and rows[2]["clean_predicted"] == 436
+    assert (summary["n_skipped"], summary["n_success"]) == (6, 0) and not (
         tmp_path / "out" / "one_vs_two.parquet"
     ).exists()
     assert "not an ImageNet class" in (tmp_path / "out" / "report.html").read_text()

@@ -86,8 +86,12 @@ def test_flags_are_the_fields_not_config_only_each_with_its_default_once(command
         ("extract", "--layers", "kinds (activations, concat, blocks, pool, logits) and/or node names, "
          "comma-separated (default: activations)"),
         ("extract", "--seed", "seeds the image sets (default: 0)"),
-        ("extract", "--words", "word models, comma-separated: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH; "
-         "only classes one of them names are extracted (default: none)"),
+        ("extract", "--words", "word models, comma-separated: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH, "
+         "table:PATH, nondist:PATH; only classes one of them names are extracted (default: none)"),
+        ("misclassified", "--concept-words", "a .csv or .parquet table of class (wnid, ImageNet index or CIFAR-100 "
+         "name) -> word that overrides the lemma match for the classes it names; 'none': the lemma match alone "
+         "(default: the packaged table of the class space: for CIFAR-100, its nine two-word classes; ImageNet "
+         "none)"),
         ("affine", "--batch-size", "images per forward pass of a model actor (default: 32)"),
         ("adversarial", "--out", "output folder or s3:// / gs:// URI (default: runs/adversarial-<experiment id>)"),
     ],

@@ -39,7 +39,7 @@ JOB_CONFIGS = [
 IDENTITY = {
     ExtractConfig: (
         "images", "model", "layers", "words", "sets", "seed", "batch_size", "shard_size", "dtype", "store_format",
-        "compression", "precropped",
+        "compression", "precropped", "concept_words",
     ),
     RunConfig: (
         "images", "models", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size", "dtype",

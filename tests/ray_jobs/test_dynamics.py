@@ -77,7 +77,8 @@ def test_every_checkpoint_and_split_is_scored_against_a_reference(analysed, trai
     concepts = pq.read_table(out / "extract" / key / "concepts.parquet").to_pylist()
     word_of = {c["concept_id"]: c["word"] for c in concepts}
     ids = sorted(word_of)
-    assert len(ids) == 91  # CIFAR-100's nine two-word classes have no GloVe word
+    assert len(ids) == 100  # the nine two-word classes by the packaged concept-words table (maple_tree -> maple, ...)
+    assert {c["word"] for c in concepts if c["concept_id"] == "maple_tree"} == {"maple"}
     word = np.corrcoef(load_word_model("glove-50d").vectors([word_of[c] for c in ids]).astype(np.float64))
     np.testing.assert_allclose(
         stored_matrices(out, "similarity", key, "words", "glove-50d.parquet")[0], word, atol=1e-6
@@ -94,10 +95,10 @@ def test_every_checkpoint_and_split_is_scored_against_a_reference(analysed, trai
         assert (
             row["accuracy"]
             == naive_passes(c_img, stored_matrices(out, "similarity", key, "words", "glove-50d.parquet")[0])[
-                np.triu_indices(91, 1)
+                np.triu_indices(100, 1)
             ].mean()
         )
-        assert (row["n_concepts"], row["n_pairs"], row["n_perm"]) == (91, 4095, 30)
+        assert (row["n_concepts"], row["n_pairs"], row["n_perm"]) == (100, 4950, 30)
     # one run, so one family (--family model: the run's epochs x splits x layers x word models); 12 tests of 30
     # permutations: even 12 p-values of 1/31 stay above 0.05 / c(12) = 0.0161, and the summary says so
     assert summary["family"] == "model"

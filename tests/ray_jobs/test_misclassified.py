@@ -115,3 +115,25 @@ def test_too_few_references_is_refused(ray_session, tmp_path):
         run_misclassified(
             MisclassifiedConfig(images="sample:cifar100", out=str(tmp_path / "c")).validate(), log=lambda m: None
         )
+
+
+def test_classes_that_share_a_word_are_one_concept_so_no_mistake_pairs_a_word_with_itself(ray_session, tmp_path):
+    """A concept-words table gives beach wagon (436) the word 'jeep': Lite0 takes a jeep (609) of the sample for
+    a beach wagon, which without the one-class-per-word rule would be a jeep -> jeep mistake (cosine 1, a 1 vs. 2
+    that fails by construction). The rule keeps the lower class, 436, and drops 609 with the reason."""
+    table = tmp_path / "words.csv"
+    table.write_text("class,word\n436,jeep\n")
+    out = tmp_path / "out"
+    cfg = MisclassifiedConfig(out=str(out), permutations=10, concept_words=str(table)).validate()
+    summary = run_misclassified(cfg, log=lambda m: None)
+    severity = pq.read_table(out / "severity.parquet").to_pylist()
+    assert all(s["true_word"] != s["predicted_word"] for s in severity)
+    manifest = pq.read_table(out / "extract" / "manifest.parquet").to_pylist()
+    assert manifest and all(m["class_index"] != 609 for m in manifest)  # the jeep images are no concept
+    # six: the five pairs of glove-50d's own (the wagon pair is gone: 436 now says 'jeep') and the jeep
+    assert (summary["n_misclassified"], summary["n_classes_sharing_a_word"]) == (0, 6)
+    report = (out / "report.html").read_text()
+    assert "classes dropped for sharing a word (6)" in report
+    assert "shares word &#x27;jeep&#x27; with n02814533" in report or "shares word 'jeep' with n02814533" in report
+    concepts = pq.read_table(out / "extract" / "concepts.parquet").to_pylist()
+    assert "n03594945" not in {c["concept_id"] for c in concepts}
