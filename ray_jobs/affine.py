@@ -179,7 +179,8 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
         )
     connect(log)
     exp = cfg.experiment_id()
-    write_resolved(output, cfg, models=names, widths=widths)
+    weights = {name: loaded.weights for name, loaded in zip(names, encoder.loaded)}
+    write_resolved(output, cfg, models=names, widths=widths, weights=weights)
     actors, gpus = model_actors(cfg.actors, cfg.gpus_per_actor)
     workers = [
         AffineWorker.options(num_gpus=gpus, num_cpus=cfg.cpus_per_actor).remote(

@@ -37,8 +37,13 @@ INPUT_SPACES = ("[0,1]", "[-1,1]")  # the spaces actors.attack.SPACES knows (con
 BHY_FAMILIES = ("all", "model", "model,word_model")  # analysis.scores.FAMILIES (config imports no torch)
 ONE_VS_TWO_NULLS = ("rows", "columns")  # analysis.onevtwo.NULLS
 TARGET_SIMILARITIES = ("pearson", "cosine")
-MODEL_HELP = "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH"
-LAYERS_HELP = "kinds (activations, concat, blocks, pool, logits) and/or node names, comma-separated"
+MODEL_HELP = (
+    "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH, each optionally "
+    "NAME?weights=TAG&pretrained=false&input_size=N"
+)
+LAYERS_HELP = (
+    "kinds (pixels, activations, concat, mixed, blocks, pool, logits, softmax) and/or node names, comma-separated"
+)
 IMAGES_HELP = "image source: DIR, s3://..., gs://..., manifest .parquet, sample:imagenet, sample:cifar100"
 OUT_HELP = "output folder or s3:// / gs:// URI"
 BHY = "Benjamini-Hochberg-Yekutieli false discovery rate"
@@ -137,20 +142,22 @@ def label(f: dataclasses.Field) -> str:
 
 
 @functools.cache
-def _kinds(cls: type) -> dict[str, tuple[type, bool]]:
-    """Each option's base type (int, float, bool, str, list or dict) and whether None is allowed."""
+def _kinds(cls: type) -> dict[str, tuple[type, bool, type | None]]:
+    """Each option's base type (int, float, bool, str, list or dict), whether None is allowed, and a dict's
+    value type (float or str)."""
     kinds = {}
     for name, hint in typing.get_type_hints(cls).items():
         args = typing.get_args(hint)
         optional = type(None) in args
         if optional:
             (hint,) = [a for a in args if a is not type(None)]
-        kinds[name] = (typing.get_origin(hint) or hint, optional)
+        base = typing.get_origin(hint) or hint
+        kinds[name] = (base, optional, typing.get_args(hint)[1] if base is dict else None)
     return kinds
 
 
 def kind(cls: type, name: str) -> tuple[type, bool]:
-    return _kinds(cls)[name]
+    return _kinds(cls)[name][:2]
 
 
 _EXPECTED = {
@@ -159,7 +166,8 @@ _EXPECTED = {
     bool: "true or false",
     str: "a string",
     list: "a list of names or a comma-separated string",
-    dict: "a table of names to numbers",
+    (dict, float): "a table of names to numbers",
+    (dict, str): "a table of names to strings",
 }
 
 
@@ -175,7 +183,7 @@ def _split(value: str | list[str]) -> list[str]:
 def typed(cls: type, name: str, value: Any, where: str) -> Any:
     """``value`` checked against option ``name``'s type (a comma-separated string becomes a list); ``where``
     names the option in the error. bool is not an int; an int is a number."""
-    base, optional = kind(cls, name)
+    base, optional, values = _kinds(cls)[name]
     if value is None and optional:
         return None
     ok = {
@@ -184,10 +192,11 @@ def typed(cls: type, name: str, value: Any, where: str) -> Any:
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
         list: isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)),
-        dict: isinstance(value, dict),
+        # a table's numbers are checked by the option's own rule (check_resources), with its own message
+        dict: isinstance(value, dict) and (values is not str or all(isinstance(v, str) for v in value.values())),
     }[base]
     if not ok:
-        raise InputError(f"{where} must be {_EXPECTED[base]}, got {_shown(value)}")
+        raise InputError(f"{where} must be {_EXPECTED[(base, values) if base is dict else base]}, got {_shown(value)}")
     return _split(value) if base is list else value
 
 
@@ -392,14 +401,17 @@ class _ExtractingJob(_Extraction):
         if not 0 < self.alpha < 1:
             raise InputError(f"--alpha must lie between 0 and 1, got {self.alpha}")
 
+    def layers_of(self, model: str) -> str:
+        """The layer spec ``model`` is extracted at."""
+        return self.layers
+
     def extract_config(
         self, model: str, out: str, words: list[str], sets: int | None = None, images: str | None = None
     ) -> ExtractConfig:
         """The extraction this job runs for ``model`` (on ``images``, default the job's), checked."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(_Extraction)}
-        return ExtractConfig(
-            **{**shared, "images": images or self.images, "model": model, "out": out, "words": words, "sets": sets}
-        ).validate()
+        given = {"images": images or self.images, "model": model, "out": out, "words": words, "sets": sets}
+        return ExtractConfig(**{**shared, **given, "layers": self.layers_of(model)}).validate()
 
 
 @dataclass
@@ -435,12 +447,35 @@ class RunConfig(_TwoVsTwoJob):
     COMMAND = "run"
 
     models: list[str] = option(["efficientnet_lite0"], f"CNNs, comma-separated: {MODEL_HELP}", minimum=1, identity=True)
+    model_layers: dict[str, str] = option(
+        {},
+        "a layer spec per model, e.g. {'torchvision:inception_v3' = 'pixels,mixed'}; the others take --layers",
+        identity=True,
+        flag=False,
+    )
     out: str | None = option(None, OUT_HELP, none="runs/<experiment id>, so the same command resumes")
     alpha: float = redefault(_ExtractingJob, "alpha", 0.05, help=f"{BHY} within each --family")
 
     def check(self) -> None:
         super().check()
+        unknown = sorted(set(self.model_layers) - set(self.models))
+        if unknown:
+            raise InputError(
+                f"model_layers names '{unknown[0]}', which is not in --models: choose from {', '.join(self.models)}"
+            )
+        empty = sorted(m for m, spec in self.model_layers.items() if not spec.strip(", "))
+        if empty:
+            raise InputError(f"model_layers gives '{empty[0]}' no layers: name kinds or nodes ({LAYERS_HELP})")
         self.out = absolute(self.out or os.path.join("runs", self.experiment_id()))
+
+    def layers_of(self, model: str) -> str:
+        return self.model_layers.get(model, self.layers)
+
+    def identity(self) -> dict[str, Any]:
+        ident = super().identity()
+        if not self.model_layers:  # the default: every model at --layers, as runs were before the option
+            del ident["model_layers"]
+        return ident
 
 
 @dataclass

@@ -66,6 +66,7 @@ class ExtractionPlan:
     model: str
     preprocess: Preprocess
     layers: list[Layer]
+    weights: str  # the weights loaded (LoadedModel.weights), for config.json and the report
 
     @property
     def model_key(self) -> str:
@@ -107,7 +108,9 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
     manifest = images.append_column("shard", shard).select(schema.MANIFEST.names).cast(schema.MANIFEST)
     loaded = load_model(cfg.model)
     layers = LayerCatalog(loaded.module, loaded.preprocess.size).select(cfg.layers)
-    return ExtractionPlan(cfg, source, concepts, dropped, manifest, loaded.name, loaded.preprocess, layers)
+    return ExtractionPlan(
+        cfg, source, concepts, dropped, manifest, loaded.name, loaded.preprocess, layers, loaded.weights
+    )
 
 
 # --- the two Ray stages -------------------------------------------------------------------------
@@ -221,6 +224,7 @@ def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any]) 
         cfg,
         model=plan.model,
         model_key=plan.model_key,
+        weights=plan.weights,
         preprocess=vars(plan.preprocess),
         resources=resources,
         layers=[layer.name for layer in plan.layers],

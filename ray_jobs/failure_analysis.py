@@ -180,7 +180,7 @@ def prepare(cfg, output: Output, log) -> FailureContext:
         )
     word_model = load_word_model(cfg.words)
     connect(log)
-    write_resolved(output, cfg)
+    write_resolved(output, cfg, weights={cfg.model: plan.weights})
     run_extract(extraction, log=log, plan=plan)
     extracted = Output(extraction.out)
     manifest = extracted.read_table("manifest.parquet").to_pylist()

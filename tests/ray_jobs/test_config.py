@@ -147,7 +147,7 @@ def test_resources_are_declared_once():
                 )
                 assert not again, f"{klass.__name__} declares {again} again"
     config_only = {f.name for cls in JOB_CONFIGS for f in dataclasses.fields(cls) if not f.metadata["flag"]}
-    assert config_only == {"actor_resources"}
+    assert config_only == {"actor_resources", "model_layers"}
 
 
 def test_statistics_options_default_to_the_papers_and_take_their_choices():
@@ -344,3 +344,50 @@ def test_to_dict_rebuilds_the_same_config():
         "actor_resources",
         "task_cpus",
     ]  # resources last
+
+
+def test_model_layers_gives_each_model_its_own_layer_spec():
+    """NAACL: VGG-16 at pixels,activations,softmax, Inception-v3 at pixels,mixed; a third model at --layers."""
+    models = ["torchvision:vgg16", "torchvision:inception_v3", "efficientnet_lite0"]
+    table = {"torchvision:vgg16": "pixels,activations,softmax", "torchvision:inception_v3": "pixels,mixed"}
+    cfg = RunConfig(models=models, layers="blocks", model_layers=table).validate()
+    got = {m: cfg.extract_config(m, f"/out/{m}", ["glove-50d"], 1).layers for m in models}
+    assert got == {**table, "efficientnet_lite0": "blocks"}
+    assert cfg.identity()["model_layers"] == table
+    plain = RunConfig(models=models, layers="blocks").validate()
+    assert "model_layers" not in plain.identity()  # empty: the ids of runs before the option stay
+    assert plain.experiment_id() != cfg.experiment_id()
+    assert RunConfig(models=models, layers="blocks", model_layers={}).validate().experiment_id() == (
+        plain.experiment_id()
+    )
+    again = RunConfig(**cfg.to_dict()).validate()
+    assert (again.model_layers, again.experiment_id()) == (table, cfg.experiment_id())
+
+
+def test_model_layers_from_a_config_file(tmp_path):
+    path = tmp_path / "naacl.toml"
+    path.write_text(
+        'models = ["torchvision:vgg16", "torchvision:inception_v3"]\n'
+        '[model_layers]\n"torchvision:inception_v3" = "pixels,mixed"\n'
+    )
+    cfg = load_config(RunConfig, str(path), {})
+    assert cfg.model_layers == {"torchvision:inception_v3": "pixels,mixed"}
+    assert cfg.layers_of("torchvision:vgg16") == cfg.layers == "blocks"
+    assert cfg.layers_of("torchvision:inception_v3") == "pixels,mixed"
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"model_layers": {"resnet50": "mixed"}},
+         "model_layers names 'resnet50', which is not in --models: choose from efficientnet_lite0"),
+        ({"model_layers": {"efficientnet_lite0": 3}},
+         "model_layers must be a table of names to strings, got {\"efficientnet_lite0\": 3}"),
+        ({"model_layers": ["pixels"]}, "model_layers must be a table of names to strings, got [\"pixels\"]"),
+        ({"model_layers": {"efficientnet_lite0": " , "}}, "model_layers gives 'efficientnet_lite0' no layers"),
+    ],
+)  # fmt: skip
+def test_model_layers_refuses_bad_tables_naming_the_culprit(values, message):
+    with pytest.raises(InputError) as err:
+        RunConfig(**values).validate()
+    assert str(err.value).startswith(message)

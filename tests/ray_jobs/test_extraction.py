@@ -14,7 +14,7 @@ import torch
 from conftest import cli_stderr
 from PIL import Image
 
-from semprobe.actors.zoo import load_model
+from semprobe.actors.zoo import load_model, resolved_weights
 from semprobe.analysis.errors import InputError
 from semprobe.datasets.decode import decode_image
 from semprobe.datasets.images import resolve_images
@@ -100,6 +100,7 @@ def test_outputs(extracted):
     assert manifest["shard"].to_pylist() == [0] * 4 + [1] * 4 + [2] * 3
     assert pq.read_table(out / "manifest.parquet").schema.metadata[b"semprobe.schema_version"] == b"1"
     assert json.loads((out / "summary.json").read_text())["n_images"] == 8
+    assert json.loads((out / "config.json").read_text())["weights"] == resolved_weights("efficientnet_lite0")
 
 
 def test_activations_are_zscored_and_readable_without_ray(extracted):

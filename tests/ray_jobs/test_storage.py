@@ -1,6 +1,9 @@
 """Outputs through pyarrow.fs: the same code writes to local disk, to any pyarrow filesystem (here a
 SubTreeFileSystem, which behaves as object storage does: no rename), and to URIs (file://, s3://, gs://)."""
 
+import hashlib
+import re
+
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
@@ -8,7 +11,7 @@ from conftest import BASE, tables
 
 from semprobe.ray_jobs.config import RunConfig
 from semprobe.ray_jobs.run import run
-from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.storage import Output, model_key
 
 
 @pytest.fixture(params=["local", "subtree"])
@@ -62,3 +65,48 @@ def test_sweep_removes_only_a_killed_writers_temporaries(tmp_path):
     assert len(list((tmp_path / "out" / "tables").iterdir())) == 3
     assert output.sweep() == 1
     assert sorted(p.name for p in (tmp_path / "out" / "tables").iterdir()) == [".hidden-but-not-temporary", "u.parquet"]
+
+
+def _old_model_key(name: str) -> str:
+    """model_key as it was before model names took options: existing runs resume under these keys."""
+    key = re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("_")
+    if len(key) <= 120:
+        return key
+    return f"{key[:40]}-{hashlib.sha1(name.encode()).hexdigest()[:16]}-{key[-60:]}"
+
+
+def test_model_keys_stay_for_old_names_and_are_distinct_and_safe_with_options(tmp_path):
+    old = [
+        "efficientnet_lite0",
+        "torchvision:resnet50",
+        "timm:resnet50.a1_in1k",
+        "timm:resnet18:checkpoint=/ckpt/r18.pt",
+        "resnet18:checkpoint=" + "/very/deep" * 30 + "/r18.pt",
+    ]
+    for name in old:
+        assert model_key(name) == _old_model_key(name)
+    assert model_key("torchvision:resnet50") == "torchvision_resnet50"
+    with_options = [
+        "torchvision:resnet50?weights=IMAGENET1K_V1",
+        "torchvision:resnet50?weights=IMAGENET1K_V2",
+        "torchvision:resnet50?weights=IMAGENET1K_V1&input_size=331",
+        "torchvision:resnet50?weights=IMAGENET1K_V1_input_size=331",
+        "torchvision:resnet50?weights=IMAGENET1K_V1?input_size=331",
+        "torchvision_resnet50?weights=IMAGENET1K_V1",
+        "resnet50?input_size=331:checkpoint=../../../etc/x",
+        "..",
+        ".",
+        "",
+        "../..?a=b",
+        "/",
+    ]
+    keys = [model_key(name) for name in with_options + old]
+    assert len(set(keys)) == len(keys)  # distinct
+    assert keys == [model_key(name) for name in with_options + old]  # stable
+    for name, key in zip(with_options, keys):
+        assert re.fullmatch(r"[A-Za-z0-9._=-]+", key) and key.strip(".") and not key.startswith("."), name
+        assert len(key) <= 255
+        assert key.startswith(_old_model_key(name).lstrip(".")[:40])  # still readable
+        # a key is one folder right under the root, whatever the name
+        root = tmp_path / "out"
+        assert (root / key).resolve().parent == root.resolve()
