@@ -581,6 +581,13 @@ class _FailureJob(_ExtractingJob):
         minimum=5,
         identity=True,
     )
+    sets: int | None = option(
+        None,
+        "only K disjoint image sets of one image per concept each (NAACL: one set), drawn with --seed",
+        minimum=1,
+        identity=True,
+        none="every image",
+    )
     null: str = option(
         "rows",
         "1 vs. 2 null: rows (the authors': which image gets which word-correlation vector, shuffled apart on the "

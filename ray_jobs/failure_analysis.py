@@ -172,7 +172,7 @@ def prepare(cfg, output: Output, log) -> FailureContext:
     """Check the inputs, write the resolved config, run (or resume) the clean extraction, gather predictions
     and words."""
     check_same_experiment(output, cfg)
-    extraction = cfg.extract_config(cfg.model, cfg.extract_out, [cfg.words])
+    extraction = cfg.extract_config(cfg.model, cfg.extract_out, [cfg.words], sets=cfg.sets)
     plan = plan_extraction(extraction)
     if plan.source.class_space != "imagenet":
         raise InputError(
