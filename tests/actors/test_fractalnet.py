@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from semprobe.actors.extractor import ActivationExtractor
-from semprobe.actors.fractalnet import FractalBlock, FractalNet
+from semprobe.actors.fractalnet import ConvUnit, FractalBlock, FractalNet
 from semprobe.actors.layers import LayerCatalog
 from semprobe.actors.zoo import load_model
 from semprobe.analysis.errors import InputError
@@ -82,6 +82,41 @@ def test_seeded_initialisation_leaves_the_callers_rng_alone(fractalnet):
     assert torch.equal(torch.rand(3), expected)
     for (name, a), b in zip(fractalnet.module.state_dict().items(), again.module.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_conv_unit_is_conv_dropout_batchnorm_relu():
+    """Larsson's and the authors' order: batch norm sees the dropped-out convolution."""
+    torch.manual_seed(3)
+    u = ConvUnit(3, 4, 0.3)
+    assert [(name, type(m)) for name, m in u.named_children()] == [
+        ("conv", nn.Conv2d),
+        ("drop", nn.Dropout),
+        ("bn", nn.BatchNorm2d),
+        ("relu", nn.ReLU),
+    ]
+    nn.init.uniform_(u.bn.weight, 0.5, 1.5)
+    nn.init.uniform_(u.bn.bias, -0.2, 0.2)
+    x = torch.randn(4, 3, 8, 8)
+    w, b, eps = u.bn.weight, u.bn.bias, u.bn.eps
+    with torch.no_grad():
+        torch.manual_seed(7)
+        out = u.train()(x)
+        # the same seed draws the same dropout mask for a tensor of the same shape
+        torch.manual_seed(7)
+        dropped = F.dropout(F.conv2d(x, u.conv.weight, padding=1), 0.3, training=True)
+        reference = F.relu(F.batch_norm(dropped, None, None, w, b, True, 0.0, eps))
+        torch.manual_seed(7)
+        conv = F.conv2d(x, u.conv.weight, padding=1)
+        dropout_last = F.dropout(F.relu(F.batch_norm(conv, None, None, w, b, True, 0.0, eps)), 0.3, training=True)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    assert (out - dropout_last).abs().max() > 0.1
+    # eval: dropout is the identity, batch norm uses its running statistics
+    with torch.no_grad():
+        evaluated = u.eval()(x)
+        expected = F.relu(F.batch_norm(conv, u.bn.running_mean, u.bn.running_var, w, b, False, 0.0, eps))
+    torch.testing.assert_close(evaluated, expected, rtol=1e-5, atol=1e-6)
+    # no rate, no dropout module: the first block's graph has no no-op dropout
+    assert isinstance(ConvUnit(3, 4, 0.0).drop, nn.Identity)
 
 
 def test_block_columns_hold_1_2_4_conv_units():
