@@ -34,7 +34,9 @@ from semprobe.ray_jobs.storage import STORE_FORMATS, absolute
 DTYPE_CHOICES = ("float16", "float32")
 INPUT_SPACES = ("[0,1]", "[-1,1]")  # the spaces actors.attack.SPACES knows (config imports no torch)
 MODEL_HELP = "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH"
-LAYERS_HELP = "kinds (activations, concat, blocks, pool, logits) and/or node names, comma-separated"
+LAYERS_HELP = (
+    "kinds (activations, concat, blocks, pool, logits; FractalNet: deepest) and/or node names, comma-separated"
+)
 IMAGES_HELP = "image source: DIR, s3://..., gs://..., manifest .parquet, sample:imagenet, sample:cifar100"
 OUT_HELP = "output folder or s3:// / gs:// URI"
 BHY = "Benjamini-Hochberg-Yekutieli false discovery rate"
@@ -430,7 +432,11 @@ class DynamicsConfig(_TwoVsTwoJob):
         ["train", "test"], "whose images: K sets of each split, train and/or test, comma-separated", identity=True
     )
     layers: str = redefault(
-        _Extraction, "layers", "blocks,logits", help=f"{LAYERS_HELP} (blocks: every join; logits: the classifier)"
+        _Extraction,
+        "layers",
+        "deepest",
+        help=f"{LAYERS_HELP} (deepest: the paper's, the deepest column's first conv unit, its ends of blocks 2 and 4, "
+        "and the classifier; blocks,logits: every block's join and the classifier)",
     )
     alpha: float = redefault(
         _ExtractingJob, "alpha", 0.05, help=f"{BHY} over the family: every run x epoch x split x layer x word model"
@@ -465,12 +471,18 @@ class AffineConfig(ModelActors):
         f"CNNs, comma-separated, at least two: {MODEL_HELP}",
         identity=True,
     )
+    # The packaged samples split in two: the maps are scored on images they were not fitted on.
     train: str = option(
-        "sample:imagenet",
-        "training images (no labels used): DIR, s3://..., manifest .parquet, sample:imagenet",
+        "sample:imagenet?range=0:10",
+        "training images (no labels used): DIR, s3://..., manifest .parquet, sample:imagenet[?range=START:STOP]",
         identity=True,
     )
-    val: str = option("sample:imagenet", "validation images with ImageNet labels", identity=True)
+    val: str = option(
+        "sample:imagenet?range=10:20",
+        "validation images with ImageNet labels, none of them a training image",
+        identity=True,
+    )
+    allow_overlap: bool = option(False, "score the maps on validation images that are also training images")
     max_train: int | None = option(
         None, "a seeded sample of at most N training images", minimum=1, identity=True, none="every training image"
     )

@@ -232,6 +232,49 @@ def test_layer_catalog_names_joins_logits_and_activations(fractalnet):
     assert (activations[0].name, activations[0].shape) == ("blocks.0.columns.2.0.relu", (64, 32, 32))
 
 
+@pytest.mark.parametrize("name", ["fractalnet", "fractalnet_tiny"])
+def test_deepest_kind_is_the_deepest_columns_first_unit_blocks_2_and_4_and_the_classifier(name):
+    loaded = load_model(name)
+    net = loaded.module
+    channels = [block.columns[0][0].conv.out_channels for block in net.blocks]
+    assert channels == (list(PAPER_CHANNELS) if name == "fractalnet" else [8, 16, 32, 32, 32])
+    # the deepest column: 4 conv units, the whole depth of each block
+    assert [len(block.columns[2]) for block in net.blocks] == [block.depth for block in net.blocks] == [4] * 5
+    catalog = LayerCatalog(net, 32)
+    layers = catalog.select("deepest")
+    assert [(layer.name, layer.layer_index, layer.kind, layer.shape) for layer in layers] == [
+        ("blocks.0.columns.2.0.relu", 0, "deepest", (channels[0], 32, 32)),
+        ("blocks.1.columns.2.3.relu", 1, "deepest", (channels[1], 16, 16)),
+        ("blocks.3.columns.2.3.relu", 2, "deepest", (channels[3], 4, 4)),
+        ("fc", 3, "deepest", (100,)),
+    ]
+    # each node is its conv unit's output: the captured rows are a forward hook's on the unit, z-scored
+    units = ["blocks.0.columns.2.0", "blocks.1.columns.2.3", "blocks.3.columns.2.3"]
+    modules, hooked = dict(net.named_modules()), {}
+    handles = [
+        modules[u].register_forward_hook(lambda m, i, out, u=u: hooked.__setitem__(u, out.flatten(1).clone()))
+        for u in units
+    ]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        _, captured = catalog.capture_module(layers, torch.float32)(x)
+        logits = net(x)  # last, so the hooks hold the plain model's unit outputs
+    for h in handles:
+        h.remove()
+    for u, rows in zip(units + ["fc"], captured, strict=True):
+        expected = logits if u == "fc" else hooked[u]
+        centred = expected - expected.mean(1, keepdim=True)
+        torch.testing.assert_close(rows, centred / centred.norm(dim=1, keepdim=True), rtol=1e-4, atol=1e-5)
+    # with other kinds: a union in execution order, the deepest layers keep their kind
+    both = catalog.select("blocks,deepest")
+    assert [(layer.name, layer.kind) for layer in both][:3] == [
+        ("blocks.0.columns.2.0.relu", "deepest"),
+        ("blocks.0.mean_1", "blocks"),
+        ("blocks.1.columns.2.3.relu", "deepest"),
+    ]
+    assert len(both) == 5 + 4
+
+
 def test_extractor_captures_the_tiny_net():
     ex = ActivationExtractor("fractalnet_tiny", "blocks,logits", dtype="float32", device="cpu")
     assert [layer.name for layer in ex.layers] == [f"blocks.{i}.mean_1" for i in range(5)] + ["fc"]
