@@ -117,16 +117,21 @@ def _sample_range(name: str, query: str, n: int) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def image_identity(uri: str) -> str:
-    """What makes two image URIs the same image: the file they read. A local path (or ``file://`` URI) is
-    resolved to its real absolute path, so a relative path, a symlinked folder or a manifest naming a folder's
-    file all meet; object-store and CIFAR-100 URIs (``cifar100:DIR?split=S#ROW``, DIR already absolute) are
-    themselves. Copies of one image in two files are two images."""
+def image_identity(uri: str) -> tuple:
+    """What makes two image URIs the same image: the file they read. A local file (a path or ``file://`` URI) is
+    its device and inode, so a relative path, a symlinked folder or file, a hard link or a manifest naming a
+    folder's file all meet (one ``stat`` per image; a file that cannot be read is its absolute path); object-store
+    and CIFAR-100 URIs (``cifar100:DIR?split=S#ROW``, DIR already absolute) are themselves. Copies of one image in
+    two files are two images."""
     if uri.startswith("file://"):
         uri = uri.removeprefix("file://")
     elif "://" in uri or uri.startswith(cifar.PREFIX):
-        return uri
-    return os.path.realpath(uri)
+        return ("uri", uri)
+    try:
+        st = os.stat(uri)
+    except OSError:
+        return ("path", os.path.abspath(uri))
+    return ("file", st.st_dev, st.st_ino)
 
 
 def shared_images(a: pa.Table, b: pa.Table) -> list[str]:

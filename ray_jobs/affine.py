@@ -10,7 +10,9 @@ solves every ordered pair's map from sub-blocks (``analysis.affine``).
 
 Validation pass: the same actors score each validation shard under every map
 (affine least squares, logit compatibility, naive), each composed with the
-target's classifier, and return only counts.
+target's classifier, and return only counts. The validation images must not be
+training images (the same file, :func:`semprobe.datasets.images.image_identity`)
+unless ``allow_overlap``: a map scored on images it was fitted on flatters it.
 
 Layout under OUT::
 

@@ -74,8 +74,13 @@ def test_shared_images_are_the_same_file_however_named(tmp_path, monkeypatch):
     assert shared_images(manifest, a) == [f"{tmp_path}/a/n01440764/z.jpg"]
     assert shared_images(a, manifest) == ["a/n01440764/z.jpg"]  # in a's order, as a names them
     assert shared_images(b, manifest) == [f"{tmp_path}/b/n01440764/x.jpg"]
-    assert image_identity(f"file://{tmp_path}/link/n01440764/y.jpg") == f"{tmp_path}/a/n01440764/y.jpg"
-    assert image_identity("s3://bucket/val/x.jpg") == "s3://bucket/val/x.jpg"
+    assert image_identity(f"file://{tmp_path}/link/n01440764/y.jpg") == image_identity("a/n01440764/y.jpg")
+    (tmp_path / "b" / "n01440764" / "hard.jpg").hardlink_to(tmp_path / "a" / "n01440764" / "y.jpg")
+    (tmp_path / "b" / "n01440764" / "soft.jpg").symlink_to(tmp_path / "a" / "n01440764" / "z.jpg")
+    b = resolve_images(str(tmp_path / "b")).images
+    assert shared_images(b, a) == [f"{tmp_path}/b/n01440764/{f}" for f in ("hard.jpg", "soft.jpg")]
+    assert image_identity("s3://bucket/val/x.jpg") == ("uri", "s3://bucket/val/x.jpg")
+    assert image_identity("gone/x.jpg") == image_identity(f"{tmp_path}/gone/x.jpg") != image_identity("gone/y.jpg")
     assert image_identity("cifar100:/data/c?split=test#3") != image_identity("cifar100:/data/c?split=train#3")
     halves = [resolve_images(f"sample:imagenet?range={r}").images for r in ("0:10", "10:20")]
     assert shared_images(*halves) == []
