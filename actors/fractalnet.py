@@ -2,7 +2,8 @@
 
 The configuration Dharmaretnam & Fyshe (2021) trained on CIFAR-100: 5 fractal blocks
 of 3 columns, 64/128/256/512/512 channels, dropout 0/0.1/0.2/0.3/0.4 by block,
-drop-path 0.15, half of the mini-batches sampled globally.
+drop-path 0.15, half of the mini-batches sampled globally. Each conv unit is conv ->
+dropout -> batch norm -> ReLU, the order of Larsson's code and the authors' (:class:`ConvUnit`).
 
 A block of C columns is Larsson's expansion ``f_1 = conv``,
 ``f_{C+1}(z) = join(f_C(f_C(z)), conv(z))`` drawn as columns: column ``c``
@@ -41,16 +42,24 @@ class DropPath:
 
 
 class ConvUnit(nn.Sequential):
-    """Conv3x3 -> BatchNorm -> ReLU -> Dropout: (n, c_in, h, w) -> (n, c_out, h, w)."""
+    """Conv3x3 -> Dropout -> BatchNorm -> ReLU: (n, c_in, h, w) -> (n, c_out, h, w).
+
+    The order of Larsson's Caffe code (the ``conv`` macro of gustavla/fractalnet's
+    ``generation/globals.crox``: Convolution, Dropout, BatchNorm, ReLU) and of the Keras
+    FractalNet the 2021 authors trained (snf/keras-fractalnet's ``fractal_conv``):
+    batch norm normalises the dropped-out convolution, and the unit's output is the
+    ReLU's. In eval mode dropout is the identity, so only training differs from the
+    other common order (dropout last).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float):
         super().__init__(
             OrderedDict(
                 conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-                bn=nn.BatchNorm2d(out_channels),
-                relu=nn.ReLU(),
                 # Identity when the rate is 0 keeps the first block's graph free of no-op nodes.
                 drop=nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+                bn=nn.BatchNorm2d(out_channels),
+                relu=nn.ReLU(),
             )
         )
 

@@ -21,6 +21,12 @@ Kinds, listed here in execution order:
 - ``logits``: the model's output;
 - ``softmax``: the softmax of the model's output (Keras VGG-16's ``predictions``
   layer), a node computed after the model, named ``softmax``;
+- ``deepest`` (FractalNet only): the layers Dharmaretnam et al. (2021, Section 5.1) analysed,
+  all in the deepest column: "the first convolutional layer, the end of every second block,
+  and the last fully connected layer". Read as, for the 5-block network (see
+  :meth:`LayerCatalog.deepest`): the output of the deepest column's first conv unit in block 1
+  (``blocks.0.columns.2.0.relu``), the output of its last conv unit in blocks 2 and 4
+  (``blocks.1.columns.2.3.relu``, ``blocks.3.columns.2.3.relu``), and the classifier (``fc``);
 - or explicit node names (``layer1.0.relu_2``) or module names (``layer1.0``).
 """
 
@@ -47,14 +53,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 from torchvision.models.feature_extraction import NodePathTracer
 
-from semprobe.actors.fractalnet import FractalBlock
+from semprobe.actors.fractalnet import FractalBlock, FractalNet
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.similarity import zscore_rows
 
 # timm.models.inception_v3 is also the name of a function, which shadows the module as an attribute
 timm_inception = importlib.import_module("timm.models.inception_v3")
 
-LAYER_KINDS = ("pixels", "activations", "concat", "mixed", "blocks", "pool", "logits", "softmax")
+LAYER_KINDS = ("pixels", "activations", "concat", "mixed", "blocks", "pool", "logits", "softmax", "deepest")
 
 PIXELS = "pixels"  # the name of the input layer (the graph's placeholder)
 
@@ -151,6 +157,7 @@ class LayerCatalog:
         tracer = _tracer()
         graph = tracer.trace(model)
         self.module = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+        self.architecture = type(model).__name__
         # The input is the first node in execution order; it takes one name whatever forward calls it.
         self._qualname = {
             node: PIXELS if node.op == "placeholder" else tracer.node_to_qualname[node]
@@ -177,7 +184,7 @@ class LayerCatalog:
     def _classify(self, model: nn.Module) -> dict[str, list[str]]:
         modules = dict(model.named_modules())
         blocks = [path for path, m in modules.items() if isinstance(m, BLOCK_MODULES)]
-        kinds: dict[str, list[str]] = {k: [] for k in LAYER_KINDS}
+        kinds: dict[str, list[str]] = {k: [] for k in LAYER_KINDS if k != "deepest"}
         block_outputs = {self._module_output(path) for path in blocks}
         inception_outputs = {
             self._module_output(path) for path, m in modules.items() if isinstance(m, INCEPTION_MODULES)
@@ -210,7 +217,30 @@ class LayerCatalog:
                 kinds["blocks"].append(qual)
         kinds["logits"] = [self._qualname[self._logits]]
         kinds["softmax"] = [self._softmax]
+        if isinstance(model, FractalNet):
+            kinds["deepest"] = self.deepest(model) + kinds["logits"]
         return kinds
+
+    def deepest(self, model: FractalNet) -> list[str]:
+        """The convolutional layers of ``deepest``: the deepest column's first conv unit in the first block and
+        its last conv unit in every second block (the 2nd, 4th, ...), each unit's output (its ReLU).
+
+        Why these nodes. The deepest column (``columns[C-1]``, ``2**(C-1)`` units per block) is the only path
+        that runs through every conv unit depth of the network; the joins average all columns, so a join is no
+        layer of the deepest column alone, and its last unit's output, before the join and the max-pool, is where
+        the column ends a block. "Every second block" is read as blocks 2 and 4 of 5, as "every second day"
+        starts on the second: with the first unit and the classifier the four layers spread evenly along the
+        deepest path (conv units 1, 8 and 16 of its 20, then the classifier), where blocks 1, 3 and 5 would put
+        a block's end three units after the first layer and another right before the classifier. Each chosen node is a
+        unit's output, after its batch norm and ReLU, as the paper's "layer" is the unit as a whole.
+        """
+        deepest = model.n_columns - 1
+        units = [f"blocks.0.columns.{deepest}.0"] + [
+            f"blocks.{i}.columns.{deepest}.{len(block.columns[deepest]) - 1}"
+            for i, block in enumerate(model.blocks)
+            if i % 2 == 1
+        ]
+        return [self._module_output(unit) for unit in units]
 
     def _module_output(self, path: str) -> str | None:
         """The last node executed inside a module: its output."""
@@ -229,6 +259,12 @@ class LayerCatalog:
         items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
         chosen: dict[str, str] = {}
         for item in filter(None, items):
+            if item == "deepest" and item not in self.kinds:
+                raise InputError(
+                    f"layer kind 'deepest' (the deepest column of Dharmaretnam et al.'s FractalNet analysis) needs a "
+                    f"FractalNet, not {self.architecture}: choose kinds "
+                    f"{', '.join(k for k in LAYER_KINDS if k != 'deepest')} or node names"
+                )
             if item in self.kinds:
                 chosen.update((q, item) for q in self.kinds[item] if q not in chosen)
             elif item == self._softmax:

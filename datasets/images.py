@@ -2,7 +2,9 @@
 
 - ``DIR`` or ``s3://bucket/DIR`` / ``gs://...``: ImageFolder layout, ``<class>/<file>``,
   where ``<class>`` is an ImageNet wnid, a CIFAR-100 label name, or any name;
-- ``sample:imagenet`` / ``sample:cifar100``: the sample images inside ``foolbox``;
+- ``sample:imagenet`` / ``sample:cifar100``: the 20 sample images of each inside ``foolbox``;
+  ``sample:imagenet?range=START:STOP`` takes those numbered START..STOP-1 (the ``NN`` of
+  ``imagenet_NN_<class>.jpg``, 0..19), so two disjoint ranges are disjoint image sets;
 - ``cifar100:DIR`` / ``cifar100:DIR?split=test``: CIFAR-100's python pickles (:mod:`semprobe.datasets.cifar`);
 - ``FILE.parquet``: a manifest with columns image_id, uri, label (an ImageNet
   index, a wnid, a CIFAR-100 name or any class name).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import posixpath
 import re
 from dataclasses import dataclass
@@ -86,7 +89,7 @@ def resolve_images(name: str) -> ImageSource:
 
 
 def _sample_source(name: str) -> ImageSource:
-    kind = name.removeprefix("sample:")
+    kind, _, query = name.removeprefix("sample:").partition("?")
     if kind not in _SAMPLES:
         raise InputError(f"unknown sample set '{name}': choose one of sample:imagenet, sample:cifar100")
     # Located without importing foolbox, which pulls in scipy and GitPython.
@@ -95,9 +98,46 @@ def _sample_source(name: str) -> ImageSource:
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         match = _SAMPLES[kind].fullmatch(entry.name)
         if match:
-            rows.append((entry.name, str(entry), int(match.group(2))))
+            rows.append((int(match.group(1)), entry.name, str(entry), int(match.group(2))))
+    if query:
+        start, stop = _sample_range(name, query, len(rows))
+        rows = [r for r in rows if start <= r[0] < stop]
     space = CLASS_SPACES[kind]()
-    return _build(name, kind, [(i, u, space[c]) for i, u, c in rows])
+    return _build(name, kind, [(i, u, space[c]) for _, i, u, c in rows])
+
+
+def _sample_range(name: str, query: str, n: int) -> tuple[int, int]:
+    """``range=START:STOP`` -> (START, STOP), checked against the n sample images."""
+    match = re.fullmatch(r"range=(\d+):(\d+)", query)
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)) <= n:
+        raise InputError(
+            f"unknown sample subset in '{name}': write {name.partition('?')[0]}?range=START:STOP "
+            f"with 0 <= START < STOP <= {n}"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def image_identity(uri: str) -> tuple:
+    """What makes two image URIs the same image: the file they read. A local file (a path or ``file://`` URI) is
+    its device and inode, so a relative path, a symlinked folder or file, a hard link or a manifest naming a
+    folder's file all meet (one ``stat`` per image; a file that cannot be read is its absolute path); object-store
+    and CIFAR-100 URIs (``cifar100:DIR?split=S#ROW``, DIR already absolute) are themselves. Copies of one image in
+    two files are two images."""
+    if uri.startswith("file://"):
+        uri = uri.removeprefix("file://")
+    elif "://" in uri or uri.startswith(cifar.PREFIX):
+        return ("uri", uri)
+    try:
+        st = os.stat(uri)
+    except OSError:
+        return ("path", os.path.abspath(uri))
+    return ("file", st.st_dev, st.st_ino)
+
+
+def shared_images(a: pa.Table, b: pa.Table) -> list[str]:
+    """The URIs of ``a``'s images that are also ``b``'s (by :func:`image_identity`), in ``a``'s order."""
+    theirs = {image_identity(u) for u in b["uri"].to_pylist()}
+    return [u for u in a["uri"].to_pylist() if image_identity(u) in theirs]
 
 
 def _cifar_source(name: str) -> ImageSource:

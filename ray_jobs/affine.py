@@ -10,7 +10,9 @@ solves every ordered pair's map from sub-blocks (``analysis.affine``).
 
 Validation pass: the same actors score each validation shard under every map
 (affine least squares, logit compatibility, naive), each composed with the
-target's classifier, and return only counts.
+target's classifier, and return only counts. The validation images must not be
+training images (the same file, :func:`semprobe.datasets.images.image_identity`)
+unless ``allow_overlap``: a map scored on images it was fitted on flatters it.
 
 Layout under OUT::
 
@@ -50,7 +52,7 @@ from semprobe.analysis.errors import InputError
 from semprobe.analysis.figures import affine_heatmap
 from semprobe.datasets import schema
 from semprobe.datasets.decode import ImageError, decode_image, read_bytes
-from semprobe.datasets.images import resolve_images
+from semprobe.datasets.images import resolve_images, shared_images
 from semprobe.ray_jobs.config import AffineConfig
 from semprobe.ray_jobs.figures import save_figure
 from semprobe.ray_jobs.progress import Progress
@@ -169,6 +171,14 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     if cfg.max_train and train.num_rows > cfg.max_train:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(train.num_rows, cfg.max_train, replace=False))
         train = train.take(keep)
+    shared = shared_images(val, train)
+    if shared and not cfg.allow_overlap:
+        raise InputError(
+            f"--train and --val share {len(shared)} of the {val.num_rows} validation images (e.g. {shared[0]}): "
+            "a map scored on images it was fitted on flatters it; choose disjoint images, or pass --allow-overlap"
+        )
+    if shared:
+        log(f"affine: {len(shared)} validation images are also training images (--allow-overlap)")
     encoder = FeatureEncoder(cfg.models, device="cpu")  # names, widths and classifiers; checks the models
     names, widths = encoder.names, encoder.widths
     if cfg.ridge == 0 and train.num_rows <= max(widths):
@@ -245,6 +255,7 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
         "n_train": gram.n,
         "n_val": totals.n,
         "n_errors": len(errors),
+        "n_overlap": len(shared),
         "maps": len(manifest),
     }
     output.write_json(summary, "summary.json")

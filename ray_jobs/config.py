@@ -42,7 +42,8 @@ MODEL_HELP = (
     "NAME?weights=TAG&pretrained=false&input_size=N"
 )
 LAYERS_HELP = (
-    "kinds (pixels, activations, concat, mixed, blocks, pool, logits, softmax) and/or node names, comma-separated"
+    "kinds (pixels, activations, concat, mixed, blocks, pool, logits, softmax; FractalNet: deepest) and/or node "
+    "names, comma-separated"
 )
 IMAGES_HELP = "image source: DIR, s3://..., gs://..., manifest .parquet, sample:imagenet, sample:cifar100"
 OUT_HELP = "output folder or s3:// / gs:// URI"
@@ -497,7 +498,11 @@ class DynamicsConfig(_TwoVsTwoJob):
         ["train", "test"], "whose images: K sets of each split, train and/or test, comma-separated", identity=True
     )
     layers: str = redefault(
-        _Extraction, "layers", "blocks,logits", help=f"{LAYERS_HELP} (blocks: every join; logits: the classifier)"
+        _Extraction,
+        "layers",
+        "deepest",
+        help=f"{LAYERS_HELP} (deepest: the paper's, the deepest column's first conv unit, its ends of blocks 2 and 4, "
+        "and the classifier; blocks,logits: every block's join and the classifier)",
     )
     alpha: float = redefault(_ExtractingJob, "alpha", 0.05, help=f"{BHY} within each --family")
     family: str = redefault(
@@ -539,12 +544,18 @@ class AffineConfig(ModelActors):
         f"CNNs, comma-separated, at least two: {MODEL_HELP}",
         identity=True,
     )
+    # The packaged samples split in two: the maps are scored on images they were not fitted on.
     train: str = option(
-        "sample:imagenet",
-        "training images (no labels used): DIR, s3://..., manifest .parquet, sample:imagenet",
+        "sample:imagenet?range=0:10",
+        "training images (no labels used): DIR, s3://..., manifest .parquet, sample:imagenet[?range=START:STOP]",
         identity=True,
     )
-    val: str = option("sample:imagenet", "validation images with ImageNet labels", identity=True)
+    val: str = option(
+        "sample:imagenet?range=10:20",
+        "validation images with ImageNet labels, none of them a training image",
+        identity=True,
+    )
+    allow_overlap: bool = option(False, "score the maps on validation images that are also training images")
     max_train: int | None = option(
         None, "a seeded sample of at most N training images", minimum=1, identity=True, none="every training image"
     )

@@ -26,7 +26,9 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from semprobe.actors.layers import LayerCatalog
 from semprobe.actors.trainer import METRICS_FILE, train_loop
+from semprobe.actors.zoo import load_model
 from semprobe.analysis.errors import InputError
 from semprobe.datasets import cifar, schema
 from semprobe.ray_jobs.checkpoint_analysis import follow
@@ -59,6 +61,11 @@ def load_data(cfg: TrainConfig, log) -> tuple[tuple[np.ndarray, np.ndarray], tup
 def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     """Train (or resume); returns the summary of the run's checkpoints."""
     output = open_output(cfg)
+    if cfg.words:
+        # The analysis resolves its layers on the first checkpoint, in a thread beside training: a spec the model
+        # lacks (the default 'deepest' on another architecture) is refused now, not once training has ended.
+        loaded = load_model(cfg.model)
+        LayerCatalog(loaded.module, loaded.preprocess.size).select(cfg.dynamics_config().layers)
     train, test = load_data(cfg, log)
     connect(log)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from semprobe.actors.extractor import ActivationExtractor
-from semprobe.actors.fractalnet import FractalBlock, FractalNet
+from semprobe.actors.fractalnet import ConvUnit, FractalBlock, FractalNet
 from semprobe.actors.layers import LayerCatalog
 from semprobe.actors.zoo import load_model
 from semprobe.analysis.errors import InputError
@@ -82,6 +82,41 @@ def test_seeded_initialisation_leaves_the_callers_rng_alone(fractalnet):
     assert torch.equal(torch.rand(3), expected)
     for (name, a), b in zip(fractalnet.module.state_dict().items(), again.module.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_conv_unit_is_conv_dropout_batchnorm_relu():
+    """Larsson's and the authors' order: batch norm sees the dropped-out convolution."""
+    torch.manual_seed(3)
+    u = ConvUnit(3, 4, 0.3)
+    assert [(name, type(m)) for name, m in u.named_children()] == [
+        ("conv", nn.Conv2d),
+        ("drop", nn.Dropout),
+        ("bn", nn.BatchNorm2d),
+        ("relu", nn.ReLU),
+    ]
+    nn.init.uniform_(u.bn.weight, 0.5, 1.5)
+    nn.init.uniform_(u.bn.bias, -0.2, 0.2)
+    x = torch.randn(4, 3, 8, 8)
+    w, b, eps = u.bn.weight, u.bn.bias, u.bn.eps
+    with torch.no_grad():
+        torch.manual_seed(7)
+        out = u.train()(x)
+        # the same seed draws the same dropout mask for a tensor of the same shape
+        torch.manual_seed(7)
+        dropped = F.dropout(F.conv2d(x, u.conv.weight, padding=1), 0.3, training=True)
+        reference = F.relu(F.batch_norm(dropped, None, None, w, b, True, 0.0, eps))
+        torch.manual_seed(7)
+        conv = F.conv2d(x, u.conv.weight, padding=1)
+        dropout_last = F.dropout(F.relu(F.batch_norm(conv, None, None, w, b, True, 0.0, eps)), 0.3, training=True)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    assert (out - dropout_last).abs().max() > 0.1
+    # eval: dropout is the identity, batch norm uses its running statistics
+    with torch.no_grad():
+        evaluated = u.eval()(x)
+        expected = F.relu(F.batch_norm(conv, u.bn.running_mean, u.bn.running_var, w, b, False, 0.0, eps))
+    torch.testing.assert_close(evaluated, expected, rtol=1e-5, atol=1e-6)
+    # no rate, no dropout module: the first block's graph has no no-op dropout
+    assert isinstance(ConvUnit(3, 4, 0.0).drop, nn.Identity)
 
 
 def test_block_columns_hold_1_2_4_conv_units():
@@ -195,6 +230,49 @@ def test_layer_catalog_names_joins_logits_and_activations(fractalnet):
     assert len(activations) == 35
     # the deepest column's first unit runs first
     assert (activations[0].name, activations[0].shape) == ("blocks.0.columns.2.0.relu", (64, 32, 32))
+
+
+@pytest.mark.parametrize("name", ["fractalnet", "fractalnet_tiny"])
+def test_deepest_kind_is_the_deepest_columns_first_unit_blocks_2_and_4_and_the_classifier(name):
+    loaded = load_model(name)
+    net = loaded.module
+    channels = [block.columns[0][0].conv.out_channels for block in net.blocks]
+    assert channels == (list(PAPER_CHANNELS) if name == "fractalnet" else [8, 16, 32, 32, 32])
+    # the deepest column: 4 conv units, the whole depth of each block
+    assert [len(block.columns[2]) for block in net.blocks] == [block.depth for block in net.blocks] == [4] * 5
+    catalog = LayerCatalog(net, 32)
+    layers = catalog.select("deepest")
+    assert [(layer.name, layer.layer_index, layer.kind, layer.shape) for layer in layers] == [
+        ("blocks.0.columns.2.0.relu", 0, "deepest", (channels[0], 32, 32)),
+        ("blocks.1.columns.2.3.relu", 1, "deepest", (channels[1], 16, 16)),
+        ("blocks.3.columns.2.3.relu", 2, "deepest", (channels[3], 4, 4)),
+        ("fc", 3, "deepest", (100,)),
+    ]
+    # each node is its conv unit's output: the captured rows are a forward hook's on the unit, z-scored
+    units = ["blocks.0.columns.2.0", "blocks.1.columns.2.3", "blocks.3.columns.2.3"]
+    modules, hooked = dict(net.named_modules()), {}
+    handles = [
+        modules[u].register_forward_hook(lambda m, i, out, u=u: hooked.__setitem__(u, out.flatten(1).clone()))
+        for u in units
+    ]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        _, captured = catalog.capture_module(layers, torch.float32)(x)
+        logits = net(x)  # last, so the hooks hold the plain model's unit outputs
+    for h in handles:
+        h.remove()
+    for u, rows in zip(units + ["fc"], captured, strict=True):
+        expected = logits if u == "fc" else hooked[u]
+        centred = expected - expected.mean(1, keepdim=True)
+        torch.testing.assert_close(rows, centred / centred.norm(dim=1, keepdim=True), rtol=1e-4, atol=1e-5)
+    # with other kinds: a union in execution order, the deepest layers keep their kind
+    both = catalog.select("blocks,deepest")
+    assert [(layer.name, layer.kind) for layer in both][:3] == [
+        ("blocks.0.columns.2.0.relu", "deepest"),
+        ("blocks.0.mean_1", "blocks"),
+        ("blocks.1.columns.2.3.relu", "deepest"),
+    ]
+    assert len(both) == 5 + 4
 
 
 def test_extractor_captures_the_tiny_net():

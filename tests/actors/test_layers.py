@@ -131,6 +131,15 @@ def test_select_unknown_layer_names_it(resnet_catalog):
         resnet_catalog.select("activations,layer1.0.rleu")
 
 
+def test_deepest_kind_is_refused_for_other_models(resnet_catalog):
+    with pytest.raises(InputError) as err:
+        resnet_catalog.select("deepest,logits")
+    assert str(err.value) == (
+        "layer kind 'deepest' (the deepest column of Dharmaretnam et al.'s FractalNet analysis) needs a FractalNet, "
+        "not ResNet: choose kinds pixels, activations, concat, mixed, blocks, pool, logits, softmax or node names"
+    )
+
+
 def test_capture_is_true_output_despite_inplace_relu(resnet50, resnet_catalog):
     """bn1's output is overwritten by the in-place ReLU right after it; the capture must predate that."""
     names = ["layer1.0.bn1", "layer1.0.relu", "layer1.0.relu_1", "layer1.0.bn3", "layer1.0.relu_2", "avgpool"]

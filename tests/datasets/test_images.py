@@ -9,7 +9,7 @@ from PIL import Image
 
 from semprobe.analysis.errors import InputError
 from semprobe.datasets.decode import ImageError, decode_image, read_bytes
-from semprobe.datasets.images import resolve_images
+from semprobe.datasets.images import image_identity, resolve_images, shared_images
 
 
 def _jpeg(mode="RGB", size=(40, 30), color=None) -> bytes:
@@ -31,6 +31,60 @@ def test_sample_imagenet_and_cifar100():
     assert cifar.images.num_rows == 20
     row = cifar.images.to_pylist()[0]
     assert (row["image_id"], row["class_index"], row["concept_id"]) == ("cifar100_00_49.png", 49, "mountain")
+
+
+@pytest.mark.parametrize("kind", ["imagenet", "cifar100"])
+def test_sample_range_takes_the_numbered_images(kind):
+    everything = resolve_images(f"sample:{kind}").images.to_pylist()
+    for start, stop in ((0, 10), (10, 20), (3, 4), (0, 20)):
+        part = resolve_images(f"sample:{kind}?range={start}:{stop}")
+        rows = part.images.to_pylist()
+        # the NN of <kind>_NN_<class>: file names sort by it, so it is the row of the whole sample
+        assert [int(r["image_id"].split("_")[1]) for r in rows] == list(range(start, stop))
+        assert rows == everything[start:stop]
+        assert {c.concept_id for c in part.classes} == {r["concept_id"] for r in rows}  # only the range's classes
+    for bad in ("range=5:5", "range=3:21", "range=-1:4", "range=4", "first=3", "range=a:b"):
+        with pytest.raises(InputError) as err:
+            resolve_images(f"sample:{kind}?{bad}")
+        assert str(err.value) == (
+            f"unknown sample subset in 'sample:{kind}?{bad}': write sample:{kind}?range=START:STOP "
+            "with 0 <= START < STOP <= 20"
+        )
+
+
+def test_shared_images_are_the_same_file_however_named(tmp_path, monkeypatch):
+    (tmp_path / "a" / "n01440764").mkdir(parents=True)
+    for name in ("x.jpg", "y.jpg", "z.jpg"):
+        (tmp_path / "a" / "n01440764" / name).write_bytes(_jpeg())
+    (tmp_path / "b" / "n01440764").mkdir(parents=True)
+    (tmp_path / "b" / "n01440764" / "x.jpg").write_bytes(_jpeg())  # a copy, with the same image_id: another file
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    pq.write_table(
+        pa.table({"image_id": ["p", "q"], "uri": ["a/n01440764/z.jpg", "b/n01440764/x.jpg"], "label": [0, 0]}),
+        tmp_path / "m.parquet",
+    )
+    monkeypatch.chdir(tmp_path)
+    a = resolve_images("a").images  # relative
+    b = resolve_images(str(tmp_path / "b")).images
+    link = resolve_images(str(tmp_path / "link")).images
+    manifest = resolve_images(str(tmp_path / "m.parquet")).images
+    assert a["image_id"].to_pylist() == b["image_id"].to_pylist()[:1] + ["n01440764/y.jpg", "n01440764/z.jpg"]
+    assert shared_images(a, b) == []  # same image_id, different files
+    assert shared_images(a, link) == a["uri"].to_pylist()  # a symlinked folder: the same files
+    assert shared_images(manifest, a) == [f"{tmp_path}/a/n01440764/z.jpg"]
+    assert shared_images(a, manifest) == ["a/n01440764/z.jpg"]  # in a's order, as a names them
+    assert shared_images(b, manifest) == [f"{tmp_path}/b/n01440764/x.jpg"]
+    assert image_identity(f"file://{tmp_path}/link/n01440764/y.jpg") == image_identity("a/n01440764/y.jpg")
+    (tmp_path / "b" / "n01440764" / "hard.jpg").hardlink_to(tmp_path / "a" / "n01440764" / "y.jpg")
+    (tmp_path / "b" / "n01440764" / "soft.jpg").symlink_to(tmp_path / "a" / "n01440764" / "z.jpg")
+    b = resolve_images(str(tmp_path / "b")).images
+    assert shared_images(b, a) == [f"{tmp_path}/b/n01440764/{f}" for f in ("hard.jpg", "soft.jpg")]
+    assert image_identity("s3://bucket/val/x.jpg") == ("uri", "s3://bucket/val/x.jpg")
+    assert image_identity("gone/x.jpg") == image_identity(f"{tmp_path}/gone/x.jpg") != image_identity("gone/y.jpg")
+    assert image_identity("cifar100:/data/c?split=test#3") != image_identity("cifar100:/data/c?split=train#3")
+    halves = [resolve_images(f"sample:imagenet?range={r}").images for r in ("0:10", "10:20")]
+    assert shared_images(*halves) == []
+    assert len(shared_images(resolve_images("sample:imagenet").images, halves[1])) == 10
 
 
 def test_folder_of_wnids_and_of_names(tmp_path):

@@ -72,9 +72,12 @@ def test_flags_are_the_fields_not_config_only_each_with_its_default_once(command
         ("run", "--out", "output folder or s3:// / gs:// URI (default: runs/<experiment id>, so the same command "
          "resumes)"),
         ("dynamics", "--sets", "K disjoint image sets of each split, one image per class each (default: 5)"),
-        ("dynamics", "--layers", "kinds (pixels, activations, concat, mixed, blocks, pool, logits, softmax) "
-         "and/or node names, "
-         "comma-separated (blocks: every join; logits: the classifier) (default: blocks,logits)"),
+        ("dynamics", "--layers", "kinds (pixels, activations, concat, mixed, blocks, pool, logits, softmax; "
+         "FractalNet: "
+         "deepest) and/or node names, comma-separated (deepest: the paper's, the deepest column's first conv unit, its "
+         "ends of blocks 2 and 4, and the classifier; blocks,logits: every block's join and the classifier) "
+         "(default: deepest)"),
+        ("train", "--layers", "with --words: the layers to analyse (default: as semprobe dynamics: deepest)"),
         ("dynamics", "--alpha", "Benjamini-Hochberg-Yekutieli false discovery rate within each --family "
          "(default: 0.05)"),
         ("dynamics", "--family", "BHY family: all (every run x epoch x split x layer x word model), model (one "
@@ -84,9 +87,9 @@ def test_flags_are_the_fields_not_config_only_each_with_its_default_once(command
          "vector, shuffled apart on the true and predicted side) or columns (the reference words permuted) "
          "(default: rows)"),
         ("train", "--sets", "with --words: K image sets of each split (default: as semprobe dynamics: 5)"),
-        ("extract", "--layers", "kinds (pixels, activations, concat, mixed, blocks, pool, logits, softmax) "
-         "and/or node names, "
-         "comma-separated (default: activations)"),
+        ("extract", "--layers", "kinds (pixels, activations, concat, mixed, blocks, pool, logits, softmax; "
+         "FractalNet: "
+         "deepest) and/or node names, comma-separated (default: activations)"),
         ("extract", "--seed", "seeds the image sets (default: 0)"),
         ("extract", "--words", "word models, comma-separated: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH, "
          "table:PATH, nondist:PATH; only classes one of them names are extracted (default: none)"),

@@ -2,15 +2,20 @@
 
 import dataclasses
 import json
+from importlib import resources
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from semprobe.analysis.errors import InputError
+from semprobe.ray_jobs import config
+from semprobe.ray_jobs.cli import JOBS
 from semprobe.ray_jobs.config import (
     BHY_FAMILIES,
     INPUT_SPACES,
     ONE_VS_TWO_NULLS,
+    PACKAGED_CONFIGS,
     TARGET_SIMILARITIES,
     AdversarialConfig,
     AffineConfig,
@@ -43,21 +48,21 @@ IDENTITY = {
     ),
     RunConfig: (
         "images", "models", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size", "dtype",
-        "family",
+        "family", "concept_words",
     ),
     DynamicsConfig: (
         "runs", "images", "splits", "words", "sets", "layers", "permutations", "seed", "batch_size", "shard_size",
-        "dtype", "family",
+        "dtype", "family", "concept_words",
     ),
     AffineConfig: ("models", "train", "val", "max_train", "seed", "shard_size"),
     MisclassifiedConfig: (
         "images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size",
-        "dtype", "null",
+        "dtype", "null", "concept_words", "sets",
     ),
     AdversarialConfig: (
         "images", "model", "words", "layers", "references", "permutations", "seed", "batch_size", "shard_size",
         "dtype", "sources", "targets_per_source", "pairs", "eps", "step", "steps", "momentum", "space",
-        "attack_shard", "null", "target_similarity",
+        "attack_shard", "null", "target_similarity", "concept_words", "sets",
     ),
     TrainConfig: (
         "data", "model", "epochs", "lr", "momentum", "weight_decay", "batch_size", "permute_labels",
@@ -65,31 +70,36 @@ IDENTITY = {
     ),
 }  # fmt: skip
 
-# Experiment ids computed with the code before this change (commit 1a5570e): the same options must name the
-# same experiment, or a rerun would refuse (or silently fail to resume) an existing output folder. The ids of run,
-# dynamics, misclassified and adversarial changed on purpose with issue 15's statistics fixes: the new identity
-# options --family (BHY per CNN by default, was over every test), --null (the authors' row null, was the column
-# null) and --target-similarity (Pearson, was cosine) change p_bhy, the p-values and the targets.
+# Experiment ids: the same options must name the same experiment, or a rerun would refuse (or silently fail to
+# resume) an existing output folder. Issue 15 changed them on purpose: the new identity options --family (BHY per
+# CNN by default, was over every test), --null (the authors' row null, was the column null), --target-similarity
+# (Pearson, was cosine), --concept-words (and one class per word), misclassified/adversarial --sets, the dynamics
+# default layers (deepest, was blocks,logits) and affine's disjoint default images. Empty model_layers leaves the
+# identity as it was.
 EXPERIMENT_IDS = {
-    "ExtractConfig()": "a0fd76131979",
-    "RunConfig()": "3bb292c0d5e2",
-    "DynamicsConfig()": "138d1061dec3",
-    "AffineConfig()": "2c92dfd950d3",
-    "MisclassifiedConfig()": "d9c170dc67c9",
-    "AdversarialConfig()": "eaf34df94f2a",
+    "ExtractConfig()": "c06d0e15622b",
+    "RunConfig()": "a557961e8045",
+    "DynamicsConfig()": "5a86ccf3e12a",
+    "AffineConfig()": "c3a38ab6020e",
+    "MisclassifiedConfig()": "056ace9acb77",
+    "AdversarialConfig()": "428ec550f614",
     "TrainConfig()": "2575fe8714d8",
-    "ExtractConfig().validate()": "a0fd76131979",
-    "RunConfig().validate()": "3bb292c0d5e2",
-    "DynamicsConfig(runs=['/data/run']).validate()": "c1fd475cba43",
-    "AffineConfig().validate()": "2c92dfd950d3",
-    "MisclassifiedConfig().validate()": "d9c170dc67c9",
-    "AdversarialConfig().validate()": "eaf34df94f2a",
+    "ExtractConfig().validate()": "c06d0e15622b",
+    "RunConfig().validate()": "a557961e8045",
+    "AffineConfig().validate()": "c3a38ab6020e",
+    "MisclassifiedConfig().validate()": "056ace9acb77",
+    "AdversarialConfig().validate()": "428ec550f614",
+    "DynamicsConfig(runs=['/data/run']).validate()": "c69e7144d352",
     "TrainConfig(data='cifar100:/data/cifar').validate()": "69c640ff930f",
-    "packaged efficientnet-lite": "1deaf455c7b7",
-    "packaged naacl2018-imagenet": "c9ec08481435",
-    "packaged nn2021-imagenet": "1c0febbcf3e7",
-    "AdversarialConfig(eps=1, step=0.5, space='0,1').validate()": "3b671bcdeb85",
-    "RunConfig(words='glove-50d, word2vec:/w.bin', models='a,b', sets=3).validate()": "c42b5168020f",
+    "packaged efficientnet-lite": "de7b546c62b4",
+    "packaged naacl2018-imagenet": "874bea1d3768",
+    "packaged naacl2018-misclassified": "880073f28e1c",
+    "packaged nn2021-adversarial": "16b5d8cae80b",
+    "packaged nn2021-fractalnet": "aad89140496c",
+    "packaged nn2021-imagenet": "7f0a8395a0d1",
+    "packaged thesis-affine": "e2e3aef88d0d",
+    "AdversarialConfig(eps=1, step=0.5, space='0,1').validate()": "d19d6e129a81",
+    "RunConfig(words='glove-50d, word2vec:/w.bin', models='a,b', sets=3).validate()": "e8c43e4a8e1a",
 }
 
 
@@ -102,7 +112,8 @@ def experiment_ids() -> dict[str, str]:
         TrainConfig(data="cifar100:/data/cifar").validate().experiment_id()
     )
     for name in packaged_configs():
-        ids[f"packaged {name}"] = load_config(RunConfig, name, {}).experiment_id()
+        command = tomllib.loads((resources.files(PACKAGED_CONFIGS) / f"{name}.toml").read_text()).get("command", "run")
+        ids[f"packaged {name}"] = load_config(getattr(config, JOBS[command][2]), name, {}).experiment_id()
     ids["AdversarialConfig(eps=1, step=0.5, space='0,1').validate()"] = (
         AdversarialConfig(eps=1, step=0.5, space="0,1").validate().experiment_id()
     )

@@ -20,7 +20,8 @@ from semprobe.ray_jobs.storage import Output
 from semprobe.ray_jobs.train import run_train
 
 TINY = {"model": "fractalnet_tiny", "batch_size": 50, "lr": 0.05}
-LAYERS = ["blocks.2.mean_1", "fc"]
+# the default, 'deepest': the deepest column's first unit, its ends of blocks 2 and 4, and the classifier
+LAYERS = ["blocks.0.columns.2.0.relu", "blocks.1.columns.2.3.relu", "blocks.3.columns.2.3.relu", "fc"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,6 @@ def analysed(trained):
         runs=[str(trained / "run")],
         words=["glove-50d"],
         sets=2,
-        layers=",".join(LAYERS),
         permutations=30,
         permutation_shard=12,
         seed=5,
@@ -87,10 +87,16 @@ def test_every_checkpoint_and_split_is_scored_against_a_reference(analysed, trai
         rows_of_set = sorted((m for m in manifest if m["set_index"] == s), key=lambda m: m["concept_id"])
         assert [m["concept_id"] for m in rows_of_set] == ids
         pixels = split.images[[int(m["uri"].rpartition("#")[2]) for m in rows_of_set]]
+        unit = dict(model.module.named_modules())["blocks.1.columns.2.3"]  # the deepest column's end of block 2
+        hooked = []
+        handle = unit.register_forward_hook(lambda m, i, o, hooked=hooked: hooked.append(o.flatten(1).double().numpy()))
         with torch.no_grad():
             logits = model.module(to_input(torch.from_numpy(pixels), mean, std)).double().numpy()
+        handle.remove()
         (c_img,) = stored_matrices(out, "similarity", key, "fc", f"set-{s:03d}.parquet")[:1]
         np.testing.assert_allclose(c_img, np.corrcoef(logits), atol=1e-5)
+        (c_unit,) = stored_matrices(out, "similarity", key, "blocks.1.columns.2.3.relu", f"set-{s:03d}.parquet")[:1]
+        np.testing.assert_allclose(c_unit, np.corrcoef(hooked[0]), atol=1e-5)
         (row,) = [r for r in rows if (r["epoch"], r["split"], r["layer"], r.get("set_index")) == (2, "test", "fc", s)]
         assert (
             row["accuracy"]

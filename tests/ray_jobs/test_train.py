@@ -125,6 +125,24 @@ def test_bad_training_input_is_a_clear_error(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_words_with_layers_the_model_lacks_are_refused_before_training(tmp_path):
+    """The analysis beside training resolves its layers on the first checkpoint: 'deepest', its default, exists
+    only for FractalNet, so another architecture is refused before any data is read, not after training."""
+    import timm
+
+    path = tmp_path / "net.pt"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    options = {"data": f"cifar100:{tmp_path / 'nowhere'}", "model": f"timm:test_efficientnet:checkpoint={path}"}
+    cfg = TrainConfig(**options, words=["glove-50d"], out=str(tmp_path / "o")).validate()
+    with pytest.raises(InputError, match=r"^layer kind 'deepest' .* needs a FractalNet, not EfficientNet: choose"):
+        run_train(cfg, log=lambda m: None)
+    # other layers it has pass, to the next check: the data
+    cfg = TrainConfig(**options, words=["glove-50d"], layers="blocks,logits", out=str(tmp_path / "o")).validate()
+    with pytest.raises(InputError, match="CIFAR-100 pickle not found"):
+        run_train(cfg, log=lambda m: None)
+    assert not (tmp_path / "o").exists()
+
+
 def test_two_data_parallel_workers_train_one_model(ray_session, cifar, tmp_path):
     """The same code on two workers (DDP over gloo): each takes half of every global batch, one model comes out."""
     cfg = TrainConfig(data=cifar, epochs=2, every=2, workers=2, out=str(tmp_path / "ddp"), **TINY).validate()
