@@ -87,7 +87,7 @@ def test_targets_are_ranked_by_the_chosen_word_similarity(similarity):
     vectors = {f"w{c}": rng.normal(size=8) + rng.normal(scale=3) for c in classes}
     manifest = [{"image_id": f"img{c}", "uri": f"/x/{c}.png", "class_index": c} for c in classes]
     pool = {c: f"img{c}" for c in classes}
-    ctx = FailureContext(None, FakeWords(vectors), words, manifest, {}, pool, classes)
+    ctx = FailureContext(None, FakeWords(vectors), None, words, manifest, {}, pool, classes)
     cfg = AdversarialConfig(sources=3, targets_per_source=4, target_similarity=similarity).validate()
     pairs = chosen_pairs(cfg, ctx)
     sources = [int(c) for c in np.random.default_rng([0, 1]).permutation(classes)][:3]
