@@ -23,7 +23,7 @@ from semprobe.datasets.decode import decode_image, read_bytes
 from semprobe.datasets.images import resolve_images
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.cli import main
-from semprobe.ray_jobs.config import RunConfig, load_config, packaged_configs
+from semprobe.ray_jobs.config import RunConfig, load_config
 from semprobe.ray_jobs.run import run
 from semprobe.ray_jobs.scheduler import get as _get
 from semprobe.ray_jobs.scheduler import gram_task
