@@ -15,7 +15,7 @@ Kinds, listed here in execution order:
 - ``concat``: every channel concatenation (Inception's block outputs, the
   concatenations inside InceptionE, and the one of ``transform_input``);
 - ``mixed``: the concatenations that are an Inception block's output, Keras'
-  ``mixed0``..``mixed10`` (torchvision's Inception-v3: the 11 ``Mixed_*`` modules);
+  ``mixed0``..``mixed10`` (torchvision's Inception-v3: the 11 ``Mixed_*`` modules; GoogLeNet: its 9);
 - ``blocks``: outputs of residual / inverted-residual / Inception / fractal blocks;
 - ``pool``: global pooled features outside the blocks (the classifier's input);
 - ``logits``: the model's output;
@@ -59,6 +59,7 @@ from semprobe.analysis.similarity import zscore_rows
 
 # timm.models.inception_v3 is also the name of a function, which shadows the module as an attribute
 timm_inception = importlib.import_module("timm.models.inception_v3")
+tv_googlenet = importlib.import_module("torchvision.models.googlenet")  # likewise
 
 LAYER_KINDS = ("pixels", "activations", "concat", "mixed", "blocks", "pool", "logits", "softmax", "deepest")
 
@@ -94,6 +95,7 @@ INCEPTION_MODULES = (
     timm_inception.InceptionC,
     timm_inception.InceptionD,
     timm_inception.InceptionE,
+    tv_googlenet.Inception,
 )
 BLOCK_MODULES = (
     tv_resnet.BasicBlock,

@@ -256,6 +256,9 @@ def _own(name: str, spec: ModelSpec) -> LoadedModel:
 # --- torchvision and timm --------------------------------------------------------------------
 
 
+_GOOGLE_PORTS = {"aux_logits": True, "transform_input": True, "init_weights": False}
+
+
 def _torchvision_member(name: str, spec: ModelSpec):
     """The weights enum member ``weights=`` names (DEFAULT without it)."""
     enum = torchvision.models.get_model_weights(name)
@@ -273,8 +276,9 @@ def _torchvision_weights(name: str, spec: ModelSpec) -> str:
 
 def _torchvision(name: str, spec: ModelSpec) -> LoadedModel:
     weights = _torchvision_member(name, spec)
-    # Pretrained Inception-v3 re-normalises its input as Google's original did.
-    extra = {"aux_logits": True, "transform_input": True, "init_weights": False} if name == "inception_v3" else {}
+    # Inception-v1 and -v3, ported from Google's TensorFlow models, re-normalise their input as the originals did
+    # (torchvision's builders switch this on with pretrained weights; ours builds with weights=None).
+    extra = _GOOGLE_PORTS if name in ("googlenet", "inception_v3") else {}
     model = torchvision.models.get_model(name, weights=None, num_classes=len(weights.meta["categories"]), **extra)
     if spec.pretrained:
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))

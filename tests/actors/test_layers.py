@@ -4,6 +4,7 @@ import torchvision
 import torchvision.models.inception as tv_inception
 
 from semprobe.actors.layers import LayerCatalog
+from semprobe.actors.zoo import untrained
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.similarity import zscore_rows
 
@@ -177,3 +178,13 @@ def test_capture_is_true_output_despite_inplace_relu(resnet50, resnet_catalog):
     for name, ref in expected.items():
         torch.testing.assert_close(by_name[name], zscore_rows(ref), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(logits, reference_logits)
+
+
+def test_googlenet_mixed_are_its_9_inception_modules_and_it_normalises_as_googles():
+    """Inception-v1 (thesis-affine): the 9 Inception modules' concatenations (3a..5b), and the TensorFlow port's
+    input re-normalisation on, as torchvision's own builder sets it for the pretrained weights."""
+    loaded = untrained("torchvision:googlenet?weights=IMAGENET1K_V1")
+    catalog = LayerCatalog(loaded.module, loaded.preprocess.size)
+    modules = ["3a", "3b", "4a", "4b", "4c", "4d", "4e", "5a", "5b"]
+    assert catalog.kinds["mixed"] == [f"inception{m}.cat" for m in modules]
+    assert loaded.module.transform_input and loaded.module.aux1 is not None  # the state dict holds the aux heads
