@@ -105,10 +105,10 @@ def test_every_checkpoint_and_split_is_scored_against_a_reference(analysed, trai
             ].mean()
         )
         assert (row["n_concepts"], row["n_pairs"], row["n_perm"]) == (100, 4950, 30)
-    # one run, so one family (--family model: the run's epochs x splits x layers x word models); 12 tests of 30
-    # permutations: even 12 p-values of 1/31 stay above 0.05 / c(12) = 0.0161, and the summary says so
+    # one run, so one family (--family model: the run's epochs x splits x layers x word models); 24 tests of 30
+    # permutations: even 24 p-values of 1/31 stay above 0.05 / c(24) = 0.0132, and the summary says so
     assert summary["family"] == "model"
-    assert summary["families"] == [{"key": [str(trained / "run")], "m": 12, "needed_at_min_p": None}]
+    assert summary["families"] == [{"key": [str(trained / "run")], "m": 3 * 2 * len(LAYERS), "needed_at_min_p": None}]
     np.testing.assert_allclose([r["p_bhy"] for r in means], by_hand_bhy([r["p_value"] for r in means]))
     assert [r["significant"] for r in means] == [p <= 0.05 for p in by_hand_bhy([r["p_value"] for r in means])]
     assert (out / "figures" / "dynamics-glove-50d.png").read_bytes()[:4] == b"\x89PNG"
