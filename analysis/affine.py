@@ -19,6 +19,7 @@ import numpy as np
 import scipy.linalg
 
 from semprobe.analysis.errors import InputError
+from semprobe.analysis.similarity import add_gram
 
 # A normal-equation matrix whose reciprocal condition number (1-norm) is below this
 # gives a fit that rounding, not the data, decides.
@@ -51,7 +52,7 @@ class JointGram:
         for name, f in zip(self.names, features):
             z[:, self.slices[name]] = f
         z[:, -1] = 1.0
-        self.gram += z.T @ z  # numpy runs a^T a as a symmetric rank-k update
+        add_gram(self.gram, z)  # not numpy's z.T @ z: its OpenBLAS kernel crashes at the thesis's width
 
     def merge(self, other: JointGram) -> JointGram:
         """Add another Gram of the same models over other images (a shard, an actor's checkpoint)."""

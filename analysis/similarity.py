@@ -51,6 +51,21 @@ def zscore_rows(x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torc
     return z if z.dtype == out_dtype else z.to(out_dtype)
 
 
+def add_gram(out: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """``out += zᵀ z`` in float64, in place, through torch's BLAS; returns ``out``.
+
+    ``z`` (n, D) real; ``out`` (D, D) float64, writable. Not numpy's ``z.T @ z``: numpy hands aᵀa to its
+    bundled OpenBLAS's symmetric rank-k update (dsyrk), whose multi-threaded copy kernel
+    (``dgemm_oncopy_SKYLAKEX``) segfaults on AMD EPYC for widths D >= about 20,000 (numpy issue #19685): the
+    thesis's ten CNNs have a joint width of 23,777. ``Tensor.addmm_`` is a plain gemm of torch's own BLAS
+    (MKL in the x86 wheels; cuBLAS on a GPU), which that kernel is no part of, and it accumulates into ``out``
+    without a D x D temporary.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(z, np.float64))
+    torch.from_numpy(out).addmm_(x.T, x)
+    return out
+
+
 class GramAccumulator:
     """Pearson correlations between w rows, accumulated over chunks of their features.
 

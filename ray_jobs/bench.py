@@ -18,6 +18,7 @@ from threadpoolctl import threadpool_limits
 from semprobe.actors.extractor import normalise
 from semprobe.actors.zoo import load_model
 from semprobe.analysis.affine import JointGram, fit_affine
+from semprobe.analysis.similarity import add_gram
 from semprobe.analysis.twovtwo import permutation_null, two_vs_two
 from semprobe.datasets.decode import decode_image, read_bytes
 from semprobe.datasets.images import resolve_images
@@ -304,7 +305,8 @@ def synthetic_gram(widths: list[int], n: int, seed: int = 0) -> JointGram:
     g = JointGram([f"cnn{i}" for i in range(len(widths))], widths)
     d = g.gram.shape[0] - 1
     r = np.random.default_rng(seed).standard_normal((d, 200))
-    g.gram[:d, :d] = n * (np.eye(d) + r @ r.T / 200)
+    block = add_gram(np.eye(d), r.T / np.sqrt(200))  # I + r r^T / 200, not numpy's r @ r.T: it crashes at d ~ 20,000
+    g.gram[:d, :d] = n * block
     g.gram[-1, :d] = g.gram[:d, -1] = 0.01 * n
     g.gram[-1, -1] = n
     return g

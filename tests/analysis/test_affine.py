@@ -129,3 +129,26 @@ def test_correct_count_and_classifier_head_match_a_loop_over_images():
     assert w_ab.shape == (4, 6) and b_ab.shape == (4,)
     np.testing.assert_allclose(x_a @ w_ab.T + b_ab, mapping(x_a) @ w.T + b, rtol=1e-12, atol=1e-12)
     assert correct_count(x_a, labels, None, w_ab, b_ab) == by_hand
+
+
+def test_joint_gram_at_the_thesis_width_equals_a_blockwise_reference():
+    """Joint width 23,777 (the thesis's ten CNNs' features and the ones column): numpy's z.T @ z segfaults there
+    on this machine (its OpenBLAS's dsyrk, numpy issue #19685). JointGram.add goes through torch's gemm
+    (analysis.similarity.add_gram); two batches must equal float64 products made block by block, each block narrow
+    enough for any BLAS."""
+    widths = [2972] * 8  # D = 23,776 features
+    g = JointGram([f"cnn{i}" for i in range(len(widths))], widths)
+    rng = np.random.default_rng(0)
+    # a batch of 256 images: numpy's 256 x 23,777 z.T @ z is the product that crashes
+    batches = [[rng.standard_normal((n, w)).astype(np.float32) for w in widths] for n in (256, 32)]
+    for batch in batches:
+        g.add(batch)
+    z = np.concatenate([np.concatenate([*b, np.ones((len(b[0]), 1), np.float32)], axis=1) for b in batches])
+    z = z.astype(np.float64)
+    assert g.gram.shape == (23_777, 23_777) and g.n == 288
+    block = 4096
+    for a in range(0, z.shape[1], block):
+        for b in range(0, z.shape[1], block):
+            np.testing.assert_allclose(
+                g.gram[a : a + block, b : b + block], z[:, a : a + block].T @ z[:, b : b + block], rtol=1e-10, atol=1e-9
+            )
