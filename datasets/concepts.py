@@ -34,12 +34,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from semprobe.analysis.errors import InputError
 from semprobe.datasets.classes import CLASS_SPACES, ClassInfo
-from semprobe.datasets.images import filesystem
+from semprobe.datasets.images import read_user_table
 from semprobe.datasets.schema import CONCEPTS
 from semprobe.datasets.words import WordModel
 
@@ -81,21 +79,7 @@ def read_concept_words(path: str, space: str, classes: Sequence[ClassInfo]) -> d
     InputError
         Unreadable file, missing columns, an empty word, a class named twice or not of the class space.
     """
-    fs, inner = filesystem(path)
-    try:
-        if inner.endswith(".parquet"):
-            table = pq.read_table(inner, filesystem=fs)
-        elif inner.endswith(".csv"):
-            with fs.open_input_stream(inner) as f:
-                types = {"class": pa.string(), "word": pa.string()}
-                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=types))
-        else:
-            raise InputError(f"concept words {path}: expected a .csv or .parquet file with columns class, word")
-    except (pa.ArrowInvalid, OSError) as err:
-        raise InputError(f"cannot read concept words {path}: {str(err).splitlines()[0]}") from None
-    missing = {"class", "word"} - set(table.column_names)
-    if missing:
-        raise InputError(f"concept words {path} lacks column(s) {', '.join(sorted(missing))}: it needs class, word")
+    table = read_user_table(path, ("class", "word"), "concept words")
     by_name = {c.concept_id: c.concept_id for c in classes}
     by_name.update({str(c.class_index): c.concept_id for c in classes if c.class_index is not None})
     words: dict[str, str] = {}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -64,6 +65,29 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, OSError) as err:
         raise InputError(f"cannot open {uri}: {err}") from None
+
+
+def read_user_table(path: str, columns: tuple[str, ...], what: str) -> pa.Table:
+    """A small table a user hands in (``--pairs``, ``--concept-words``): .csv (``columns`` read as strings) or
+    .parquet, local or a URI; ``what`` names it in the one-line errors (unreadable, wrong suffix, a column
+    missing)."""
+    fs, inner = filesystem(path)
+    needs = ", ".join(columns)
+    try:
+        if inner.endswith(".parquet"):
+            table = pq.read_table(inner, filesystem=fs)
+        elif inner.endswith(".csv"):
+            with fs.open_input_stream(inner) as f:
+                types = {c: pa.string() for c in columns}
+                table = pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=types))
+        else:
+            raise InputError(f"{what} {path}: expected a .csv or .parquet file with columns {needs}")
+    except (pa.ArrowInvalid, OSError) as err:
+        raise InputError(f"cannot read {what} {path}: {str(err).splitlines()[0]}") from None
+    missing = set(columns) - set(table.column_names)
+    if missing:
+        raise InputError(f"{what} {path} lacks column(s) {', '.join(sorted(missing))}: it needs {needs}")
+    return table
 
 
 @functools.cache

@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
@@ -53,7 +52,7 @@ from semprobe.analysis.figures import adversarial_panel, one_vs_two_figure
 from semprobe.datasets import schema
 from semprobe.datasets.classes import imagenet_classes
 from semprobe.datasets.decode import ImageError, decode_image, read_bytes
-from semprobe.datasets.images import filesystem
+from semprobe.datasets.images import read_user_table
 from semprobe.ray_jobs.config import AdversarialConfig
 from semprobe.ray_jobs.extraction import run_extract
 from semprobe.ray_jobs.failure_analysis import (
@@ -155,23 +154,7 @@ class AttackWorker:
 
 def _read_pairs(path: str) -> list[tuple[str, str]]:
     """(image_id, target) rows of a --pairs file (.csv or .parquet); the target is an ImageNet index or wnid."""
-    fs, inner = filesystem(path)
-    try:
-        if path.endswith(".parquet"):
-            table = pq.read_table(inner, filesystem=fs)
-        elif path.endswith(".csv"):
-            with fs.open_input_stream(inner) as f:
-                table = pacsv.read_csv(
-                    f,
-                    convert_options=pacsv.ConvertOptions(column_types={"image_id": pa.string(), "target": pa.string()}),
-                )
-        else:
-            raise InputError(f"--pairs {path}: expected a .csv or .parquet file with columns image_id, target")
-    except (pa.ArrowInvalid, OSError) as err:
-        raise InputError(f"cannot read --pairs {path}: {str(err).splitlines()[0]}") from None
-    missing = {"image_id", "target"} - set(table.column_names)
-    if missing:
-        raise InputError(f"--pairs {path} lacks column(s) {', '.join(sorted(missing))}: it needs image_id, target")
+    table = read_user_table(path, ("image_id", "target"), "--pairs")
     return [(str(i), str(t)) for i, t in zip(table["image_id"].to_pylist(), table["target"].to_pylist())]
 
 

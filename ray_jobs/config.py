@@ -592,11 +592,11 @@ class _FailureJob(_ExtractingJob):
         minimum=5,
         identity=True,
     )
-    sets: int | None = option(
+    sets: int | None = redefault(
+        ExtractConfig,
+        "sets",
         None,
-        "only K disjoint image sets of one image per concept each (NAACL: one set), drawn with --seed",
-        minimum=1,
-        identity=True,
+        help="only K disjoint image sets of one image per concept each (NAACL: one set), drawn with --seed",
         none="every image",
     )
     null: str = option(
