@@ -37,6 +37,8 @@ INPUT_SPACES = ("[0,1]", "[-1,1]")  # the spaces actors.attack.SPACES knows (con
 BHY_FAMILIES = ("all", "model", "model,word_model")  # analysis.scores.FAMILIES (config imports no torch)
 ONE_VS_TWO_NULLS = ("rows", "columns")  # analysis.onevtwo.NULLS
 TARGET_SIMILARITIES = ("pearson", "cosine")
+PRECISIONS = ("fp64", "fp32")  # analysis.kernels.PRECISIONS (config imports no torch)
+AUTO_TASK_GPUS = 0.25  # an analysis task's share of a GPU when the cluster has GPUs and --task-gpus is unset
 MODEL_HELP = (
     "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH, each optionally "
     "NAME?weights=TAG&pretrained=false&input_size=N"
@@ -396,6 +398,19 @@ class _ExtractingJob(_Extraction):
     permutations: int = option(1000, "permutations for the null (0: no p-values)", minimum=0, identity=True)
     alpha: float = option(0.05, f"{BHY} over every test of the job")
     task_cpus: float = option(1, "CPUs per analysis task (Gram, test, permutations)", minimum=0, group="resources")
+    task_gpus: float | None = option(
+        None,
+        "GPUs per analysis task (a fraction: the scheduler packs several tasks on one GPU)",
+        minimum=0,
+        none=f"{AUTO_TASK_GPUS:g} when the cluster has GPUs, else 0",
+        group="resources",
+    )
+    precision: str = option(
+        "fp64",
+        "precision of the statistics' products: fp64, or fp32 (TF32 on GPUs) with every pair whose margin lies "
+        "within the proven error bound of the threshold recomputed in fp64, so every decision equals fp64's",
+        choices=PRECISIONS,
+    )
 
     def check(self) -> None:
         super().check()

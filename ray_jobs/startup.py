@@ -56,6 +56,25 @@ def model_actors(actors: int | None, gpus_per_actor: float | None) -> tuple[int,
     return actors or (max(1, int(cluster_gpus // gpus)) if gpus else 1), gpus
 
 
+def analysis_options(cfg, log=None) -> dict[str, Any]:
+    """Ray options of an analysis task (Gram, 2 vs. 2, permutations, 1 vs. 2): ``--task-cpus``, and ``--task-gpus``
+    or, unset, a fraction of a GPU when the cluster has any (the scheduler packs such tasks several to a GPU)."""
+    gpus = cfg.task_gpus
+    if gpus is None:
+        from semprobe.ray_jobs.config import AUTO_TASK_GPUS
+
+        gpus = AUTO_TASK_GPUS if ray.cluster_resources().get("GPU", 0) else 0
+        if gpus and log:
+            log(f"analysis tasks: {gpus:g} GPU each (the cluster has GPUs; --task-gpus 0 keeps them on CPUs)")
+    return {"num_cpus": cfg.task_cpus, "num_gpus": gpus}
+
+
+def task_device() -> str:
+    """The torch device of the Ray task or actor calling it: its GPU when Ray assigned one (``CUDA_VISIBLE_DEVICES``
+    then names only those), else the CPU."""
+    return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
 def write_resolved(output, cfg, **extra: Any) -> None:
     """OUT/config.json: the fully resolved config, its identity and experiment id; unwritable output is bad input."""
     from semprobe.datasets.schema import SCHEMA_VERSION

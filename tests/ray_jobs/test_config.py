@@ -346,7 +346,7 @@ def test_to_dict_rebuilds_the_same_config():
     cfg = AdversarialConfig(eps=0.5, space="0,1", actors=2).validate()
     again = AdversarialConfig(**cfg.to_dict()).validate()
     assert (again.to_dict(), again.experiment_id()) == (cfg.to_dict(), cfg.experiment_id())
-    assert list(cfg.to_dict())[-7:] == [
+    assert list(cfg.to_dict())[-8:] == [
         "actors",
         "gpus_per_actor",
         "cpus_per_actor",
@@ -354,6 +354,7 @@ def test_to_dict_rebuilds_the_same_config():
         "decode_cpus",
         "actor_resources",
         "task_cpus",
+        "task_gpus",
     ]  # resources last
 
 
