@@ -274,6 +274,14 @@ def _null_passes(sets: list[np.ndarray], b: np.ndarray, perms: np.ndarray, batch
 STACK_MEMORY_MB = 512
 
 
+def stack_matrices(w: int, precision: str, memory_mb: int) -> int:
+    """How many (w, w) image matrices one call of :func:`stacked_two_vs_two` holds in ``memory_mb`` MB (at
+    least 1): each keeps itself and five row-term matrices in float64 and in the compute precision, plus its
+    float32 input; the blocks of margins come on top (``STACK_MEMORY_MB``)."""
+    itemsize = torch.finfo(dtype_of(precision)).bits // 8
+    return max(1, memory_mb * 2**20 // (w * w * (6 * 8 + 6 * itemsize + 4)))
+
+
 def _row_sums(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., w) each: the row sums without the diagonal, and n times the sums of squares without it."""
     n = m.shape[-1] - 2
@@ -524,7 +532,7 @@ class _ImageTermsView:
 
 def _stack(matrices, what: str, device: torch.device) -> torch.Tensor:
     """(N, w, w) float64 on ``device`` from an array (N, w, w) or a sequence of (w, w) matrices."""
-    t = torch.stack([torch.as_tensor(np.asarray(m), dtype=torch.float64) for m in matrices]).to(device)
+    t = torch.stack([torch.from_numpy(np.array(m, np.float64)) for m in matrices]).to(device)
     if t.ndim != 3 or t.shape[-1] != t.shape[-2] or t.shape[-1] < 4:
         raise InputError(f"{what} must be square matrices over the same w >= 4 concepts, got shape {tuple(t.shape)}")
     return t

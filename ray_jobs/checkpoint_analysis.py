@@ -83,7 +83,7 @@ class CheckpointAnalysis:
         """Extract each checkpoint on its split's images, then run its tests; each extraction's tests start as
         it ends."""
         cfg = self.cfg
-        scheduler = TwoVsTwoScheduler(cfg, self.output)
+        scheduler = TwoVsTwoScheduler(cfg, self.output, self.log)
         for n, checkpoint in enumerate(checkpoints, 1):
             images = split_source(cfg.images or checkpoint.run.data, checkpoint.split)
             out = posixpath.join(cfg.out, "extract", checkpoint.key)

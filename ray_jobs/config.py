@@ -445,6 +445,12 @@ class _TwoVsTwoJob(_ExtractingJob):
     gram_compute: str = option(
         "float32", "precision of each chunk's Gram product (the sums are float64)", choices=("float32", "float64")
     )
+    stack_memory_mb: int = option(
+        2048,
+        "memory of one statistics task's stacked (layer, image set) matrices: it takes as many of a model's "
+        "layers as fit, against every word model",
+        minimum=1,
+    )
     family: str = option(
         "model",
         "BHY family: all (every test of the job), model (one figure: one CNN's layers x word models), "

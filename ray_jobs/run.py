@@ -66,15 +66,15 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     exp = cfg.experiment_id()
     write_resolved(output, cfg, weights={model: plans[model].weights for model in cfg.models})
     started = time.monotonic()
-    scheduler, model_plans = TwoVsTwoScheduler(cfg, output), {}
+    scheduler, model_plans = TwoVsTwoScheduler(cfg, output, log), {}
     for model in cfg.models:
         run_extract(extractions[model], log=log, plan=plans[model])
         model_plans[model] = plan_model(output, model_key(model), plans[model], log)
         scheduler.submit(model_plans[model])
     if scheduler.pending:
         log(
-            f"analysis: {len(scheduler.grams)} Gram task(s), {len(scheduler.pending)} of {scheduler.n_tests} tests "
-            f"to run ({scheduler.n_tasks} tasks)"
+            f"analysis: {len(scheduler.grams)} Gram task(s), {scheduler.n_todo} of {scheduler.n_tests} tests to run "
+            f"in {len(scheduler.pending)} group(s) of layers ({scheduler.n_tasks} tasks, {cfg.precision})"
         )
     scheduler.wait()
 
@@ -129,5 +129,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         **summary,
         "tests_computed": scheduler.computed,
         "gram_tasks": len(scheduler.grams),
+        "pairs_rechecked": scheduler.rechecked,
+        "pairs_decided": scheduler.decided,
         "seconds": round(time.monotonic() - started, 3),
     }

@@ -3,10 +3,14 @@ tasks on Ray, their scheduling and the reducer.
 
 For each model extraction (a :class:`ModelPlan`): one Gram task per (layer, image set) computes
 its w x w concept correlations from the memory-mapped activation store in bounded feature
-chunks; one 2 vs. 2 task and ``permutations / permutation_shard`` permutation tasks per
-(layer, word model) run over those small matrices; each test is written as its tasks finish.
-The formulas are :mod:`semprobe.analysis.scores`'; this module only places them on the cluster
-and reads and writes their files::
+chunks; the 2 vs. 2 then runs stacked (:func:`semprobe.analysis.twovtwo.stacked_two_vs_two`): the layers
+are grouped so that a group's (layer, image set) matrices fit ``--stack-memory-mb``, and per group one
+observe task and ``permutations / permutation_shard`` permutation tasks each compute every matrix of
+the group against every word model in one stacked product per permutation block, on the task's device
+(``--task-gpus``: a fraction of a GPU each, packed by the scheduler) in ``--precision``; each test is
+written as its group's tasks finish. The formulas are :mod:`semprobe.analysis.scores`' and
+:mod:`semprobe.analysis.twovtwo`'s; this module only places them on the cluster and reads and writes
+their files::
 
     similarity/<key>/<layer>/set-NNN.parquet       the CNN matrix of each image set
     similarity/<key>/words/<word model>.parquet    the word matrices over the same concepts
@@ -35,15 +39,15 @@ from semprobe.analysis.scores import (
     chunk_features,
     concept_matrix,
     concept_pass_rates,
-    observe,
     score,
     word_matrix,
 )
-from semprobe.analysis.twovtwo import permutation_null
+from semprobe.analysis.twovtwo import stack_matrices, stacked_two_vs_two
 from semprobe.datasets import schema
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.extraction import ExtractionPlan
 from semprobe.ray_jobs.progress import Progress
+from semprobe.ray_jobs.startup import analysis_options, task_device
 from semprobe.ray_jobs.storage import Output, model_key
 from semprobe.ray_jobs.store import layer_folder, layer_views
 
@@ -140,16 +144,15 @@ def test_file(key: str, word_model: str, layer: str) -> tuple[str, ...]:
 
 
 @ray.remote
-def observe_task(word: np.ndarray, *sets: np.ndarray) -> dict[str, np.ndarray]:
-    """The observed 2 vs. 2 of every image set: pairs passed, in total and per concept."""
-    observed = observe(sets, word)
-    return {"passes": observed.passes, "concept_passes": observed.concept_passes}
-
-
-@ray.remote
-def permutation_task(word: np.ndarray, n_perm: int, seed: int, start: int, *sets: np.ndarray) -> np.ndarray:
-    """(n_perm, K) pairs passed under permutations start .. start + n_perm - 1 of the seed's sequence."""
-    return permutation_null(sets, word, n_perm, seed, start).passes
+def stacked_task(n_words: int, n_perm: int | None, seed: int, start: int, precision: str, *matrices) -> dict:
+    """The 2 vs. 2 of the image matrices against the word matrices (``matrices``: the ``n_words`` word
+    matrices, then every (layer, image set) matrix), observed (``n_perm`` None) or under permutations
+    ``start`` .. ``start + n_perm - 1`` of the seed's sequence, on the task's device: the counts of
+    :class:`semprobe.analysis.twovtwo.StackedTests` as a dict."""
+    stacked = stacked_two_vs_two(
+        matrices[n_words:], matrices[:n_words], n_perm, seed, start, device=task_device(), precision=precision
+    )
+    return vars(stacked)
 
 
 # --- the scheduler ---------------------------------------------------------------------------------
@@ -225,12 +228,26 @@ def _matrices(table: pa.Table) -> np.ndarray:
 
 @dataclass
 class PendingTest:
-    """One (model, word model, layer) test in flight: its observe task's and permutation tasks' results."""
+    """One (model, word model, layer) test, computed: observed passes (K,), concept passes (K, w), the null
+    (n_perm, K)."""
 
     model_plan: ModelPlan
     word_model: str
     layer: str
     layer_index: int
+    passes: np.ndarray
+    concept_passes: np.ndarray
+    null: np.ndarray
+
+
+@dataclass
+class PendingGroup:
+    """The tests of a group of one model's layers against some word models in flight: one observe task and the
+    permutation tasks, each over every (layer, image set) matrix of the group and every word model."""
+
+    model_plan: ModelPlan
+    layers: list[tuple[str, int]]
+    word_models: list[str]
     refs: list[ray.ObjectRef]
     done: int = 0
 
@@ -239,70 +256,106 @@ class PendingTest:
 class TwoVsTwoScheduler:
     """Submits the tasks of each model as its extraction finishes; writes each test as its tasks finish."""
 
-    cfg: Any  # RunConfig or DynamicsConfig: words, permutations, seed, the shard and Gram options, task_cpus
+    cfg: Any  # RunConfig or DynamicsConfig: words, permutations, seed, the shard, Gram and task options
     output: Output
-    pending: list[PendingTest] = field(default_factory=list)
+    log: Any = print
+    pending: list[PendingGroup] = field(default_factory=list)
     grams: list[ray.ObjectRef] = field(default_factory=list)
     n_tests: int = 0
+    n_todo: int = 0
     n_tasks: int = 0
     computed: int = 0
+    rechecked: int = 0
+    decided: int = 0
 
     def submit(self, model_plan: ModelPlan) -> None:
         cfg, out = self.cfg, self.output
-        # SPREAD: the statistics are CPU- and memory-bound; over every node they run side by side.
-        options = {"num_cpus": cfg.task_cpus, "scheduling_strategy": "SPREAD"}
+        # SPREAD: the statistics are compute- and memory-bound; over every node they run side by side.
+        options = analysis_options(cfg, self.log if not self.n_tests else None) | {"scheduling_strategy": "SPREAD"}
         words = {name: ray.put(stored_word_matrix(out, model_plan, name)) for name in cfg.words}
+        todo = {}
         for layer, layer_index in model_plan.layers:
-            todo = [name for name in cfg.words if not out.exists(*test_file(model_plan.key, name, layer))]
+            missing = [name for name in cfg.words if not out.exists(*test_file(model_plan.key, name, layer))]
             self.n_tests += len(cfg.words)
-            if not todo:
+            if missing:
+                todo[(layer, layer_index)] = missing
+        k, w = len(model_plan.set_indices), len(model_plan.concept_ids)
+        per_group = max(1, stack_matrices(w, cfg.precision, cfg.stack_memory_mb) // k)
+        layers = list(todo)
+        for lo in range(0, len(layers), per_group):
+            group = layers[lo : lo + per_group]
+            names = [name for name in cfg.words if any(name in todo[layer] for layer in group)]
+            sets = [ref for layer, layer_index in group for ref in self._set_matrices(model_plan, layer, layer_index)]
+            args = [words[name] for name in names] + sets
+            starts = range(0, cfg.permutations, cfg.permutation_shard)
+            refs = [stacked_task.options(**options).remote(len(names), None, cfg.seed, 0, cfg.precision, *args)] + [
+                stacked_task.options(**options).remote(
+                    len(names), min(cfg.permutation_shard, cfg.permutations - s), cfg.seed, s, cfg.precision, *args
+                )
+                for s in starts
+            ]
+            self.pending.append(PendingGroup(model_plan, group, names, refs))
+            self.n_todo += sum(len(todo[layer]) for layer in group)
+            self.n_tasks += len(refs)
+
+    def _set_matrices(self, model_plan: ModelPlan, layer: str, layer_index: int) -> list[ray.ObjectRef]:
+        """One (w, w) matrix per image set of the layer: stored, or a Gram task's result."""
+        cfg, out = self.cfg, self.output
+        sets = []
+        for set_index, images in zip(model_plan.set_indices, model_plan.images):
+            parts = similarity_file(model_plan.key, layer, set_index)
+            if out.exists(*parts):
+                sets.append(ray.put(_matrices(out.read_table(*parts))[0]))
                 continue
-            sets = []  # one matrix per image set: stored, or a Gram task's result
-            for set_index, images in zip(model_plan.set_indices, model_plan.images):
-                parts = similarity_file(model_plan.key, layer, set_index)
-                if out.exists(*parts):
-                    sets.append(ray.put(_matrices(out.read_table(*parts))[0]))
-                    continue
-                folder = ("extract", model_plan.extract_key, *layer_folder(model_plan.model, layer))
-                sets.append(
-                    gram_task.options(**options).remote(
-                        out.uri, folder, model_plan.model, layer, layer_index, set_index, images,
-                        model_plan.concept_ids, cfg.gram_memory_mb, cfg.gram_compute, model_plan.key,
-                    )
-                )  # fmt: skip
-                self.grams.append(sets[-1])
-            for name in todo:
-                starts = range(0, cfg.permutations, cfg.permutation_shard)
-                refs = [observe_task.options(**options).remote(words[name], *sets)] + [
-                    permutation_task.options(**options).remote(
-                        words[name], min(cfg.permutation_shard, cfg.permutations - s), cfg.seed, s, *sets
-                    )
-                    for s in starts
-                ]
-                self.pending.append(PendingTest(model_plan, name, layer, layer_index, refs))
-                self.n_tasks += len(refs)
+            folder = ("extract", model_plan.extract_key, *layer_folder(model_plan.model, layer))
+            sets.append(
+                gram_task.options(num_cpus=cfg.task_cpus, scheduling_strategy="SPREAD").remote(
+                    out.uri, folder, model_plan.model, layer, layer_index, set_index, images,
+                    model_plan.concept_ids, cfg.gram_memory_mb, cfg.gram_compute, model_plan.key,
+                )
+            )  # fmt: skip
+            self.grams.append(sets[-1])
+        return sets
 
     def wait(self) -> None:
         """Gather finished tasks into test files, with progress, until none is pending."""
         progress = Progress(self.n_tasks, "tasks", "2 vs. 2 and permutations")
-        owner = {ref: test for test in self.pending for ref in test.refs}
+        owner = {ref: group for group in self.pending for ref in group.refs}
         remaining = list(owner)
         while remaining:
             ready, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=1.0)
             for ref in ready:
-                test = owner[ref]
-                test.done += 1
-                if test.done == len(test.refs):
-                    self._write_test(test)
+                group = owner[ref]
+                group.done += 1
+                if group.done == len(group.refs):
+                    self._write_group(group)
             if ready:
                 progress.update(len(ready))
         progress.close()
+        if self.decided and self.cfg.precision != "fp64":
+            self.log(
+                f"{self.cfg.precision}: {self.rechecked} of {self.decided} pair decisions "
+                f"({self.rechecked / self.decided:.3%}) lay within the error bound and were recomputed in fp64"
+            )
+
+    def _write_group(self, group: PendingGroup) -> None:
+        observed, *shards = get(group.refs)
+        for part in (observed, *shards):
+            self.rechecked, self.decided = self.rechecked + part["rechecked"], self.decided + part["decided"]
+        k = len(group.model_plan.set_indices)
+        for m, name in enumerate(group.word_models):
+            for g, (layer, layer_index) in enumerate(group.layers):
+                if self.output.exists(*test_file(group.model_plan.key, name, layer)):
+                    continue
+                cols = slice(g * k, (g + 1) * k)
+                null = np.concatenate([s["passes"][:, m, cols] for s in shards]) if shards else np.zeros((0, k))
+                test = PendingTest(group.model_plan, name, layer, layer_index, observed["passes"][0, m, cols],
+                                   observed["concept_passes"][m, cols], null)  # fmt: skip
+                self._write_test(test)
 
     def _write_test(self, test: PendingTest) -> None:
         plan = test.model_plan
-        observed, *shards = get(test.refs)
-        k, w = len(plan.set_indices), len(plan.concept_ids)
-        null = np.concatenate(shards) if shards else np.zeros((0, k), np.int64)
+        k, w, null = len(plan.set_indices), len(plan.concept_ids), test.null
         table = pa.table(
             [
                 [plan.model] * k,
@@ -312,9 +365,9 @@ class TwoVsTwoScheduler:
                 pa.array(plan.set_indices, pa.int32()),
                 pa.array([w] * k, pa.int32()),
                 pa.array([w * (w - 1) // 2] * k, pa.int64()),
-                pa.array(observed["passes"], pa.int64()),
+                pa.array(test.passes, pa.int64()),
                 [plan.concept_ids] * k,
-                pa.array(list(observed["concept_passes"]), pa.list_(pa.int32())),
+                pa.array(list(test.concept_passes), pa.list_(pa.int32())),
                 pa.array([null[:, s].astype(np.int32) for s in range(k)], pa.list_(pa.int32())),
             ],
             schema=schema.TESTS,

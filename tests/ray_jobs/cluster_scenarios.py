@@ -63,7 +63,7 @@ def _when_first_shard_lands(out: str, act) -> threading.Thread:
     return thread
 
 
-ANALYSIS_TASKS = ("gram_task", "observe_task", "permutation_task")
+ANALYSIS_TASKS = ("gram_task", "stacked_task")
 
 
 def _analysis_tasks() -> list:
