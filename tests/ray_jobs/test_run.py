@@ -22,6 +22,7 @@ from semprobe.datasets import schema
 from semprobe.datasets.decode import decode_image, read_bytes
 from semprobe.datasets.images import resolve_images
 from semprobe.datasets.words import load_word_model
+from semprobe.ray_jobs import scheduler
 from semprobe.ray_jobs.cli import main
 from semprobe.ray_jobs.config import RunConfig, load_config
 from semprobe.ray_jobs.run import run
@@ -278,6 +279,23 @@ def test_rerun_resumes_what_is_missing_and_ends_identical(two_sets):
     assert {k: v for k, v in after.items() if k != "config.json"} == {
         k: v for k, v in before.items() if k != "config.json"
     }
+
+
+def test_fp32_and_small_stacks_write_the_same_tests_and_scores_as_fp64(two_sets, tmp_path, monkeypatch):
+    cfg, out, _ = two_sets
+    again = tmp_path / "out"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("tests", "scores*", "concept_scores*", "report.html"))
+    # one layer (2 sets) per stacked group, other shards: the tests must not depend on how the work is cut either
+    monkeypatch.setattr(scheduler, "stack_matrices", lambda w, precision, memory_mb: 2)
+    fp32 = RunConfig(**{**cfg.to_dict(), "out": str(again), "precision": "fp32", "permutation_shard": 9}).validate()
+    logged = []
+    summary = run(fp32, log=logged.append)
+    assert summary["tests_computed"] == len(LAYERS) and summary["gram_tasks"] == 0
+    assert "in 3 group(s) of layers" in "\n".join(logged) and summary["pairs_decided"] > 0
+    assert any("recomputed in fp64" in line for line in logged)
+    before, after = digest(out), digest(again)
+    same = [k for k in before if k.startswith("tests/") or "scores" in k]  # 4 score tables
+    assert len(same) == len(LAYERS) + 4 and all(after[k] == before[k] for k in same)
 
 
 @pytest.mark.parametrize(
