@@ -227,9 +227,9 @@ def test_the_bound_bounds_on_many_random_inputs(seed):
             return c / np.sqrt((c * c).sum(-1, keepdims=True))
 
         exact = (unit(i_x) * (unit(d_t) - unit(d_p))).sum(-1)
-        m32, e32, _ = margin_bounds(i_x, d_t, d_p, precision="fp32")
-        m64, e64, e64_of_fp32 = margin_bounds(i_x, d_t, d_p, precision="fp64")
-        np.testing.assert_array_equal(e64, e64_of_fp32 * 0 + e64)  # (shape)
+        m32, e32, band64 = margin_bounds(i_x, d_t, d_p, precision="fp32")
+        m64, e64, _ = margin_bounds(i_x, d_t, d_p, precision="fp64")
+        assert (np.abs(m64 - exact) <= band64).all()  # the E64 that widens the fp32 recheck band bounds fp64
         worst32 = max(worst32, float(np.max(np.abs(m32 - exact) / e32)))
         worst64 = max(worst64, float(np.max(np.abs(m64 - exact) / np.maximum(e64, 1e-300))))
     assert worst32 <= 1 and worst64 <= 1
