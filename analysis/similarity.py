@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse
 import torch
 
 from semprobe.analysis.errors import InputError, ZeroVarianceError
+from semprobe.analysis.precision import UNIT_ROUNDOFF, dtype_of, gamma, matmul_error_factor
 
 # A row whose standard deviation is below this fraction of its mean is constant to
 # float32 precision: its "z-scores" would be rounding noise blown up to norm 1.
@@ -130,7 +135,9 @@ class GramAccumulator:
         return np.clip(r, -1.0, 1.0, out=r)
 
 
-def correlation_matrix(x, compute: str = "float64", block: int | None = None) -> np.ndarray:
+def correlation_matrix(
+    x, compute: str = "float64", block: int | None = None, device=None, precision: str = "fp64"
+) -> np.ndarray:
     """(w, w) Pearson correlations between the rows of ``x``.
 
     Parameters
@@ -149,6 +156,11 @@ def correlation_matrix(x, compute: str = "float64", block: int | None = None) ->
         Gram product; set, the Gram is summed over chunks of ``block`` features
         (see :class:`GramAccumulator`), so no more than w x block values are
         converted at a time.
+    device : str or torch.device, optional
+        Unset: the numpy reference above (``compute`` and ``block`` apply). Set (``"cpu"``, ``"cuda"``, ...): the
+        torch path, :func:`centred_gram` on that device (``compute`` and ``block`` do not apply).
+    precision : "fp64" (default) or "fp32"
+        Precision of the torch path's products (:mod:`semprobe.analysis.precision`); its sums are float64.
 
     Raises
     ------
@@ -156,6 +168,8 @@ def correlation_matrix(x, compute: str = "float64", block: int | None = None) ->
         If a row is constant: its correlation with anything is undefined.
     """
     w = x.shape[0]
+    if device is not None and not scipy.sparse.issparse(x):
+        return centred_gram(x, device=device, precision=precision).correlation().cpu().numpy()
     if scipy.sparse.issparse(x):
         acc = GramAccumulator(w, "float64")  # exact for 0/1 rows: integer counts
         acc.add(x)
@@ -174,6 +188,173 @@ def correlation_matrix(x, compute: str = "float64", block: int | None = None) ->
     for start in range(0, d, block):
         acc.add(rows[:, start : start + block])
     return acc.correlation()
+
+
+# Features per product of the torch Gram: its error bound grows with the length of the float32 dot products, so they
+# are kept this short and their results summed in float64 (gamma_1024 of float32 is 6.1e-5, gamma_d at d = 10^5 0.6%).
+GRAM_CHUNK = 1024
+# The bounds are evaluated in float64 on magnitudes: their own relative rounding, at most gamma_(d+8) of float64,
+# is below 2**-20 for any d under 2**32 features; this factor covers it.
+BOUND_SAFETY = 1 + 2.0**-20
+
+
+def centring_error(a: torch.Tensor, unit_roundoff: float, centred_norm: torch.Tensor) -> torch.Tensor:
+    """A bound on ``||c - xbar||_2``, the computed centred row ``c`` against the exact one, given the part ``a`` of
+    the bound that does not depend on ``c`` and an upper bound on ``||c||``: ``c_r = (x_r - mu)(1 + delta)`` with
+    ``|delta| <= u`` adds ``u/(1-u) |c_r|``, and ``||c|| <= centred_norm`` (or, solving ``e <= a + u'(N + e)``
+    for a norm ``N`` of the exact row, the same form divided by ``1 - u'``, which this always applies)."""
+    u = unit_roundoff / (1 - unit_roundoff)
+    return BOUND_SAFETY * (a + u * centred_norm) / (1 - u)
+
+
+def direction_error(eps: torch.Tensor, norm_low: torch.Tensor) -> torch.Tensor:
+    """A bound on ``||c/||c|| - xbar/||xbar||||`` from ``eps >= ||c - xbar||`` and ``norm_low <= ||xbar||``:
+    ``2 eps / ||xbar||`` (for any v, w != 0, ``||v/|v| - w/|w||| <= ||v - w||/|w| + ||w| - |v||/|w| <= 2 ||v -
+    w||/|w|``); infinite when ``norm_low`` is not positive (the row's direction is then unknown, and every decision
+    on it is rechecked)."""
+    return torch.where(norm_low > 0, 2 * eps / norm_low.clamp_min(torch.finfo(torch.float64).tiny), math.inf)
+
+
+@dataclass(frozen=True)
+class CentredGram:
+    """Products of centred rows, summed in float64, and what bounds their errors (:func:`centred_gram`).
+
+    ``gram[i, j]`` is the computed ``<c_a_i, c_b_j>`` of the centred rows ``c`` (working precision, products of
+    ``GRAM_CHUNK`` features, their results summed in float64); ``norm_*`` the float64 norms ``||c||``;
+    ``direction_*`` (:func:`direction_error`) and ``fp64_direction_*`` bound ``||c/||c|| - xbar/||xbar||||`` for
+    this evaluation and for the same one in float64; ``product`` and ``fp64_product`` the ``k`` with
+    ``|gram - <c_a, c_b>| <= k ||c_a|| ||c_b||`` of each.
+    """
+
+    gram: torch.Tensor
+    norm_a: torch.Tensor
+    norm_b: torch.Tensor
+    direction_a: torch.Tensor
+    direction_b: torch.Tensor
+    fp64_direction_a: torch.Tensor
+    fp64_direction_b: torch.Tensor
+    product: float
+    fp64_product: float
+    d: int
+
+    def correlation(self) -> torch.Tensor:
+        """(a, b) float64: Pearson r of each pair of rows, clipped to [-1, 1] (clipping only moves it closer)."""
+        return (self.gram / self.norm_a[:, None] / self.norm_b[None, :]).clamp_(-1.0, 1.0)
+
+    def error(self, fp64: bool = False) -> torch.Tensor:
+        """(a, b) float64: a bound on ``|correlation() - r_exact|`` of this evaluation (or, ``fp64``, of the same
+        evaluation in float64 on the same inputs).
+
+        ``r = <c_a, c_b> / (||c_a|| ||c_b||)`` is computed from the float64 sums: dividing by the computed norms
+        adds a relative ``theta = gamma_(d+6)`` of float64 (the sums of squares, two square roots, two divisions),
+        so ``|r_computed - <c_a/||c_a||, c_b/||c_b||>| <= k (1 + theta) + theta``, and by Cauchy-Schwarz
+        ``|<c_a/||c_a||, c_b/||c_b||> - <z_a, z_b>| <= e_a + e_b + e_a e_b`` with the direction errors ``e``.
+        """
+        k = self.fp64_product if fp64 else self.product
+        e_a, e_b = (self.fp64_direction_a, self.fp64_direction_b) if fp64 else (self.direction_a, self.direction_b)
+        theta = gamma(self.d + 6, torch.float64)
+        return BOUND_SAFETY * (k * (1 + theta) + theta + e_a[:, None] + e_b[None, :] + e_a[:, None] * e_b[None, :])
+
+
+def centred_gram(
+    x,
+    rows_a: Sequence[int] | None = None,
+    rows_b: Sequence[int] | None = None,
+    device="cpu",
+    precision: str = "fp64",
+    what: str = "the rows",
+) -> CentredGram:
+    """Pearson products of rows ``rows_a`` with rows ``rows_b`` of ``x``, on ``device``, with proven error bounds.
+
+    One code path for every device. Two passes over the features in chunks of ``GRAM_CHUNK``: the first sums
+    ``x``, ``|x|`` and ``x**2`` per row in float64 (the mean ``mu``); the second centres each chunk in the working
+    precision (``c = x - fl(mu)``) and adds the chunk's ``c_a @ c_b.T`` to float64 sums: the working-precision dot
+    products are ``GRAM_CHUNK`` long whatever ``d``, which keeps the bound small. Not numpy's ``z.T @ z`` (see
+    :func:`add_gram`): torch's gemm, on any width.
+
+    The bound on the centred rows (``u`` the working unit roundoff, ``u_in`` the rounding of the input into it:
+    0 for float16/float32 data in float32 and for any data in float64): ``|fl(mu) - mu| <= u |mu| +
+    gamma_(d+1) sum|x| / d`` (float64 sums, then one rounding) and ``c_r = (fl(x_r) - fl(mu))(1 + delta)``, so
+    ``||c - xbar|| <= u_in ||x|| + sqrt(d) |fl(mu) - mu| + u/(1-u) ||c||`` (:func:`centring_error`). Each chunk's
+    product errs by at most ``matmul_error_factor(GRAM_CHUNK) sum|c_a c_b|`` (TF32 on CUDA in fp32) and the float64
+    sum of the ``n_chunks`` results adds ``gamma_(n_chunks)`` of float64: ``product = f + gamma(n_chunks) (1 + f)``,
+    ``|gram - <c_a, c_b>| <= product ||c_a|| ||c_b||`` by Cauchy-Schwarz. The float64 evaluation's bounds use the
+    same formulas with float64's roundoffs and ``||c_64|| <= ||c|| + eps``.
+
+    Parameters
+    ----------
+    x : array-like or Tensor, (m, ...) real
+        Rows along the first axis; trailing dimensions are flattened.
+    rows_a, rows_b : sequence of int, optional
+        The rows to multiply (default: all, for the (m, m) matrix).
+    device : str or torch.device
+    precision : "fp64" or "fp32"
+    what : str
+        What the rows are, for the error naming a constant row.
+
+    Raises
+    ------
+    ZeroVarianceError
+        If a named row is constant (its centred norm is below ``RELATIVE_STD_FLOOR`` of its norm).
+    """
+    dtype = dtype_of(precision)
+    device = torch.device(device)
+    m = x.shape[0]
+    rows_a = list(range(m)) if rows_a is None else [int(r) for r in rows_a]
+    rows_b = rows_a if rows_b is None else [int(r) for r in rows_b]
+    named = sorted({*rows_a, *rows_b})
+    at = {row: k for k, row in enumerate(named)}
+    data = torch.as_tensor(x[named] if not isinstance(x, torch.Tensor) else x[named]).reshape(len(named), -1)
+    if not data.is_floating_point():
+        data = data.double()
+    data = data.to(device)
+    d = data.shape[1]
+    u = UNIT_ROUNDOFF[dtype]
+    u_in = 0.0 if torch.finfo(data.dtype).bits <= torch.finfo(dtype).bits else u
+    chunks = range(0, d, GRAM_CHUNK)
+    total, absolute, squares = (torch.zeros(len(named), dtype=torch.float64, device=device) for _ in range(3))
+    for lo in chunks:
+        part = data[:, lo : lo + GRAM_CHUNK].double()
+        total += part.sum(1)
+        absolute += part.abs().sum(1)
+        squares += part.square().sum(1)
+    mean = total / d
+    shift = mean.to(dtype)[:, None]
+    ia = torch.tensor([at[r] for r in rows_a], device=device)
+    ib = torch.tensor([at[r] for r in rows_b], device=device)
+    gram = torch.zeros(len(rows_a), len(rows_b), dtype=torch.float64, device=device)
+    centred = torch.zeros(len(named), dtype=torch.float64, device=device)
+    for lo in chunks:
+        c = data[:, lo : lo + GRAM_CHUNK].to(dtype) - shift
+        gram += (c[ia] @ c[ib].T).double()
+        centred += c.double().square().sum(1)
+    norm, raw_norm = centred.sqrt(), squares.sqrt()
+    constant = norm <= RELATIVE_STD_FLOOR * raw_norm
+    if constant.any():
+        rows = [named[k] for k in torch.nonzero(constant).flatten().tolist()]
+        raise ZeroVarianceError(f"zero-variance row {rows[0]} in {what}: its correlation is undefined", rows)
+    unit64 = UNIT_ROUNDOFF[torch.float64]
+    mean_error = gamma(d + 1, torch.float64) * absolute / d  # the float64 mean against the exact one
+    eps = centring_error(u_in * raw_norm + math.sqrt(d) * (u * mean.abs() + mean_error), u, norm)
+    eps64 = centring_error(math.sqrt(d) * mean_error, unit64, norm + eps)  # ||c_64|| <= ||xbar|| + eps64
+    low = norm - eps  # ||xbar|| >= ||c|| - eps
+    direction, direction64 = direction_error(eps, low), direction_error(eps64, low)
+    n_chunks = max(len(chunks), 1)
+    factor = matmul_error_factor(min(d, GRAM_CHUNK), dtype, device)
+    factor64 = matmul_error_factor(min(d, GRAM_CHUNK), torch.float64, device)
+    g = gamma(n_chunks, torch.float64)
+    return CentredGram(
+        gram,
+        norm[ia],
+        norm[ib],
+        direction[ia],
+        direction[ib],
+        direction64[ia],
+        direction64[ib],
+        factor + g * (1 + factor),
+        factor64 + g * (1 + factor64),
+        d,
+    )
 
 
 def centred_unit_rows(x, what: str = "the rows") -> np.ndarray:

@@ -354,6 +354,7 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
             [row["target_index"] for row in success],
             r,
             groups,
+            log=log,
         )
         write_one_vs_two(output, cfg, [row for row in one_vs_two_rows if row["group"] == OVERALL], "one_vs_two.parquet")
         write_one_vs_two(

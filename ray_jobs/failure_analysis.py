@@ -28,7 +28,12 @@ import pyarrow.parquet as pq
 import ray
 
 from semprobe.analysis.errors import InputError, ZeroVarianceError
-from semprobe.analysis.onevtwo import one_vs_two, one_vs_two_null, reference_correlations
+from semprobe.analysis.onevtwo import (
+    bounded_reference_correlations,
+    one_vs_two,
+    one_vs_two_null,
+    reference_correlations,
+)
 from semprobe.analysis.similarity import PAIRED_SIMILARITY
 from semprobe.analysis.stats import permutation_tests
 from semprobe.datasets import schema
@@ -36,7 +41,7 @@ from semprobe.datasets.classes import imagenet_classes
 from semprobe.datasets.concepts import ConceptMatch, match_concepts
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.extraction import ExtractionPlan, plan_extraction, run_extract
-from semprobe.ray_jobs.startup import check_same_experiment, connect, write_resolved
+from semprobe.ray_jobs.startup import analysis_options, check_same_experiment, connect, task_device, write_resolved
 from semprobe.ray_jobs.storage import Output
 from semprobe.ray_jobs.store import layer_views
 
@@ -50,6 +55,8 @@ class GroupOneVsTwo:
     accuracy: float  # the fraction of the group's images that side with t
     n: int  # images in the group
     null: np.ndarray  # (n_perm,) float64: the accuracy under each permutation of the reference words
+    rechecked: int = 0  # decisions the fp32 evaluation left to float64 (observed and null)
+    decisions: int = 0  # decisions made (observed and null): n (1 + n_perm)
 
 
 @ray.remote
@@ -64,6 +71,7 @@ def layer_task(
     n_perm: int,
     seed: int,
     null: str = "rows",
+    precision: str = "fp64",
 ) -> dict[str, GroupOneVsTwo]:
     """1 vs. 2 of one layer: the images' activations against their references', and the null, per group of images.
 
@@ -71,7 +79,10 @@ def layer_task(
     extractions; an image in two folders is taken from the last); ``references[k]`` are image k's R reference
     images; ``d_true``, ``d_pred`` (n, R) its word side; ``groups`` name subsets of the images, by position;
     ``null`` is :func:`semprobe.analysis.onevtwo.one_vs_two_null`'s (rows are shuffled within each group).
+    Everything runs on the task's device (its GPU when Ray gave it one) in ``precision``: in fp32 the decisions the
+    bound cannot settle are recomputed in float64, activations' correlations included, so they equal fp64's.
     """
+    device = task_device()
     needed = set(images) | {r for refs in references for r in refs}
     position: dict[str, int] = {}
     parts = []
@@ -87,11 +98,13 @@ def layer_task(
     activations = parts[0] if len(parts) == 1 else np.concatenate(parts)
     del parts
     try:
-        i_x = reference_correlations(
+        i_x = bounded_reference_correlations(
             activations,
             [position[x] for x in images],
             [[position[r] for r in refs] for refs in references],
             "the activations",
+            device,
+            precision,
         )
     except ZeroVarianceError as err:  # the store writes a constant activation as zeros: name the images
         image_at = {k: image_id for image_id, k in position.items()}
@@ -102,9 +115,16 @@ def layer_task(
         ) from None
     results = {}
     for group, members in groups.items():
-        args = (i_x[members], d_true[members], d_pred[members])
-        null_accuracy = one_vs_two_null(*args, n_perm, seed, null=null)
-        results[group] = GroupOneVsTwo(one_vs_two(*args).accuracy, len(members), null_accuracy)
+        args = (i_x.take(members), d_true[members], d_pred[members])
+        tested = one_vs_two(*args, device=device, precision=precision)
+        drawn = one_vs_two_null(*args, n_perm, seed, null=null, device=device, precision=precision)
+        results[group] = GroupOneVsTwo(
+            tested.accuracy,
+            len(members),
+            drawn.accuracy,
+            tested.rechecked + drawn.rechecked,
+            len(members) * (1 + n_perm),
+        )
     return results
 
 
@@ -217,8 +237,10 @@ def one_vs_two_through_layers(
     p_idx: list[int],
     r: int,
     groups: dict[str, list[int]],
+    log=None,
 ) -> list[dict[str, Any]]:
-    """Every layer's 1 vs. 2 per group as Ray tasks, p-values, BHY over every (group, layer) row.
+    """Every layer's 1 vs. 2 per group as Ray tasks (``analysis_options``: a share of a GPU when the cluster has
+    GPUs), in ``--precision``, p-values, BHY over every (group, layer) row; ``log`` gets the fp32 recheck count.
 
     Returns the rows of ``datasets.schema.ONE_VS_TWO``, group by group, each group's layers in order.
     """
@@ -226,9 +248,10 @@ def one_vs_two_through_layers(
     d_true, d_pred = ctx.word_side(t_idx, p_idx, refs)
     ref_images = [[ctx.pool[c] for c in rs] for rs in refs]
     key = ctx.plan.model_key
+    options = analysis_options(cfg, log)
     results = ray.get(
         [
-            layer_task.options(num_cpus=cfg.task_cpus).remote(
+            layer_task.options(**options).remote(
                 output.uri,
                 list(dict.fromkeys([folder + (key, layer.name), ("extract", "activations", key, layer.name)])),
                 images,
@@ -239,10 +262,18 @@ def one_vs_two_through_layers(
                 cfg.permutations,
                 cfg.seed,
                 cfg.null,
+                cfg.precision,
             )
             for layer in ctx.plan.layers
         ]
     )
+    if log and cfg.precision != "fp64":
+        rechecked = sum(test.rechecked for result in results for test in result.values())
+        decisions = sum(test.decisions for result in results for test in result.values())
+        log(
+            f"1 vs. 2 in {cfg.precision}: {rechecked} of {decisions} decisions ({rechecked / max(decisions, 1):.2%}) "
+            "lay within the error bound of the threshold and were recomputed in fp64"
+        )
     tested = [(group, layer, result[group]) for group in groups for layer, result in zip(ctx.plan.layers, results)]
     rows = [
         {

@@ -108,6 +108,7 @@ def run_misclassified(cfg: MisclassifiedConfig, log=print) -> dict[str, Any]:
         p_idx,
         r,
         {"misclassified": list(range(len(images)))},
+        log=log,
     )
     write_one_vs_two(output, cfg, rows, "one_vs_two.parquet")
     figure = one_vs_two_figure(rows, f"{plan.model}: {len(images)} misclassified images, R = {r}")

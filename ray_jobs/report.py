@@ -289,7 +289,7 @@ def write_failure_report(
         f"{escape(cfg.words)} · layers "
         f"<code>{escape(cfg.layers)}</code> · R = {summary['references']} reference concepts, each with one correctly "
         f"classified image, never the true (source) or predicted (target) class · {cfg.permutations} "
-        f"permutations (seed {cfg.seed}, null: {cfg.null}) · {escape(statement)}</p>",
+        f"permutations (seed {cfg.seed}, null: {cfg.null}) · precision {cfg.precision} · {escape(statement)}</p>",
         *(f'<p class="note">{escape(w)}</p>' for w in warnings),
         _table(["", "value"], [[k, _f(v, ".4g") if isinstance(v, float) else v] for k, v in summary.items()]),
     ]

@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from semprobe.analysis.errors import ZeroVarianceError
+from semprobe.analysis import similarity
+from semprobe.analysis.errors import InputError, ZeroVarianceError
 from semprobe.analysis.similarity import (
     GramAccumulator,
+    centred_gram,
     centred_unit_rows,
     correlation_matrix,
     paired_cosine,
@@ -130,3 +132,41 @@ def test_paired_cosine_is_the_cosine_of_each_pair_of_rows():
     np.testing.assert_allclose(cosine, expected, rtol=1e-12)
     np.testing.assert_allclose(paired_cosine(u, 3 * u), 1.0, rtol=1e-14)
     assert paired_cosine(np.zeros((0, 9)), np.zeros((0, 9))).shape == (0,)
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp32"])
+@pytest.mark.parametrize("w, d, dtype", [(3, 5, np.float64), (40, 2500, np.float32), (838, 1500, np.float16)])
+def test_torch_correlation_matrix_is_numpy_pearson_with_a_bound_that_holds(w, d, dtype, precision):
+    """The torch Gram (float64 sums of GRAM_CHUNK-feature products) against np.corrcoef, at w up to the paper's 838,
+    on rows far from centred; its error bound holds entry by entry and is not vacuous."""
+    rng = np.random.default_rng(w)
+    x = (rng.normal(size=(w, d)) * rng.uniform(0.1, 5, (w, 1)) + rng.uniform(-20, 20, (w, 1))).astype(dtype)
+    expected = np.corrcoef(x.astype(np.float64))
+    got = correlation_matrix(x, device="cpu", precision=precision)
+    assert got.shape == (w, w) and got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, atol=1e-12 if precision == "fp64" else 1e-5)
+    gram = centred_gram(x, device="cpu", precision=precision)
+    error = gram.error().numpy()
+    assert (np.abs(gram.correlation().numpy() - expected) <= error).all()
+    assert error.max() < (1e-8 if precision == "fp64" else 1e-2)
+    assert (gram.error(fp64=True).numpy() <= error * (1 + 1e-12)).all()
+
+
+def test_torch_gram_of_chosen_rows_chunked_over_features(monkeypatch):
+    """Rows a x rows b of one matrix, summed over many feature chunks, equal the same entries of np.corrcoef."""
+    monkeypatch.setattr(similarity, "GRAM_CHUNK", 7)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 3, 10)) + 5
+    expected = np.corrcoef(x.reshape(12, -1))
+    gram = centred_gram(x, [4, 0, 4], [11, 2], device="cpu", precision="fp32")
+    np.testing.assert_allclose(gram.correlation().numpy(), expected[np.ix_([4, 0, 4], [11, 2])], atol=1e-6)
+    assert (np.abs(gram.correlation().numpy() - expected[np.ix_([4, 0, 4], [11, 2])]) <= gram.error().numpy()).all()
+
+
+def test_torch_correlation_matrix_names_a_constant_row():
+    x = np.random.default_rng(3).normal(size=(5, 40)).astype(np.float32)
+    x[3] = 2.5
+    with pytest.raises(ZeroVarianceError, match="zero-variance row 3 in the rows"):
+        correlation_matrix(x, device="cpu")
+    with pytest.raises(InputError, match="unknown precision 'fp8': choose one of fp64, fp32"):
+        correlation_matrix(x, device="cpu", precision="fp8")

@@ -1,5 +1,7 @@
 """``semprobe misclassified`` end to end on the packaged samples, against a reference computed here."""
 
+import json
+import shutil
 from importlib.metadata import version
 
 import numpy as np
@@ -141,3 +143,22 @@ def test_classes_that_share_a_word_are_one_concept_so_no_mistake_pairs_a_word_wi
     assert "shares word &#x27;jeep&#x27; with n02814533" in report or "shares word 'jeep' with n02814533" in report
     concepts = pq.read_table(out / "extract" / "concepts.parquet").to_pylist()
     assert "n03594945" not in {c["concept_id"] for c in concepts}
+
+
+def test_precision_fp32_writes_the_fp64_tables(ray_session, tmp_path):
+    """--precision fp32 (on this CPU: float32 correlations and margins, near-threshold decisions recomputed in
+    float64) writes the same 1 vs. 2 table as fp64, accuracy and p-values alike, and records its precision."""
+    tables, logs = {}, {}
+    for precision in ("fp64", "fp32"):
+        out = tmp_path / precision
+        if precision == "fp32":  # the same extraction: resumed, not rerun
+            shutil.copytree(tmp_path / "fp64" / "extract", out / "extract")
+        cfg = MisclassifiedConfig(out=str(out), permutations=40, precision=precision).validate()
+        logs[precision] = []
+        run_misclassified(cfg, log=logs[precision].append)
+        tables[precision] = pq.read_table(out / "one_vs_two.parquet")
+        assert json.loads((out / "config.json").read_text())["config"]["precision"] == precision
+        assert f"precision {precision}" in (out / "report.html").read_text()
+    assert tables["fp32"].num_rows == 16 and tables["fp32"].equals(tables["fp64"])
+    assert any(line.startswith("1 vs. 2 in fp32:") and "recomputed in fp64" in line for line in logs["fp32"])
+    assert not any(line.startswith("1 vs. 2 in") for line in logs["fp64"])
