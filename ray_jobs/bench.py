@@ -61,6 +61,7 @@ def bench_extract(args: argparse.Namespace) -> dict:
     rate = summary.get("steady_images_per_second") or summary["images_per_second"]
     result = {
         "benchmark": "extract",
+        "device": "cuda" if torch.cuda.is_available() else "cpu",  # the extraction actor's (pick_device)
         "model": args.model,
         "images": args.images,
         "n_images": n_images,
@@ -142,10 +143,20 @@ def settle(busy: float = 0.2, limit: float = 60.0) -> float:
     return time.monotonic() - started
 
 
-def row(benchmark: str, figure: str, floor: str, ratio: float | None, op: str | None, target: float | None) -> dict:
-    """One line of the benchmark table: the figure beside its floor, their ratio and the target it must meet."""
+def row(
+    benchmark: str,
+    figure: str,
+    floor: str,
+    ratio: float | None,
+    op: str | None,
+    target: float | None,
+    device: str | None = None,
+) -> dict:
+    """One line of the benchmark table: the figure beside its floor, their ratio and the target it must meet;
+    ``device`` where it ran (default: its benchmark's)."""
     return {
         "benchmark": benchmark,
+        "device": device,
         "figure": figure,
         "floor": floor,
         "ratio": None if ratio is None else _sig(ratio),
@@ -154,12 +165,20 @@ def row(benchmark: str, figure: str, floor: str, ratio: float | None, op: str | 
     }
 
 
+def table_rows(result: dict) -> list[dict]:
+    """A benchmark's rows, each naming its device (the benchmark's unless the row says)."""
+    return [{**r, "device": r["device"] or result["device"]} for r in result["rows"]]
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| benchmark | figure | floor | ratio | target | met |", "|---|---|---|---|---|---|"]
+    lines = ["| benchmark | device | figure | floor | ratio | target | met |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3g}"
         met = {True: "yes", False: "**no**", None: "-"}[r["met"]]
-        lines.append(f"| {r['benchmark']} | {r['figure']} | {r['floor']} | {ratio} | {r['target'] or '-'} | {met} |")
+        lines.append(
+            f"| {r['benchmark']} | {r.get('device') or '-'} | {r['figure']} | {r['floor']} | {ratio} | "
+            f"{r['target'] or '-'} | {met} |"
+        )
     return "\n".join(lines)
 
 
@@ -240,6 +259,7 @@ def bench_twovtwo(args: argparse.Namespace) -> dict:
         )
     return {
         "benchmark": "twovtwo",
+        "device": "cpu (numpy)",
         "cpus": len(os.sched_getaffinity(0)),
         "target_ratio_w838": 3,
         "target_speedup": 1000,
@@ -253,11 +273,15 @@ def bench_permutations(args: argparse.Namespace) -> dict:
     n = args.permutations
     out = np.empty_like(a)
     rows = []
-    for threads, limit in THREAD_SETTINGS.items():
+    # numpy (the reference) on one thread and on all cores; the torch kernels the jobs run, on all cores
+    for (threads, limit), device in [
+        *((t, None) for t in THREAD_SETTINGS.items()),
+        (("all cores", nullcontext), "cpu"),
+    ]:
         with limit():
-            permutation_null([a], b, 1, seed=0)  # warm-up
+            permutation_null([a], b, 1, seed=0, device=device)  # warm-up
             start = time.perf_counter()
-            permutation_null([a], b, n, seed=0)
+            permutation_null([a], b, n, seed=0, device=device)
             seconds = time.perf_counter() - start
             np.matmul(a, b, out=out)
             start = time.perf_counter()
@@ -267,6 +291,7 @@ def bench_permutations(args: argparse.Namespace) -> dict:
         rows.append(
             {
                 "threads": threads,
+                "kernel": "numpy" if device is None else "torch",
                 "permutation_null_s": _sig(seconds),
                 "ms_per_permutation": _sig(seconds / n * 1e3),
                 "floor_matmuls_s": _sig(floor),
@@ -276,7 +301,7 @@ def bench_permutations(args: argparse.Namespace) -> dict:
         )
     table = [
         row(
-            f"permutation_null w={args.w}, {n} permutations, {r['threads']}",
+            f"permutation_null w={args.w}, {n} permutations, {r['kernel']}, {r['threads']}",
             f"{r['permutation_null_s']:.4g} s",
             f"{r['floor_matmuls_s']:.4g} s ({n} w x w x w matmuls)",
             r["ratio"],
@@ -287,6 +312,7 @@ def bench_permutations(args: argparse.Namespace) -> dict:
     ]
     return {
         "benchmark": "permutations",
+        "device": "cpu",
         "w": args.w,
         "K": 1,
         "permutations": n,
@@ -332,6 +358,7 @@ def bench_affine(args: argparse.Namespace) -> dict:
     n_maps = len(widths_solve) * (len(widths_solve) - 1)
     result = {
         "benchmark": "affine",
+        "device": "cpu",
         "cpus": len(os.sched_getaffinity(0)),
         "gram_width": d,
         "batch": batch,
@@ -409,6 +436,7 @@ def bench_attack(args: argparse.Namespace) -> dict:
     floor, figure = float(np.median(floors)), float(np.median(figures))
     result = {
         "benchmark": "attack",
+        "device": "cpu",
         "model": args.model,
         "cpus": cpus,
         "gpus": torch.cuda.device_count(),
@@ -511,6 +539,7 @@ def bench_train(args: argparse.Namespace) -> dict:
     plain, task, figure = (float(np.median(rates[k])) for k in ("plain", "ray_task", "ray_train"))
     result = {
         "benchmark": "train",
+        "device": "cpu",
         "model": args.model,
         "cpus": cpus,
         "gpus": torch.cuda.device_count(),
@@ -540,10 +569,129 @@ def bench_train(args: argparse.Namespace) -> dict:
     return result
 
 
+def real_matrices(images: str, model: str = "efficientnet_lite0", word_model: str = "glove-50d"):
+    """The (w, w) similarity matrices of a real run, without Ray: ``model``'s blocks on one image per concept of
+    ``images`` that ``word_model`` has a word for, and that word model's matrix over the same concepts."""
+    from semprobe.actors.extractor import ActivationExtractor
+    from semprobe.analysis.scores import word_matrix
+    from semprobe.analysis.similarity import correlation_matrix
+    from semprobe.datasets.concepts import match_concepts
+    from semprobe.datasets.words import load_word_model
+
+    source = resolve_images(images)
+    words = load_word_model(word_model)
+    match = match_concepts(source.classes, source.class_space, [words])
+    table = source.images.to_pylist()
+    first = {}
+    for r in sorted(table, key=lambda r: r["image_id"]):
+        first.setdefault(r["concept_id"], r["uri"])
+    concepts = [c for c in match.concept_ids if c in first]
+    lemma = dict(zip(match.table["concept_id"].to_pylist(), match.table["word"].to_pylist()))
+    extractor = ActivationExtractor(
+        model, "blocks", dtype="float32", device="cpu", threads=len(os.sched_getaffinity(0))
+    )
+    pre = extractor.preprocess
+    rows = {layer.name: [] for layer in extractor.layers}
+    for lo in range(0, len(concepts), 32):
+        pixels = np.stack(
+            [
+                decode_image(read_bytes(first[c]), pre.size, pre.resize_size, pre.interpolation)
+                for c in concepts[lo : lo + 32]
+            ]
+        )
+        out = extractor({"pixels": pixels})
+        for name in rows:
+            rows[name].append(out[name])
+    matrices = [correlation_matrix(np.concatenate(rows[name])) for name in rows]
+    return matrices, word_matrix(words.vectors([lemma[c] for c in concepts])).astype(np.float64)
+
+
+def _timed_run(images: str, store: str, out: str) -> float:
+    from semprobe.ray_jobs.config import RunConfig
+    from semprobe.ray_jobs.run import run
+
+    cfg = RunConfig(images=images, out=out, store=store).validate()
+    start = time.perf_counter()
+    run(cfg, log=lambda m: None)
+    return time.perf_counter() - start
+
+
+def bench_analysis(args: argparse.Namespace) -> dict:
+    """The statistics on every device present (:mod:`semprobe.ray_jobs.kernel_bench`: the stacked permutation
+    product's rate against the plain matmul rate, fp64 and fp32), the fraction of pairs fp32 rechecks on real
+    activations, and ``semprobe run --store similarity`` end to end against ``--store activations``."""
+    from semprobe.analysis.twovtwo import stacked_two_vs_two
+    from semprobe.ray_jobs.kernel_bench import kernel_results
+
+    results = kernel_results(args.quick)
+    table = []
+    for r in results:
+        table.append(
+            row(
+                f"stacked 2 vs. 2 null on {r['device']} ({r['device_name']}), {r['precision']}: w={r['w']}, "
+                f"{r['images']} image x {r['words']} word matrices x {r['permutations']} permutations",
+                f"{r['tflops'] * 1e3:.4g} GFLOP/s",
+                f"{r['plain_tflops'] * 1e3:.4g} GFLOP/s (plain {r['precision']} matmul of the stacked shape)",
+                r["ratio"],
+                ">=",
+                0.6,
+                r["device"],
+            )
+        )
+    if not torch.cuda.is_available():
+        for precision in ("fp64", "fp32"):
+            table.append(row(f"stacked 2 vs. 2 null, {precision}", "no GPU", "no GPU", None, None, None, "GPU"))
+    images = args.images
+    matrices, word = real_matrices(images)
+    n_perm = 5 if args.quick else 50
+    fp32 = stacked_two_vs_two(matrices, [word], n_perm, seed=0, precision="fp32")
+    fp64 = stacked_two_vs_two(matrices, [word], n_perm, seed=0, precision="fp64")
+    agree = bool((fp32.passes == fp64.passes).all())
+    fraction = fp32.rechecked / fp32.decided
+    table.append(
+        row(
+            f"fp32 pairs rechecked in fp64, efficientnet_lite0 blocks on {images} ({len(word)} concepts, "
+            f"{len(matrices)} layers, {n_perm} permutations; passes equal to fp64: {'yes' if agree else 'NO'})",
+            f"{fraction:.3%} ({fp32.rechecked} of {fp32.decided})",
+            "-",
+            None,
+            None,
+            None,
+        )
+    )
+    result = {
+        "benchmark": "analysis",
+        "device": ", ".join(sorted({r["device"] for r in results})),
+        "kernels": results,
+        "real": {"images": images, "concepts": len(word), "layers": len(matrices), "permutations": n_perm,
+                 "rechecked": fp32.rechecked, "decided": fp32.decided, "fraction": fraction, "agree": agree},
+    }  # fmt: skip
+    settle()
+    with tempfile.TemporaryDirectory() as tmp:
+        seconds = {
+            store: _timed_run(images, store, os.path.join(tmp, store)) for store in ("activations", "similarity")
+        }
+    result["store_seconds"] = seconds
+    table.append(
+        row(
+            f"semprobe run --images {images}, --store similarity against activations (end to end, "
+            f"{torch.cuda.device_count()} GPU)",
+            f"{seconds['similarity']:.1f} s",
+            f"{seconds['activations']:.1f} s (--store activations)",
+            seconds["activations"] / seconds["similarity"],
+            None,
+            None,
+        )
+    )
+    result["rows"] = table
+    return result
+
+
 BENCHMARKS = {
     "extract": bench_extract,
     "twovtwo": bench_twovtwo,
     "permutations": bench_permutations,
+    "analysis": bench_analysis,
     "affine": bench_affine,
     "attack": bench_attack,
     "train": bench_train,
@@ -605,7 +753,7 @@ def bench_all(args: argparse.Namespace, log=print) -> dict:
         "quick": bool(args.quick),
         "machine": machine(),
         "results": results,
-        "rows": [r for result in results for r in result["rows"]],
+        "rows": [r for result in results for r in table_rows(result)],
     }
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "bench.json"), "w") as f:

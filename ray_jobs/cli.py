@@ -91,7 +91,7 @@ def _job(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from semprobe.ray_jobs.bench import BENCHMARKS, bench_all, markdown, with_defaults
+    from semprobe.ray_jobs.bench import BENCHMARKS, bench_all, markdown, table_rows, with_defaults
 
     if args.bench == "all":
         report = bench_all(args, log=lambda m: print(m, file=sys.stderr))
@@ -100,7 +100,7 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         report = BENCHMARKS[args.bench](with_defaults(args.bench, args))
         print(json.dumps(report, indent=2))
-        print("\n" + markdown(report["rows"]))
+        print("\n" + markdown(table_rows(report)))
     return 0
 
 
@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser(
         "bench", help="benchmarks, each figure beside its floor (the bare operation, measured in the same run)"
     )
-    b.add_argument("bench", choices=["all", "extract", "twovtwo", "permutations", "affine", "attack", "train"])
+    b.add_argument(
+        "bench", choices=["all", "extract", "twovtwo", "permutations", "analysis", "affine", "attack", "train"]
+    )
     b.add_argument("--images", default="sample:imagenet", help="extract, attack: the images")
     b.add_argument("--model", help="default: fractalnet for train, efficientnet_lite0 for the others")
     b.add_argument(

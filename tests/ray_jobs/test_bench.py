@@ -17,7 +17,7 @@ def _report(capsys, argv: list[str]) -> dict:
     assert main(argv) == 0
     out = capsys.readouterr().out
     report, end = json.JSONDecoder().raw_decode(out)
-    assert out[end:].strip().startswith("| benchmark | figure | floor | ratio | target | met |")
+    assert out[end:].strip().startswith("| benchmark | device | figure | floor | ratio | target | met |")
     return report
 
 
@@ -39,7 +39,11 @@ def test_bench_twovtwo(capsys):
 def test_bench_permutations(capsys):
     report = _report(capsys, ["bench", "permutations", "--w", "30", "--permutations", "20"])
     assert (report["w"], report["permutations"]) == (30, 20)
-    assert [r["threads"] for r in report["results"]] == ["1 thread", "all cores"]
+    assert [(r["kernel"], r["threads"]) for r in report["results"]] == [
+        ("numpy", "1 thread"),
+        ("numpy", "all cores"),
+        ("torch", "all cores"),
+    ]
     for r in report["results"]:
         assert all(_positive(r[k]) for k in ("permutation_null_s", "ms_per_permutation", "floor_matmuls_s", "ratio"))
 
@@ -48,7 +52,7 @@ def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path):
     assert main(["bench", "all", "--quick", "--results", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     by_name = {r["benchmark"]: r for r in report["results"]}
-    assert list(by_name) == ["extract", "twovtwo", "permutations", "affine", "attack", "train"]
+    assert list(by_name) == ["extract", "twovtwo", "permutations", "analysis", "affine", "attack", "train"]
     assert report["machine"]["cpus"] >= 1 and report["quick"] is True
     for r in report["rows"]:  # each figure beside its floor, the ratio, and whether the target is met
         if r["target"] is not None:
@@ -87,7 +91,7 @@ def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path):
     header, table, projection = (tmp_path / "bench.md").read_text().split("\n\n", 2)
     assert "--quick" in header and table.count("\n| ") == len(report["rows"])  # the rows under the header line
     assert "Projected on N g5.2xlarge nodes" in projection and projection.count("total (cost)") == 3
-    assert capsys.readouterr().out.startswith("| benchmark | figure | floor | ratio | target | met |")
+    assert capsys.readouterr().out.startswith("| benchmark | device | figure | floor | ratio | target | met |")
 
 
 def test_settle_waits_while_the_cpus_are_busy():
