@@ -606,11 +606,11 @@ def real_matrices(images: str, model: str = "efficientnet_lite0", word_model: st
     return matrices, word_matrix(words.vectors([lemma[c] for c in concepts])).astype(np.float64)
 
 
-def _timed_run(images: str, store: str, out: str) -> float:
+def _timed_run(images: str, store: str, out: str, permutations: int) -> float:
     from semprobe.ray_jobs.config import RunConfig
     from semprobe.ray_jobs.run import run
 
-    cfg = RunConfig(images=images, out=out, store=store).validate()
+    cfg = RunConfig(images=images, out=out, store=store, permutations=permutations).validate()
     start = time.perf_counter()
     run(cfg, log=lambda m: None)
     return time.perf_counter() - start
@@ -669,7 +669,8 @@ def bench_analysis(args: argparse.Namespace) -> dict:
     settle()
     with tempfile.TemporaryDirectory() as tmp:
         seconds = {
-            store: _timed_run(images, store, os.path.join(tmp, store)) for store in ("activations", "similarity")
+            store: _timed_run(images, store, os.path.join(tmp, store), 20 if args.quick else 1000)
+            for store in ("activations", "similarity")
         }
     result["store_seconds"] = seconds
     table.append(

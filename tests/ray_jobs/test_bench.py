@@ -87,7 +87,13 @@ def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path):
         )
     )
     assert train["max_weight_difference"] == 0.0  # Ray Train ran exactly the steps of the plain loop
-    assert by_name["affine"]["solve_maps"] == 6 and len(report["rows"]) == 1 + 4 + 2 + 2 + 1 + 1
+    assert by_name["affine"]["solve_maps"] == 6 and len(report["rows"]) == 1 + 4 + 3 + 6 + 2 + 1 + 1
+    analysis = by_name["analysis"]
+    assert [(k["device"], k["precision"]) for k in analysis["kernels"]] == [("cpu", "fp64"), ("cpu", "fp32")]
+    assert all(_positive(k["tflops"]) and _positive(k["plain_tflops"]) for k in analysis["kernels"])
+    assert analysis["real"]["agree"] and 0 <= analysis["real"]["fraction"] < 0.05
+    assert set(analysis["store_seconds"]) == {"activations", "similarity"}
+    assert [r["figure"] for r in report["rows"] if r["device"] == "GPU"] == ["no GPU"] * 2
     header, table, projection = (tmp_path / "bench.md").read_text().split("\n\n", 2)
     assert "--quick" in header and table.count("\n| ") == len(report["rows"])  # the rows under the header line
     assert "Projected on N g5.2xlarge nodes" in projection and projection.count("total (cost)") == 3
