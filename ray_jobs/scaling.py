@@ -1,32 +1,42 @@
-"""The scaling model: the papers' full experiments projected onto N GPU nodes from the benchmarks' per-unit costs.
+"""The scaling model: the papers' full experiments projected onto GPU nodes from the benchmarks' measured rates.
 
-Every per-unit cost is one ``semprobe bench all`` measured on this machine; the work of each stage is counted
-from the real architectures (their layers' widths from the layer catalog, their forward FLOPs from
-``torch.utils.flop_counter``), untrained, so nothing is downloaded. What is *assumed*, and stated with the
-table: how much faster a GPU node runs the CNN stages than this machine (``gpu_factor``), that its CPUs run
-the statistics at this machine's per-core speed, and its price. Stages add up (an upper bound: in the job
-they overlap), and the largest one bounds the experiment.
+The work of each stage is counted from the real architectures (their layers' widths from the layer catalog,
+their forward FLOPs from ``torch.utils.flop_counter``), untrained, so nothing is downloaded; NN 2021's models,
+word models, sets and permutations are the packaged ``nn2021-imagenet`` config's. Each stage's rate on a node
+is an *assumed* peak (the GPU's datasheet TFLOP/s for the kind of product it does, and the node's price)
+times a *measured* efficiency (what ``semprobe bench all`` measured against the plain product on this
+machine, or on a GPU where it ran on one). Both are stated beside the table. Stages add up (an upper bound:
+in the job they overlap).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from importlib import resources
 
+import tomllib
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from semprobe.actors.layers import LayerCatalog
 from semprobe.actors.zoo import untrained
 
-# The experiments as the papers ran them.
-NN2021 = {
-    "models": ["torchvision:resnet50", "torchvision:inception_v3", "torchvision:vgg16"],
-    "concepts": 838,
-    "sets": 5,
-    "word_models": 6,
-    "permutations": 1000,
-}
+
+def _nn2021() -> dict:
+    """The NN 2021 experiment as the packaged config runs it, with the paper's 838 concepts."""
+    cfg = tomllib.loads(resources.files("semprobe.ray_jobs").joinpath("configs/nn2021-imagenet.toml").read_text())
+    return {
+        "models": [m.split("?")[0] for m in cfg["models"]],
+        "layers": cfg["layers"],
+        "concepts": 838,
+        "sets": cfg["sets"],
+        "word_models": len(cfg["words"]),
+        "permutations": cfg["permutations"],
+    }
+
+
+NN2021 = _nn2021()
 ADVERSARIAL = {"model": "torchvision:inception_v3", "images": 600, "steps": 20}
 AFFINE = {
     "models": [
@@ -48,126 +58,172 @@ AFFINE = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Node:
-    """One GPU worker node of cluster.yaml (g5.2xlarge: 1 A10G, 8 vCPU = 4 cores)."""
+    """A kind of node and how many: its GPUs' assumed datasheet peaks (dense TFLOP/s per GPU) and price."""
 
-    name: str = "g5.2xlarge"
-    gpu_factor: float = 50.0  # assumed: CNN forward/backward on its GPU vs the whole of this machine's CPU
-    cores: int = 4
-    dollars_per_hour: float = 1.212  # us-west-2 on-demand; spot is about 40% of it
+    name: str
+    count: int
+    gpus: int  # per node
+    gpu: str
+    fp64_tflops: float  # the products of --precision fp64
+    fp32_tflops: float  # the products of --precision fp32: TF32 tensor cores
+    forward_tflops: float  # assumed effective rate of a CNN forward pass (cuDNN, mixed kernels) per GPU
+    dollars_per_hour: float  # per node, on demand
+
+
+# One 8-GPU node, and the GPU workers of cluster.yaml at their max_workers (its CPU workers run what GPUs do not).
+EIGHT_GPU_NODE = Node("p5.48xlarge", 1, 8, "H100 SXM", 67.0, 495.0, 150.0, 98.32)
+FLEET = Node("g5.2xlarge", 8, 1, "A10G", 31.2 / 64, 62.5, 20.0, 1.212)  # GA102: fp64 at 1/64 of fp32
+NODES = (EIGHT_GPU_NODE, FLEET)
 
 
 @functools.cache
-def architecture(name: str) -> tuple[float, int, int, int]:
-    """(forward GFLOPs per image, activation layers, their values per image, feature width) of an untrained model."""
+def architecture(name: str, layers: str = "activations") -> tuple[float, int, int, int]:
+    """(forward GFLOPs per image, chosen layers, their values per image, feature width) of an untrained model."""
     loaded = untrained(name)
     module, size = loaded.module.eval(), loaded.preprocess.size
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(torch.zeros(1, 3, size, size))
-    layers = LayerCatalog(module, size).select("activations")
+    chosen = LayerCatalog(module, size).select(layers)
     width = next(m for m in reversed(list(module.modules())) if isinstance(m, torch.nn.Linear)).in_features
-    return counter.get_total_flops() / 1e9, len(layers), sum(layer.dim for layer in layers), width
+    return counter.get_total_flops() / 1e9, len(chosen), sum(layer.dim for layer in chosen), width
 
 
-def unit_costs(bench: dict) -> dict[str, float]:
-    """Per-unit costs on this machine, from one ``bench all`` report."""
+def measured(bench: dict) -> dict[str, float | str]:
+    """The rates one ``bench all`` report measured: this machine's, and the efficiencies carried to GPUs."""
     by = {r["benchmark"]: r for r in bench["results"]}
     lite0_gflops = architecture("efficientnet_lite0")[0]
-    perms = next(r for r in by["permutations"]["results"] if r["threads"] == "all cores")
+    kernels = by["analysis"]["kernels"]
+    gpu = [k for k in kernels if k["device"].startswith("cuda")]
+    on = gpu or [k for k in kernels if k["device"] == "cpu"]
+    ratio = {k["precision"]: k["ratio"] for k in on}
+    here = {k["precision"]: k["tflops"] * 1e3 for k in kernels if k["device"] == "cpu"}
     return {
-        "extract_gflops": by["extract"]["figure_images_per_s"] * lite0_gflops,  # forward + capture + store, effective
-        "attack_gflops": lite0_gflops / (by["attack"]["figure_ms_per_image_iteration"] / 1e3),  # per forward-equivalent
+        "extract_gflops": by["extract"]["figure_images_per_s"] * lite0_gflops,  # forward + capture + store
+        "attack_gflops": lite0_gflops / (by["attack"]["figure_ms_per_image_iteration"] / 1e3),
         "gram_gflops": by["affine"]["accumulate_gflops"],
-        "seconds_per_permutation": perms["permutation_null_s"] / by["permutations"]["permutations"],  # w = 838, one set
-        "permutation_w": by["permutations"]["w"],
-        "cores": bench["machine"]["cpus"],
+        "gram_ratio": by["affine"]["ratio"],
+        "stacked_gflops_fp64": here["fp64"],
+        "stacked_ratio_fp64": ratio["fp64"],
+        "stacked_ratio_fp32": ratio["fp32"],
+        "ratio_measured_on": "a GPU" if gpu else "this machine's CPU",
+        "recheck_fraction": by["analysis"]["real"]["fraction"],
         "solve_seconds_per_map": by["affine"]["solve_s_per_map"],
     }
 
 
-def stages(costs: dict[str, float]) -> dict[str, dict[str, tuple[float, str]]]:
-    """Each experiment's stages: (seconds on this machine, 'gpu' or 'cpu')."""
+def work() -> dict[str, dict[str, tuple[float, str]]]:
+    """Each experiment's stages: (FLOP, kind of product). Kinds: forward (CNN passes on the GPUs), gram
+    (float32 Gram products), fp64 / fp32 (the statistics' stacked products), solve (one reducer's solves)."""
     e = NN2021
     w, k = e["concepts"], e["sets"]
-    extract = sum(w * k * architecture(m)[0] for m in e["models"]) / costs["extract_gflops"]
-    gram = sum(k * 2 * w * w * architecture(m)[2] for m in e["models"]) / 1e9 / costs["gram_gflops"]
-    scale = (w / costs["permutation_w"]) ** 3  # a permutation is one w x w x w product per set
-    layers = sum(architecture(m)[1] for m in e["models"])
-    perms = layers * e["word_models"] * k * e["permutations"] * costs["seconds_per_permutation"] * scale
+    arch = {m: architecture(m, e["layers"]) for m in e["models"]}
+    layers = sum(a[1] for a in arch.values())
+    products = layers * k * e["word_models"] * (e["permutations"] + 1)  # observed + each permutation
     a = ADVERSARIAL
     gflops_a = architecture(a["model"])[0]
-    attack = a["images"] * a["steps"] * gflops_a / costs["attack_gflops"]
-    adv_extract = 2 * a["images"] * gflops_a / costs["extract_gflops"]  # the adversarial and the clean images
     f = AFFINE
-    forward = f["images"] * sum(architecture(m)[0] for m in f["models"]) / costs["extract_gflops"]
     width = sum(architecture(m)[3] for m in f["models"]) + 1
-    accumulate = f["images"] * 2 * width * width / 1e9 / costs["gram_gflops"]
     n = len(f["models"])
-    solve = n * (n - 1) * costs["solve_seconds_per_map"]
     return {
-        f"2 vs. 2 (NN 2021): {w} concepts x {k} sets x {len(e['models'])} CNNs ({layers} layers) x "
-        f"{e['word_models']} word models "
-        f"x {e['permutations']} permutations": {
-            "extraction": (extract, "gpu"),
-            "Gram matrices": (gram, "cpu"),
-            "2 vs. 2 and permutations": (perms, "cpu"),
+        f"2 vs. 2 (NN 2021): {w} concepts x {k} sets x {len(arch)} CNNs ({layers} layers) x {e['word_models']} word "
+        f"models x {e['permutations']} permutations, --store similarity": {
+            "extraction": (w * k * sum(v[0] for v in arch.values()) * 1e9, "forward"),
+            "Gram matrices": (sum(k * 2 * w * w * v[2] for v in arch.values()), "gram"),
+            f"2 vs. 2 and permutations ({products / 1e6:.2f} M products)": (products * 2 * w**3, "statistics"),
+            # fp32 only: a rechecked pair's four float64 dot products of length w
+            "fp32's float64 recheck": (products * w * (w - 1) // 2 * 8 * w, "recheck"),
         },
         f"adversarial (NN 2021): {a['images']} MIM attacks on Inception-v3, {a['steps']} steps, then extraction": {
-            "attack": (attack, "gpu"),
-            "extraction": (adv_extract, "gpu"),
+            "attack": (a["images"] * a["steps"] * 3 * gflops_a * 1e9, "forward"),  # forward + backward
+            "extraction": (2 * a["images"] * gflops_a * 1e9, "forward"),  # the adversarial and the clean images
         },
         f"affine maps (thesis): {n} CNNs x {f['images']:,} training images, Gram width {width}": {
-            "forward passes": (forward, "gpu"),
-            "Gram accumulation": (accumulate, "cpu"),
-            f"solve {n * (n - 1)} maps": (solve, "solve"),
+            "forward passes": (f["images"] * sum(architecture(m)[0] for m in f["models"]) * 1e9, "forward"),
+            "Gram accumulation": (f["images"] * 2 * width * width, "gram"),
+            f"solve {n * (n - 1)} maps": (n * (n - 1), "solve"),
         },
     }
 
 
-def hours(costs: dict[str, float], nodes: tuple[int, ...], node: Node) -> dict[str, dict[str, dict]]:
-    """Per experiment and stage: hours on this machine (``"here"``) and on each N of ``nodes`` GPU nodes.
-    CNN stages run ``gpu_factor`` times faster per node, statistics at the node's cores over this machine's,
-    and both spread over the N nodes; one reducer solves the affine maps."""
-    speed = {"gpu": node.gpu_factor, "cpu": node.cores / costs["cores"], "solve": 1.0}
+def rates(node: Node, m: dict, precision: str) -> dict[str, float]:
+    """FLOP/s of each kind of work on ``node`` (all its nodes together) in ``precision``; "solve": maps per
+    second; "recheck": the float64 rate over the fraction of pairs rechecked (none in fp64)."""
+    gpus = node.gpus * node.count
+    peak = node.fp64_tflops if precision == "fp64" else node.fp32_tflops
+    fp64 = gpus * node.fp64_tflops * m["stacked_ratio_fp64"] * 1e12
     return {
-        experiment: {
-            stage: {
-                "here": seconds / 3600,
-                **{n: seconds / 3600 / speed[kind] / (1 if kind == "solve" else n) for n in nodes},
-            }
-            for stage, (seconds, kind) in parts.items()
-        }
-        for experiment, parts in stages(costs).items()
+        "forward": gpus * node.forward_tflops * 1e12,
+        "gram": gpus * node.fp32_tflops * m["gram_ratio"] * 1e12,
+        "statistics": gpus * peak * m[f"stacked_ratio_{precision}"] * 1e12,
+        "recheck": float("inf") if precision == "fp64" else fp64 / m["recheck_fraction"],  # the pairs rechecked
+        "solve": 1 / m["solve_seconds_per_map"],
     }
 
 
-def projection(bench: dict, nodes: tuple[int, ...] = (1, 8, 32), node: Node | None = None) -> str:
-    """The Markdown table of the projection: stages add up (an upper bound: in the job they overlap),
-    and the largest on the most nodes bounds the experiment."""
-    node = node or Node()
-    costs = unit_costs(bench)
-    lines = [
-        f"Projected on N {node.name} nodes (assumed: a GPU node runs CNN stages {node.gpu_factor:g}x as fast as this "
-        f"{costs['cores']}-CPU machine, its {node.cores} cores run the statistics at this machine's per-core speed, "
-        f"${node.dollars_per_hour}/h each). Hours per stage on N nodes; the bounding stage in bold.",
+def here(m: dict) -> dict[str, float]:
+    """FLOP/s of each kind of work on this machine, as measured."""
+    return {
+        "forward": m["extract_gflops"] * 1e9,
+        "gram": m["gram_gflops"] * 1e9,
+        "statistics": m["stacked_gflops_fp64"] * 1e9,
+        "recheck": float("inf"),  # fp64 here
+        "solve": 1 / m["solve_seconds_per_map"],
+    }
+
+
+def minutes(bench: dict, nodes: tuple[Node, ...] = NODES) -> dict[str, dict[str, dict[str, float]]]:
+    """Per experiment and stage: minutes on this machine ("here") and on each node in fp64 and fp32."""
+    m = measured(bench)
+    columns = {"here": here(m)} | {f"{node.name}:{p}": rates(node, m, p) for node in nodes for p in ("fp64", "fp32")}
+    return {
+        experiment: {
+            stage: {col: amount / r[kind] / 60 for col, r in columns.items()}
+            for stage, (amount, kind) in stages.items()
+        }
+        for experiment, stages in work().items()
+    }
+
+
+def projection(bench: dict, nodes: tuple[Node, ...] = NODES) -> str:
+    """The projection as Markdown: its assumptions and measured rates, then minutes per stage with each total's
+    cost."""
+    m = measured(bench)
+    lines = ["Projection of the papers' full experiments. Assumed (datasheet peaks, dense; on-demand prices):"]
+    for node in nodes:
+        lines.append(
+            f"- {node.count} x {node.name}: {node.gpus} x {node.gpu} each, fp64 {node.fp64_tflops:g} TFLOP/s, "
+            f"fp32 (TF32) {node.fp32_tflops:g} TFLOP/s, CNN forward {node.forward_tflops:g} TFLOP/s per GPU, "
+            f"${node.dollars_per_hour:g}/h per node"
+        )
+    lines.append("- not counted: decoding the images and storage I/O (the node's CPUs and network), nor start-up")
+    lines += [
+        f"Measured (`semprobe bench all`): the stacked 2 vs. 2 runs at {m['stacked_ratio_fp64']:.2f} (fp64) and "
+        f"{m['stacked_ratio_fp32']:.2f} (fp32) of the plain product's rate on {m['ratio_measured_on']}, the Gram at "
+        f"{m['gram_ratio']:.2f}; fp32 rechecks {m['recheck_fraction']:.3%} of pairs (on real activations), each with "
+        f"8w float64 operations at the fp64 rate; this machine (fp64): "
+        f"extraction {m['extract_gflops']:.1f} GFLOP/s, statistics {m['stacked_gflops_fp64']:.1f} GFLOP/s, Gram "
+        f"{m['gram_gflops']:.1f} GFLOP/s; one reducer solves a map in {m['solve_seconds_per_map']:.2f} s.",
         "",
-        "| experiment | stage | this machine (h) | " + " | ".join(f"N={n} (h)" for n in nodes) + " |",
-        "|---|---|---|" + "---|" * len(nodes),
+        "| experiment | stage | this machine (min) | "
+        + " | ".join(f"{n.count} x {n.name} {p} (min)" for n in nodes for p in ("fp64", "fp32"))
+        + " |",
+        "|---|---|---|" + "---|" * (2 * len(nodes)),
     ]
-    for experiment, by_stage in hours(costs, nodes, node).items():
-        bound = max(by_stage, key=lambda s: by_stage[s][nodes[-1]])
+    cols = [f"{n.name}:{p}" for n in nodes for p in ("fp64", "fp32")]
+    price = {f"{n.name}:{p}": n.count * n.dollars_per_hour for n in nodes for p in ("fp64", "fp32")}
+    for experiment, by_stage in minutes(bench, nodes).items():
         for i, (stage, h) in enumerate(by_stage.items()):
-            name = f"**{stage}**" if stage == bound else stage
             lines.append(
-                f"| {experiment if i == 0 else ''} | {name} | {h['here']:.3g} | "
-                + " | ".join(f"{h[n]:.3g}" for n in nodes)
+                f"| {experiment if i == 0 else ''} | {stage} | {h['here']:.3g} | "
+                + " | ".join(f"{h[c]:.3g}" for c in cols)
                 + " |"
             )
-        totals = {n: sum(h[n] for h in by_stage.values()) for n in nodes}
+        totals = {c: sum(h[c] for h in by_stage.values()) for c in ["here", *cols]}
         lines.append(
-            "| | total (cost) | | "
-            + " | ".join(f"{totals[n]:.3g} (${totals[n] * n * node.dollars_per_hour:,.0f})" for n in nodes)
+            f"| | total (cost) | {totals['here']:.3g} | "
+            + " | ".join(f"{totals[c]:.3g} (${totals[c] / 60 * price[c]:,.2f})" for c in cols)
             + " |"
         )
     return "\n".join(lines)

@@ -96,7 +96,7 @@ def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path):
     assert [r["figure"] for r in report["rows"] if r["device"] == "GPU"] == ["no GPU"] * 2
     header, table, projection = (tmp_path / "bench.md").read_text().split("\n\n", 2)
     assert "--quick" in header and table.count("\n| ") == len(report["rows"])  # the rows under the header line
-    assert "Projected on N g5.2xlarge nodes" in projection and projection.count("total (cost)") == 3
+    assert "1 x p5.48xlarge: 8 x H100 SXM" in projection and projection.count("total (cost)") == 3
     assert capsys.readouterr().out.startswith("| benchmark | device | figure | floor | ratio | target | met |")
 
 
