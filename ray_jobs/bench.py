@@ -17,6 +17,7 @@ from threadpoolctl import threadpool_limits
 
 from semprobe.actors.extractor import normalise
 from semprobe.actors.zoo import load_model
+from semprobe.analysis import kernels
 from semprobe.analysis.affine import JointGram, fit_affine
 from semprobe.analysis.similarity import add_gram
 from semprobe.analysis.twovtwo import permutation_null, two_vs_two
@@ -279,9 +280,10 @@ def bench_permutations(args: argparse.Namespace) -> dict:
         (("all cores", nullcontext), "cpu"),
     ]:
         with limit():
-            permutation_null([a], b, 1, seed=0, device=device)  # warm-up
+            null = permutation_null if device is None else kernels.permutation_null
+            null([a], b, 1, seed=0)  # warm-up
             start = time.perf_counter()
-            permutation_null([a], b, n, seed=0, device=device)
+            null([a], b, n, seed=0)
             seconds = time.perf_counter() - start
             np.matmul(a, b, out=out)
             start = time.perf_counter()
@@ -620,7 +622,7 @@ def bench_analysis(args: argparse.Namespace) -> dict:
     """The statistics on every device present (:mod:`semprobe.ray_jobs.kernel_bench`: the stacked permutation
     product's rate against the plain matmul rate, fp64 and fp32), the fraction of pairs fp32 rechecks on real
     activations, and ``semprobe run --store similarity`` end to end against ``--store activations``."""
-    from semprobe.analysis.twovtwo import stacked_two_vs_two
+    from semprobe.analysis.kernels import stacked_two_vs_two
     from semprobe.ray_jobs.kernel_bench import kernel_results
 
     results = kernel_results(args.quick)

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import torch
 
+from semprobe.analysis.kernels import stacked_two_vs_two
 from semprobe.analysis.precision import PRECISIONS, dtype_of
-from semprobe.analysis.twovtwo import stacked_two_vs_two
 
 # The stacked problem measured: L image matrices x M word matrices x n_perm permutations at w = 838.
 CPU_SIZES = {"w": 838, "images": 4, "words": 2, "permutations": 10}

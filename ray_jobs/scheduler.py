@@ -3,7 +3,7 @@ tasks on Ray, their scheduling and the reducer.
 
 For each model extraction (a :class:`ModelPlan`): one Gram task per (layer, image set) computes
 its w x w concept correlations from the memory-mapped activation store in bounded feature
-chunks; the 2 vs. 2 then runs stacked (:func:`semprobe.analysis.twovtwo.stacked_two_vs_two`): the layers
+chunks; the 2 vs. 2 then runs stacked (:func:`semprobe.analysis.kernels.stacked_two_vs_two`): the layers
 are grouped so that a group's (layer, image set) matrices fit ``--stack-memory-mb``, and per group one
 observe task and ``permutations / permutation_shard`` permutation tasks each compute every matrix of
 the group against every word model in one stacked product per permutation block, on the task's device
@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import ray
 
 from semprobe.analysis.errors import InputError, ZeroVarianceError
+from semprobe.analysis.kernels import stack_matrices, stacked_two_vs_two
 from semprobe.analysis.scores import (
     Family,
     LayerTest,
@@ -42,7 +43,6 @@ from semprobe.analysis.scores import (
     score,
     word_matrix,
 )
-from semprobe.analysis.twovtwo import stack_matrices, stacked_two_vs_two
 from semprobe.datasets import schema
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.extraction import ExtractionPlan

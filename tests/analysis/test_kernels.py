@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from semprobe.analysis import twovtwo
+from semprobe.analysis import kernels, twovtwo
 from semprobe.analysis.errors import InputError
-from semprobe.analysis.twovtwo import TIE_TOLERANCE, permutation_null, stacked_two_vs_two, two_vs_two
+from semprobe.analysis.kernels import stacked_two_vs_two
+from semprobe.analysis.twovtwo import TIE_TOLERANCE, permutation_null, two_vs_two
 
 PRECISIONS = ["fp64", "fp32"]
 
@@ -31,7 +32,7 @@ def margin(a, b, i, j):
 def test_two_vs_two_on_torch_decides_every_pair_as_numpy(w, precision):
     a, b = related(w, w)
     ref = two_vs_two(a, b)
-    got = two_vs_two(a, b, device="cpu", precision=precision)
+    got = kernels.two_vs_two(a, b, "cpu", precision)
     np.testing.assert_array_equal(got.passed, ref.passed)
     assert got.accuracy == ref.accuracy
 
@@ -43,7 +44,7 @@ def test_null_on_torch_equals_numpy_for_every_permutation(w, precision):
     a2, _ = related(w, 2)
     n = 3 if w == 838 else 40
     ref = permutation_null([a, a2], b, n, seed=7, start=5)
-    got = permutation_null([a, a2], b, n, seed=7, start=5, device="cpu", precision=precision)
+    got = kernels.permutation_null([a, a2], b, n, seed=7, start=5, precision=precision)
     np.testing.assert_array_equal(got.passes, ref.passes)
 
 
@@ -126,13 +127,13 @@ def test_near_ties_that_fp32_alone_gets_wrong_are_decided_as_in_fp64():
     # float32 arithmetic alone cannot resolve them: its raw margins put some on the wrong side
     a64, b64 = torch.from_numpy(a)[None], torch.from_numpy(b)[None]
     perms = torch.arange(48)[None]
-    img = twovtwo._ImageTerms.build(a64, torch.float32)
-    word = twovtwo._WordTerms.build(b64)
-    raw = twovtwo._stacked_margins(img, *twovtwo._permuted_words(word, perms, torch.float32), 0, 1)[0, 0]
+    img = kernels._ImageTerms.build(a64, torch.float32)
+    word = kernels._WordTerms.build(b64)
+    raw = kernels._stacked_margins(img, *kernels._permuted_words(word, perms, torch.float32), 0, 1)[0, 0]
     assert sum(bool(raw[p] > TIE_TOLERANCE) != ref[p] for p in pairs) >= 1
     # the recheck does: every pair as numpy's float64, near ties included
     got = stacked_two_vs_two([a], [b], precision="fp32")
-    np.testing.assert_array_equal(two_vs_two(a, b, device="cpu", precision="fp32").passed, ref)
+    np.testing.assert_array_equal(kernels.two_vs_two(a, b, "cpu", "fp32").passed, ref)
     assert got.rechecked >= len(gaps)
 
 
@@ -144,13 +145,13 @@ def test_the_error_band_bounds_the_actual_error(dtype):
     a, b = related(w, 3)
     perms = torch.from_numpy(twovtwo.permutations(w, 6, 0))
     a64, b64 = torch.from_numpy(a)[None], torch.from_numpy(b)[None]
-    word = twovtwo._WordTerms.build(b64)
+    word = kernels._WordTerms.build(b64)
     margins = {}
     for dt in {dtype, torch.float64}:
-        img = twovtwo._ImageTerms.build(a64, dt)
-        margins[dt] = twovtwo._stacked_margins(img, *twovtwo._permuted_words(word, perms, dt), 0, 1)[0].double()
-    img = twovtwo._ImageTerms.build(a64, dtype)
-    r = twovtwo._row_bounds(twovtwo._ImageTermsView(img, 0, 1), word, perms, dtype, torch.device("cpu"))[0]
+        img = kernels._ImageTerms.build(a64, dt)
+        margins[dt] = kernels._stacked_margins(img, *kernels._permuted_words(word, perms, dt), 0, 1)[0].double()
+    img = kernels._ImageTerms.build(a64, dtype)
+    r = kernels._row_bounds(kernels._ImageTermsView(img, 0, 1), word, perms, dtype, torch.device("cpu"))[0]
     band = r[:, :, None] + r[:, None, :]
     iu = torch.triu_indices(w, w, 1)
     if dtype == torch.float32:
