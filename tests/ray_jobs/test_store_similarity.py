@@ -27,10 +27,6 @@ MODEL = "efficientnet_lite0"
 CHUNKS = [[LAYERS[0]], LAYERS[1:]]
 
 
-def MODES(act, sim):  # noqa: N802
-    return (("a", act), ("s", sim))
-
-
 @pytest.fixture(scope="module")
 def both(ray_session, tmp_path_factory):
     """The same two-set run in both modes; one concept's second image does not decode, so one set's matrices have a
@@ -105,10 +101,10 @@ def test_similarity_mode_writes_no_activations_and_records_its_mode(both):
     assert pq.read_table(sim / "errors.parquet").to_pylist() == pq.read_table(act / "errors.parquet").to_pylist()
     (error,) = pq.read_table(sim / "errors.parquet").to_pylist()
     assert error["uri"].endswith("b.png") and error["stage"] == "decode"
-    columns = ["image_id", "predicted_index"]
-    pred = {m: pq.read_table(d / "predictions").select(columns).sort_by("image_id") for m, d in MODES(act, sim)}
+    columns, modes = ["image_id", "predicted_index"], (("a", act), ("s", sim))
+    pred = {m: pq.read_table(d / "predictions").select(columns).sort_by("image_id") for m, d in modes}
     assert pred["s"].num_rows == 25 and pred["s"].to_pylist() == pred["a"].to_pylist()
-    summary = {m: json.loads((d / "summary.json").read_text()) for m, d in MODES(act, sim)}
+    summary = {m: json.loads((d / "summary.json").read_text()) for m, d in modes}
     for k in ("n_images", "n_errors", "n_layers", "top1_correct", "n_labelled"):
         assert summary["s"][k] == summary["a"][k], k
 
