@@ -3,7 +3,8 @@ tasks on Ray, their scheduling and the reducer.
 
 For each model extraction (a :class:`ModelPlan`): one Gram task per (layer, image set) computes
 its w x w concept correlations from the memory-mapped activation store in bounded feature
-chunks; one 2 vs. 2 task and ``permutations / permutation_shard`` permutation tasks per
+chunks (with ``--store similarity`` a matrix task takes them from the extraction's own matrices:
+:mod:`semprobe.ray_jobs.fused`); one 2 vs. 2 task and ``permutations / permutation_shard`` permutation tasks per
 (layer, word model) run over those small matrices; each test is written as its tasks finish.
 The formulas are :mod:`semprobe.analysis.scores`'; this module only places them on the cluster
 and reads and writes their files::

@@ -166,3 +166,18 @@ def test_store_option_is_checked_and_not_part_of_the_experiment():
         RunConfig(store="disk").validate()
     with pytest.raises(InputError, match="--similarity-memory-mb must be at least 1"):
         RunConfig(similarity_memory_mb=0).validate()
+
+
+def test_auto_store_is_activations_on_cpu_actors_and_similarity_on_gpu_actors(ray_session):
+    from semprobe.ray_jobs.startup import store_mode
+
+    log = []
+    assert ray_session.cluster_resources().get("GPU", 0) == 0
+    assert store_mode("auto", None, log.append) == "activations"  # the tests' cluster has no GPU
+    assert store_mode("auto", 0.5, log.append) == "similarity"  # actors that get (a share of) a GPU
+    assert store_mode("activations", 1, log.append) == "activations"  # as given, whatever the devices
+    assert log == [
+        "store: activations (the model actors run on CPUs; --store activations|similarity chooses)",
+        "store: similarity (the model actors get 0.5 GPU each; --store activations|similarity chooses)",
+        "store: activations (--store activations)",
+    ]
