@@ -166,10 +166,15 @@ def correlation_from_rows(
     gram = torch.zeros((w, w), dtype=torch.float64, device=z.device)
     sums = torch.zeros(w, dtype=torch.float64, device=z.device)
     step = max(1, min(d, block or d))
-    for lo in range(0, d, step):
-        x = z[:, lo : lo + step].to(dtype)
-        gram += (x @ x.T).to(torch.float64)  # the product in `compute`, the running sum in float64
-        sums += x.sum(dim=1, dtype=torch.float64)
+    # float32 means float32: TF32 (which a job may allow for its statistics) would round the products to 10 bits.
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        for lo in range(0, d, step):
+            x = z[:, lo : lo + step].to(dtype)
+            gram += (x @ x.T).to(torch.float64)  # the product in `compute`, the running sum in float64
+            sums += x.sum(dim=1, dtype=torch.float64)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     cov = gram - torch.outer(sums, sums) / d
     var = torch.diagonal(cov).clone()
     floor = torch.clamp_min(torch.diagonal(gram), torch.finfo(torch.float64).tiny)

@@ -212,3 +212,25 @@ def test_chunk_layers_groups_in_order_within_the_budget(budget):
         assert chunks == [[0, 1, 2], [3], [4, 5, 6, 7]]
     if budget == 10**9:
         assert chunks == [list(range(8))]
+
+
+def test_correlation_from_rows_keeps_tf32_off_for_its_products_and_restores_the_setting(monkeypatch):
+    from semprobe.analysis.similarity import correlation_from_rows
+
+    seen = []
+    real = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    before = torch.backends.cuda.matmul.allow_tf32  # a cuBLAS setting object: set and restored by hand
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        x = torch.from_numpy(np.random.default_rng(3).normal(size=(4, 30)))
+        r = correlation_from_rows(x, block=10)
+        assert seen == [False, False, False] and torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    np.testing.assert_allclose(r.numpy(), np.corrcoef(x.numpy()), atol=1e-6)
