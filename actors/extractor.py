@@ -1,16 +1,21 @@
 """The activation extractor: one CNN on a device, returning chosen layers z-scored.
 
 A Ray batch-inference callable: ``__init__`` loads the model once,
-``__call__(batch) -> dict`` does one batch. Writing tables is not its business.
+``__call__(batch) -> dict`` does one batch; :meth:`ActivationExtractor.correlations` runs a whole
+image set and keeps only each layer's concept correlation matrix (``--store similarity``).
+Writing tables is not its business.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
-from semprobe.actors.layers import LayerCatalog
+from semprobe.actors.layers import Layer, LayerCatalog
 from semprobe.actors.zoo import Preprocess, load_model
+from semprobe.analysis.similarity import correlation_from_rows
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -50,10 +55,12 @@ class ActivationExtractor:
         loaded = load_model(model)
         self.model_name = loaded.name
         self.preprocess = loaded.preprocess
-        catalog = LayerCatalog(loaded.module, loaded.preprocess.size)
-        self.layers = catalog.select(layers)
+        self.catalog = LayerCatalog(loaded.module, loaded.preprocess.size)
+        self.layers = self.catalog.select(layers)
         self.device = pick_device(device)
-        self.net = catalog.capture_module(self.layers, TORCH_DTYPES[dtype]).to(self.device).eval()
+        self.dtype = TORCH_DTYPES[dtype]
+        self.net = self.catalog.capture_module(self.layers, self.dtype).to(self.device).eval()
+        self._nets: dict[tuple[str, ...], torch.nn.Module] = {}
 
     def normalise(self, pixels: np.ndarray) -> torch.Tensor:
         """(n, h, w, 3) uint8 RGB -> (n, 3, h, w) float32 model input on the device."""
@@ -82,3 +89,78 @@ class ActivationExtractor:
         for layer, values in zip(self.layers, captured):
             out[layer.name] = values.cpu().numpy()
         return out
+
+    def _capturing(self, layers: list[Layer]) -> torch.nn.Module:
+        """The model capturing only ``layers`` (built once per chunk of layers)."""
+        names = tuple(layer.name for layer in layers)
+        if names not in self._nets:
+            self._nets[names] = self.catalog.capture_module(layers, self.dtype).to(self.device).eval()
+        return self._nets[names]
+
+    @torch.inference_mode()
+    def correlations(
+        self,
+        pixels: np.ndarray,
+        layers: list[Layer],
+        batch_size: int,
+        compute: str = "float32",
+        block_values: int | None = None,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Each of ``layers``' (w, w) Pearson r between the w images of ``pixels``, computed on the device.
+
+        The images go through the network in batches of ``batch_size``, capturing only ``layers``;
+        each layer's z-scored rows of all w images stay resident on the device (w x d in the
+        extractor's dtype, as the activation store would hold them); at the end one Gram code path
+        (:func:`semprobe.analysis.similarity.correlation_from_rows`) turns them into correlations.
+
+        Parameters
+        ----------
+        pixels : (w, size, size, 3) uint8, one image per row (concept) of the matrices
+        layers : a chunk of this extractor's layers
+        batch_size : images per forward pass
+        compute : precision of the Gram product of each feature chunk (sums in float64)
+        block_values : at most this many values (w x features) per feature chunk of the Gram
+
+        Returns
+        -------
+        matrices : layer name -> (w, w) float32; a zero-variance row and column are NaN
+        predicted_index : (w,) int32, predicted_prob : (w,) float32
+        """
+        net, w = self._capturing(layers), len(pixels)
+        rows = [torch.empty((w, layer.dim), dtype=self.dtype, device=self.device) for layer in layers]
+        top, top_prob = [], []
+        for lo in range(0, w, batch_size):
+            logits, captured = net(self.normalise(pixels[lo : lo + batch_size]))
+            for held, values in zip(rows, captured):
+                held[lo : lo + len(values)] = values
+            prob, index = torch.softmax(logits.float(), dim=1).max(dim=1)
+            top.append(index.to(torch.int32).cpu())
+            top_prob.append(prob.cpu())
+        matrices = {}
+        for layer, held in zip(layers, rows):
+            block = max(1, (block_values or held.numel()) // max(w, 1))
+            r = correlation_from_rows(held, compute, block=block, constant="nan")
+            matrices[layer.name] = r.to(torch.float32).cpu().numpy()
+        return matrices, torch.cat(top).numpy(), torch.cat(top_prob).numpy()
+
+
+def memory_budget(device: str = "auto", share: float = 1.0) -> int:
+    """Bytes the resident rows of ``--store similarity`` may take on ``device`` by default: half the free
+    memory of a GPU (``torch.cuda.mem_get_info``), a quarter of the node's available RAM on the CPU
+    (``MemAvailable``), times ``share`` (the fraction of the device one actor has). The rest is for the
+    model, its forward pass and the Gram's temporaries."""
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free * 0.5 * share)
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:  # not Linux: physical pages not in use
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(available * 0.25 * share)

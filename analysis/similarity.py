@@ -135,6 +135,99 @@ class GramAccumulator:
         return np.clip(r, -1.0, 1.0, out=r)
 
 
+def correlation_from_rows(
+    z: torch.Tensor, compute: str = "float32", block: int | None = None, constant: str = "raise"
+) -> torch.Tensor:
+    """(w, w) float64 Pearson r between the rows of ``z``, on ``z``'s device: the torch twin of
+    :class:`GramAccumulator`, for rows already resident on a device (``semprobe run --store similarity``).
+
+    Parameters
+    ----------
+    z : Tensor, (w, d) any real dtype (float16 as the activation store keeps rows)
+        One row per concept, e.g. :func:`zscore_rows`' output. Need not be centred: as in
+        :class:`GramAccumulator`, the float64 row sums remove the means.
+    compute : "float32" or "float64"
+        Precision of each feature chunk's Gram product; the Gram and the row sums are accumulated
+        across chunks in float64, exactly as :meth:`GramAccumulator.add` does.
+    block : int, optional
+        Features per chunk (default: all at once), so that at most w x block values are converted
+        to ``compute`` at a time.
+    constant : "raise" or "nan"
+        A zero-variance row (the same test as :meth:`GramAccumulator.correlation`: its variance is
+        below float rounding of its sum of squares) raises ZeroVarianceError naming the rows, or,
+        with "nan", gets NaN in its row and column, so that a caller holding more rows than it
+        needs can decide later whether the constant row matters.
+
+    Returns
+    -------
+    Tensor, (w, w) float64 on z's device; diagonal 1 (NaN for a constant row with "nan"), clipped to [-1, 1].
+    """
+    if compute not in ("float32", "float64"):
+        raise InputError(f"unknown compute precision '{compute}': choose float32 or float64")
+    if constant not in ("raise", "nan"):
+        raise InputError(f"unknown constant-row handling '{constant}': choose raise or nan")
+    w, d = z.shape
+    dtype = getattr(torch, compute)
+    gram = torch.zeros((w, w), dtype=torch.float64, device=z.device)
+    sums = torch.zeros(w, dtype=torch.float64, device=z.device)
+    step = max(1, min(d, block or d))
+    # float32 means float32: TF32 (which a job may allow for its statistics) would round the products to 10 bits.
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        for lo in range(0, d, step):
+            x = z[:, lo : lo + step].to(dtype)
+            gram += (x @ x.T).to(torch.float64)  # the product in `compute`, the running sum in float64
+            sums += x.sum(dim=1, dtype=torch.float64)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    cov = gram - torch.outer(sums, sums) / d
+    var = torch.diagonal(cov).clone()
+    floor = torch.clamp_min(torch.diagonal(gram), torch.finfo(torch.float64).tiny)
+    flat = var <= RELATIVE_STD_FLOOR**2 * floor
+    if flat.any() and constant == "raise":
+        rows = torch.nonzero(flat).flatten().tolist()
+        raise ZeroVarianceError(f"zero-variance row(s) {rows[:5]}: their correlations are undefined", rows)
+    scale = 1 / torch.sqrt(torch.where(flat, torch.ones_like(var), var))
+    r = cov * scale[:, None] * scale[None, :]
+    r.fill_diagonal_(1.0)
+    r = r.clamp_(-1.0, 1.0)
+    if flat.any():
+        r[flat, :] = float("nan")
+        r[:, flat] = float("nan")
+    return r
+
+
+def chunk_layers(dims: list[int], w: int, itemsize: int, budget_bytes: int) -> list[list[int]]:
+    """Group layers, in catalog order, into chunks whose resident rows fit a memory budget.
+
+    The rule of ``semprobe run --store similarity``: consecutive layers join a chunk while
+    ``w x sum(d) x itemsize``, the z-scored rows of one image set of every layer in the chunk, stays
+    within ``budget_bytes``; a layer whose own rows exceed the budget gets a chunk of its own.
+
+    Parameters
+    ----------
+    dims : features d of each layer, in catalog order
+    w : rows per layer (the image set's images)
+    itemsize : bytes per value (2 for float16)
+    budget_bytes : the memory the rows may take
+
+    Returns
+    -------
+    list of chunks, each a list of positions into ``dims``, in order; together every position once.
+    """
+    chunks: list[list[int]] = []
+    used = 0
+    for i, d in enumerate(dims):
+        size = w * d * itemsize
+        if chunks and used + size <= budget_bytes:
+            chunks[-1].append(i)
+            used += size
+        else:
+            chunks.append([i])
+            used = size
+    return chunks
+
+
 def correlation_matrix(
     x, compute: str = "float64", block: int | None = None, device=None, precision: str = "fp64"
 ) -> np.ndarray:

@@ -29,11 +29,12 @@ from semprobe.analysis.scores import adjust_family, family_columns
 from semprobe.datasets import cifar, schema
 from semprobe.ray_jobs.checkpoints import TrainingRun, open_runs
 from semprobe.ray_jobs.config import DynamicsConfig
-from semprobe.ray_jobs.extraction import plan_extraction, run_extract
+from semprobe.ray_jobs.extraction import plan_extraction
 from semprobe.ray_jobs.figures import save_figure
+from semprobe.ray_jobs.fused import run_extraction
 from semprobe.ray_jobs.report import family_notes, family_summary
 from semprobe.ray_jobs.scheduler import ModelPlan, TwoVsTwoScheduler, plan_model, reduce_scores, test_file
-from semprobe.ray_jobs.startup import connect, open_output, write_resolved
+from semprobe.ray_jobs.startup import connect, open_output, store_mode, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
 
 
@@ -63,8 +64,8 @@ def split_source(images: str, split: str) -> str:
 class CheckpointAnalysis:
     """Analyses checkpoints as they come and reduces everything analysed so far."""
 
-    def __init__(self, cfg: DynamicsConfig, output: Output, runs: list[TrainingRun], log):
-        self.cfg, self.output, self.runs, self.log = cfg, output, runs, log
+    def __init__(self, cfg: DynamicsConfig, output: Output, runs: list[TrainingRun], log, store: str = "activations"):
+        self.cfg, self.output, self.runs, self.log, self.store = cfg, output, runs, log, store
         self.done: dict[str, Checkpoint] = {}
         self.tests_computed = self.gram_tasks = 0
         self.families: list = []  # analysis.scores.Family, of the latest reduce
@@ -91,12 +92,14 @@ class CheckpointAnalysis:
             self.log(f"dynamics: checkpoint {n}/{len(checkpoints)}: {checkpoint.key}")
             quiet = n > 1 or self.done  # the concept coverage is the same for every checkpoint: say it once
             plan = plan_extraction(extraction)
-            run_extract(extraction, log=(lambda m: None) if quiet else self.log, plan=plan)
-            checkpoint.model_plan = plan_model(self.output, checkpoint.key, plan, self.log, key=checkpoint.key)
+            run_extraction(extraction, plan, self.store, cfg, log=(lambda m: None) if quiet else self.log)
+            checkpoint.model_plan = plan_model(
+                self.output, checkpoint.key, plan, self.log, key=checkpoint.key, store=self.store
+            )
             scheduler.submit(checkpoint.model_plan)
         scheduler.wait()
         self.tests_computed += scheduler.computed
-        self.gram_tasks += len(scheduler.grams)
+        self.gram_tasks += len(scheduler.grams) + len(scheduler.matrix_tasks)
         self.done.update({c.key: c for c in checkpoints})
 
     def reduce(self) -> pa.Table:
@@ -140,8 +143,9 @@ def follow(cfg: DynamicsConfig, log=print, stop: threading.Event | None = None) 
     if not cfg.follow and not any(run.checkpoints() for run in runs):
         raise InputError(f"no checkpoints in {', '.join(cfg.runs)} yet: train first, or pass --follow to wait for them")
     connect(log)
-    write_resolved(output, cfg)
-    job, started = CheckpointAnalysis(cfg, output, runs, log), time.monotonic()
+    store = store_mode(cfg.store, cfg.gpus_per_actor, log)
+    write_resolved(output, cfg, store=store)
+    job, started = CheckpointAnalysis(cfg, output, runs, log, store), time.monotonic()
     table = None
     while True:
         # Read before listing: a run that has finished has reported all its checkpoints.

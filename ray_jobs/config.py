@@ -38,6 +38,7 @@ BHY_FAMILIES = ("all", "model", "model,word_model")  # analysis.scores.FAMILIES 
 ONE_VS_TWO_NULLS = ("rows", "columns")  # analysis.onevtwo.NULLS
 TARGET_SIMILARITIES = ("pearson", "cosine")
 PRECISIONS = ("fp64", "fp32")  # analysis.kernels.PRECISIONS (config imports no torch)
+STORE_MODES = ("auto", "activations", "similarity")  # ray_jobs.fused: where an extraction's results go
 AUTO_TASK_GPUS = 0.25  # an analysis task's share of a GPU when the cluster has GPUs and --task-gpus is unset
 MODEL_HELP = (
     "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH, each optionally "
@@ -450,6 +451,23 @@ class _TwoVsTwoJob(_ExtractingJob):
         "memory of one statistics task's stacked (layer, image set) matrices: it takes as many of a model's "
         "layers as fit, against every word model",
         minimum=1,
+    )
+    store: str = option(
+        "auto",
+        "what extraction keeps: activations (every layer's z-scored rows in the activation store, then Gram tasks) "
+        "or similarity (each model actor holds one image set's rows of a chunk of layers on its device and writes "
+        "only the w x w matrices and the predictions, never the activations); auto: similarity when the model "
+        "actors get GPUs, else activations",
+        choices=STORE_MODES,
+        noun="store mode",
+    )
+    similarity_memory_mb: int | None = option(
+        None,
+        "with --store similarity: MB one chunk of layers' resident rows may take (w x their features x bytes of "
+        "--dtype); layers are grouped in catalog order to fit, one forward pass of the set per chunk",
+        minimum=1,
+        none="half the free memory of the actor's GPU, or a quarter of the node's available RAM over the actors",
+        group="resources",
     )
     family: str = option(
         "model",

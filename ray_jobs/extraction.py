@@ -146,11 +146,11 @@ class ExtractShards:
         model: str,
         layers: str,
         dtype: str,
-        store_format: str,
-        compression: str,
         batch_size: int,
         gpus: float,
         torch_threads: int | None,
+        store_format: str = "arrow",
+        compression: str = "none",
     ):
         if torch_threads is None and not gpus:
             # Ray pins OMP_NUM_THREADS to the actor's CPU request; a CPU-only forward pass wants the node.
@@ -185,21 +185,20 @@ class ExtractShards:
             except BaseException:
                 writer.abort()  # no partial file stays behind, e.g. when the disk is full
                 raise
-            ids, concepts, sets = (list(col) for col in zip(*rows))
-            table = pa.table(
-                [
-                    ids,
-                    concepts,
-                    sets,
-                    [m.model_name] * len(rows),
-                    [p for p, _ in predictions],
-                    [q for _, q in predictions],
-                ],
-                schema=schema.PREDICTIONS,
-            )
+            table = predictions_table(rows, m.model_name, [p for p, _ in predictions], [q for _, q in predictions])
             self.output.write_table(table, "predictions", self.key, shard_file(shard))
         record = {"shard": shard, "n_images": len(rows), "errors": errors, "layers": [layer.name for layer in m.layers]}
         self.output.write_json(record, "shards", self.key, shard_file(shard, ".json"))
+
+
+def predictions_table(rows: list, model: str, index, prob) -> pa.Table:
+    """schema.PREDICTIONS of the images ``rows`` ([image_id, concept_id, set_index] each): the model's top-1 class
+    index and probability of each."""
+    ids, concepts, sets = (list(col) for col in zip(*rows))
+    return pa.table(
+        [ids, concepts, sets, [model] * len(rows), pa.array(index, pa.int32()), pa.array(prob, pa.float32())],
+        schema=schema.PREDICTIONS,
+    )
 
 
 # --- the driver ------------------------------------------------------------------------------------
@@ -217,11 +216,12 @@ def _resources(cfg: ExtractConfig) -> dict[str, Any]:
     }
 
 
-def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any]) -> None:
+def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any], **extra: Any) -> None:
     cfg, exp = plan.config, plan.config.experiment_id()
     write_resolved(
         output,
         cfg,
+        **extra,
         model=plan.model,
         model_key=plan.model_key,
         weights=plan.weights,
@@ -247,19 +247,7 @@ def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any]) 
 def run_extract(cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = None) -> dict[str, Any]:
     """Run (or resume) an extraction; returns the summary it also writes to OUT/summary.json."""
     plan = plan or plan_extraction(cfg)
-    output = open_output(cfg)
-    if plan.concepts is not None:
-        log(plan.concepts.summary(len(plan.source.classes)))
-    for cid, n in sorted(plan.dropped_for_sets.items()):
-        log(f"  dropped {cid}: {n} image(s), fewer than --sets {cfg.sets}")
-    connect(log)
-    resources = _resources(cfg)
-    try:
-        write_plan(output, plan, resources)
-    except OSError as err:
-        raise InputError(f"cannot write to {cfg.out}: {err}") from None
-
-    output.sweep()
+    output, resources = begin(plan, log)
     shards = plan.shards()
     done = {int(name[6:11]) for name in output.list("shards", plan.model_key, suffix=".json")}
     pending = shards.filter(pc.invert(pc.is_in(shards["shard"], pa.array(sorted(done), pa.int32()))))
@@ -268,54 +256,9 @@ def run_extract(cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = Non
     progress.done = total - sum(pending["n"].to_pylist())
     if done:
         log(f"resuming: {len(done)} of {shards.num_rows} shards already complete, {pending.num_rows} to go")
-    started, completions = time.monotonic(), []
-    if pending.num_rows:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        pre = plan.preprocess
-        ds = ray.data.from_arrow([pending.slice(i, 1) for i in range(pending.num_rows)])
-        ds = ds.map_batches(
-            decode_shard,
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=resources["decode_cpus"],
-            fn_kwargs={
-                "size": pre.size,
-                "resize_size": pre.resize_size,
-                "interpolation": pre.interpolation,
-                "precropped": cfg.precropped,
-            },
-        )
-        ds = ds.map_batches(
-            ExtractShards,
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
-            num_gpus=resources["gpus_per_actor"],
-            num_cpus=resources["cpus_per_actor"],
-            resources=resources["actor_resources"],
-            fn_constructor_kwargs={
-                "out": cfg.out,
-                "model": cfg.model,
-                "layers": cfg.layers,
-                "dtype": cfg.dtype,
-                "store_format": cfg.store_format,
-                "compression": cfg.compression,
-                "batch_size": cfg.batch_size,
-                "gpus": resources["gpus_per_actor"],
-                "torch_threads": resources["torch_threads"],
-            },
-        )
-        rows = iter(ds.iter_rows())
-        try:
-            for row in rows:
-                progress.update(int(row["n_images"] + row["n_errors"]))
-                completions.append((time.monotonic(), int(row["n_images"])))
-        finally:
-            # On a failure too: stops the execution and releases its actors at once, not when the
-            # traceback (which holds this frame) is collected.
-            getattr(rows, "close", lambda: None)()
-        progress.close()
+    started = time.monotonic()
+    actor_kwargs = {"store_format": cfg.store_format, "compression": cfg.compression}
+    completions = stream(pending, plan, resources, ExtractShards, actor_kwargs, progress)
     elapsed = time.monotonic() - started
     summary = finish(output, plan, computed=pending.num_rows, elapsed=elapsed)
     if len(completions) > 1:  # the rate once actors are up: images after the first shard over the time since it
@@ -330,12 +273,96 @@ def run_extract(cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = Non
     return summary
 
 
-def finish(output: Output, plan: ExtractionPlan, computed: int, elapsed: float) -> dict[str, Any]:
-    """Gather the shard records into errors.parquet and summary.json."""
-    records = [
-        output.read_json("shards", plan.model_key, name)
-        for name in output.list("shards", plan.model_key, suffix=".json")
-    ]
+def begin(plan: ExtractionPlan, log, **extra: Any) -> tuple[Output, dict[str, Any]]:
+    """What an extraction does before its first image: open its output, say what the concepts and sets left out,
+    join the cluster, resolve the model actors, write the plan (with ``extra`` in its config.json) and sweep a
+    killed run's temporary files."""
+    cfg = plan.config
+    output = open_output(cfg)
+    if plan.concepts is not None:
+        log(plan.concepts.summary(len(plan.source.classes)))
+    for cid, n in sorted(plan.dropped_for_sets.items()):
+        log(f"  dropped {cid}: {n} image(s), fewer than --sets {cfg.sets}")
+    connect(log)
+    resources = _resources(cfg)
+    try:
+        write_plan(output, plan, resources, **extra)
+    except OSError as err:
+        raise InputError(f"cannot write to {cfg.out}: {err}") from None
+    output.sweep()
+    return output, resources
+
+
+def stream(
+    pending: pa.Table,
+    plan: ExtractionPlan,
+    resources: dict[str, Any],
+    actor: type,
+    actor_kwargs: dict[str, Any],
+    progress: Progress,
+) -> list[tuple[float, int]]:
+    """Run the Ray Data pipeline over the ``pending`` units of work (one row each, as :meth:`ExtractionPlan.shards`
+    makes them: ``shard`` numbers the unit, ``images`` its images): CPU decode, then ``actor`` on the model's
+    devices, built with the extraction's options and ``actor_kwargs``. Returns (time, images) per finished unit."""
+    if not pending.num_rows:
+        return []
+    cfg, pre, completions = plan.config, plan.preprocess, []
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.from_arrow([pending.slice(i, 1) for i in range(pending.num_rows)])
+    ds = ds.map_batches(
+        decode_shard,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=resources["decode_cpus"],
+        fn_kwargs={
+            "size": pre.size,
+            "resize_size": pre.resize_size,
+            "interpolation": pre.interpolation,
+            "precropped": cfg.precropped,
+        },
+    )
+    ds = ds.map_batches(
+        actor,
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=resources["actors"]),
+        num_gpus=resources["gpus_per_actor"],
+        num_cpus=resources["cpus_per_actor"],
+        resources=resources["actor_resources"],
+        fn_constructor_kwargs={
+            "out": cfg.out,
+            "model": cfg.model,
+            "layers": cfg.layers,
+            "dtype": cfg.dtype,
+            "batch_size": cfg.batch_size,
+            "gpus": resources["gpus_per_actor"],
+            "torch_threads": resources["torch_threads"],
+            **actor_kwargs,
+        },
+    )
+    rows = iter(ds.iter_rows())
+    try:
+        for row in rows:
+            progress.update(int(row["n_images"] + row["n_errors"]))
+            completions.append((time.monotonic(), int(row["n_images"])))
+    finally:
+        # On a failure too: stops the execution and releases its actors at once, not when the
+        # traceback (which holds this frame) is collected.
+        getattr(rows, "close", lambda: None)()
+    progress.close()
+    return completions
+
+
+def finish(
+    output: Output, plan: ExtractionPlan, computed: int, elapsed: float, records: list[dict] | None = None
+) -> dict[str, Any]:
+    """Gather the completion records (default: the shards'; each with its n_images and errors, every image in one
+    record) into errors.parquet and summary.json."""
+    if records is None:
+        records = [
+            output.read_json("shards", plan.model_key, name)
+            for name in output.list("shards", plan.model_key, suffix=".json")
+        ]
     errors = sorted((e for r in records for e in r["errors"]), key=lambda e: e["image_id"])
     table = pa.Table.from_pylist(errors, schema=schema.ERRORS)
     output.write_table(schema.stamp(table, plan.config.experiment_id()), "errors.parquet")

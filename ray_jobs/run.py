@@ -2,7 +2,9 @@
 
 extraction per model (:mod:`semprobe.ray_jobs.extraction`) -> Gram tasks, one per (model,
 layer, set): the w x w concept correlations of each image set, from the memory-mapped
-activation store in bounded feature chunks -> 2 vs. 2 tasks, one per (model, layer, word
+activation store in bounded feature chunks (with ``--store similarity``, the default when the
+model actors get GPUs, the actors compute those matrices themselves and no activation is
+written: :mod:`semprobe.ray_jobs.fused`) -> 2 vs. 2 tasks, one per (model, layer, word
 model), and permutation-shard tasks (``permutation_shard`` permutations each) over those
 small matrices (:mod:`semprobe.ray_jobs.scheduler`) -> reducer: mean and std over sets,
 permutation p-values, BHY within each family (``--family``) -> tables, figure, report.
@@ -37,11 +39,12 @@ from semprobe.analysis.figures import layer_curves
 from semprobe.analysis.scores import family_columns
 from semprobe.datasets import schema
 from semprobe.ray_jobs.config import RunConfig
-from semprobe.ray_jobs.extraction import plan_extraction, run_extract
+from semprobe.ray_jobs.extraction import plan_extraction
 from semprobe.ray_jobs.figures import save_figure
+from semprobe.ray_jobs.fused import run_extraction
 from semprobe.ray_jobs.report import family_summary, write_report
 from semprobe.ray_jobs.scheduler import TwoVsTwoScheduler, plan_model, reduce_scores, test_file
-from semprobe.ray_jobs.startup import connect, open_output, write_resolved
+from semprobe.ray_jobs.startup import connect, open_output, store_mode, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
 
 
@@ -64,12 +67,13 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     plans = {model: plan_extraction(extractions[model]) for model in cfg.models}  # all bad input, before any write
     connect(log)
     exp = cfg.experiment_id()
-    write_resolved(output, cfg, weights={model: plans[model].weights for model in cfg.models})
+    store = store_mode(cfg.store, cfg.gpus_per_actor, log)
+    write_resolved(output, cfg, weights={model: plans[model].weights for model in cfg.models}, store=store)
     started = time.monotonic()
     scheduler, model_plans = TwoVsTwoScheduler(cfg, output, log), {}
     for model in cfg.models:
-        run_extract(extractions[model], log=log, plan=plans[model])
-        model_plans[model] = plan_model(output, model_key(model), plans[model], log)
+        run_extraction(extractions[model], plans[model], store, cfg, log=log)
+        model_plans[model] = plan_model(output, model_key(model), plans[model], log, store=store)
         scheduler.submit(model_plans[model])
     if scheduler.pending:
         log(
@@ -131,5 +135,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         "gram_tasks": len(scheduler.grams),
         "pairs_rechecked": scheduler.rechecked,
         "pairs_decided": scheduler.decided,
+        "matrix_tasks": len(scheduler.matrix_tasks),
+        "store": store,
         "seconds": round(time.monotonic() - started, 3),
     }

@@ -3,14 +3,15 @@ tasks on Ray, their scheduling and the reducer.
 
 For each model extraction (a :class:`ModelPlan`): one Gram task per (layer, image set) computes
 its w x w concept correlations from the memory-mapped activation store in bounded feature
-chunks; the 2 vs. 2 then runs stacked (:func:`semprobe.analysis.kernels.stacked_two_vs_two`): the layers
-are grouped so that a group's (layer, image set) matrices fit ``--stack-memory-mb``, and per group one
-observe task and ``permutations / permutation_shard`` permutation tasks each compute every matrix of
-the group against every word model in one stacked product per permutation block, on the task's device
-(``--task-gpus``: a fraction of a GPU each, packed by the scheduler) in ``--precision``; each test is
-written as its group's tasks finish. The formulas are :mod:`semprobe.analysis.scores`' and
-:mod:`semprobe.analysis.twovtwo`'s; this module only places them on the cluster and reads and writes
-their files::
+chunks (with ``--store similarity`` a matrix task takes them from the extraction's own matrices:
+:mod:`semprobe.ray_jobs.fused`); the 2 vs. 2 then runs stacked
+(:func:`semprobe.analysis.kernels.stacked_two_vs_two`): the layers are grouped so that a group's (layer,
+image set) matrices fit ``--stack-memory-mb``, and per group one observe task and
+``permutations / permutation_shard`` permutation tasks each compute every matrix of the group against every
+word model in one stacked product per permutation block, on the task's device (``--task-gpus``: a fraction
+of a GPU each, packed by the scheduler) in ``--precision``; each test is written as its group's tasks
+finish. The formulas are :mod:`semprobe.analysis.scores`' and :mod:`semprobe.analysis.kernels`'; this
+module only places them on the cluster and reads and writes their files::
 
     similarity/<key>/<layer>/set-NNN.parquet       the CNN matrix of each image set
     similarity/<key>/words/<word model>.parquet    the word matrices over the same concepts
@@ -46,10 +47,12 @@ from semprobe.analysis.scores import (
 from semprobe.datasets import schema
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.extraction import ExtractionPlan
+from semprobe.ray_jobs.fused import matrix_source
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.startup import analysis_options, task_device
 from semprobe.ray_jobs.storage import Output, model_key
-from semprobe.ray_jobs.store import layer_folder, layer_views
+from semprobe.ray_jobs.store import layer_folder, layer_views, similarity_file, similarity_table
+from semprobe.ray_jobs.store import matrices as _matrices
 
 # --- Ray tasks ------------------------------------------------------------------------------------
 
@@ -96,11 +99,7 @@ def gram_task(
         try:
             matrix = concept_matrix(chunks(), w, compute)
         except ZeroVarianceError as err:
-            culprits = ", ".join(f"{images[r]} ({concept_ids[r]})" for r in err.rows[:3])
-            raise InputError(
-                f"zero-variance activations in {model} layer {layer}, set {set_index}: image {culprits}; "
-                "its correlations are undefined (a constant input image or a dead layer)"
-            ) from None
+            raise zero_variance(model, layer, set_index, images, concept_ids, err.rows) from None
         finally:
             views.clear()  # release the memory maps before the scratch folder goes
     table = similarity_table(
@@ -110,33 +109,49 @@ def gram_task(
     return matrix
 
 
-def similarity_table(
-    matrix: np.ndarray,
-    concept_ids: list[str],
-    space: str,
-    model: str | None = None,
-    layer: str | None = None,
-    layer_index: int | None = None,
-    set_index: int | None = None,
-) -> pa.Table:
-    """A (w, w) matrix over ``concept_ids`` as its one-row similarity table: ``space`` "cnn" (a layer's image
-    set) or a word model's name."""
-    return pa.table(
-        [
-            [model],
-            [layer],
-            pa.array([layer_index], pa.int32()),
-            pa.array([set_index], pa.int32()),
-            [space],
-            [concept_ids],
-            pa.FixedShapeTensorArray.from_numpy_ndarray(matrix[None].copy()),
-        ],
-        schema=schema.similarity(len(concept_ids)),
+def zero_variance(
+    model: str, layer: str, set_index: int, images: list[str], concept_ids: list[str], rows: list[int]
+) -> InputError:
+    culprits = ", ".join(f"{images[r]} ({concept_ids[r]})" for r in rows[:3])
+    return InputError(
+        f"zero-variance activations in {model} layer {layer}, set {set_index}: image {culprits}; "
+        "its correlations are undefined (a constant input image or a dead layer)"
     )
 
 
-def similarity_file(key: str, layer: str, set_index: int) -> tuple[str, ...]:
-    return "similarity", key, model_key(layer), f"set-{set_index:03d}.parquet"
+@ray.remote
+def matrix_task(
+    out: str,
+    source: tuple[str, ...],
+    model: str,
+    layer: str,
+    layer_index: int,
+    set_index: int,
+    images: list[str],
+    concept_ids: list[str],
+    key: str,
+) -> np.ndarray:
+    """``--store similarity``'s counterpart of :func:`gram_task`: the (w, w) matrix over ``concept_ids`` of one image
+    set of one layer, taken from the extraction's matrix over all the set's decoded images (``source`` under
+    ``out``), written under ``key`` and returned (float32).
+
+    The Pearson r of two rows does not depend on the other rows, so the sub-matrix over the kept concepts (those
+    with an image in every set) is the matrix of the kept rows, as a Gram task computes it; a kept image whose
+    row is constant (NaN in the extraction's matrix) is the same error as there.
+    """
+    output = Output(out)
+    table = output.read_table(*source)
+    position = {c: i for i, c in enumerate(table["concept_ids"][0].as_py())}
+    kept = np.array([position[c] for c in concept_ids])
+    matrix = _matrices(table)[0][np.ix_(kept, kept)]
+    constant = np.flatnonzero(np.isnan(np.diagonal(matrix))).tolist()
+    if constant:
+        raise zero_variance(model, layer, set_index, images, concept_ids, constant)
+    table = similarity_table(
+        matrix, concept_ids, "cnn", model=model, layer=layer, layer_index=layer_index, set_index=set_index
+    )
+    output.write_table(table, *similarity_file(key, layer, set_index))
+    return matrix
 
 
 def test_file(key: str, word_model: str, layer: str) -> tuple[str, ...]:
@@ -171,11 +186,14 @@ class ModelPlan:
     set_indices: list[int]
     images: list[list[str]]  # per set, the image of each concept
     left_out: list[str]  # concepts without an extracted image in some set (their image failed to decode)
+    store: str = "activations"  # the extraction's --store mode: where the matrices come from
 
 
-def plan_model(output: Output, extract_key: str, plan: ExtractionPlan, log, key: str | None = None) -> ModelPlan:
+def plan_model(
+    output: Output, extract_key: str, plan: ExtractionPlan, log, key: str | None = None, store: str = "activations"
+) -> ModelPlan:
     """Concepts with an image in every set (after decode errors), their words, the layers; results under
-    ``key`` (default: the model's)."""
+    ``key`` (default: the model's); ``store``, the extraction's mode."""
     ext = Output(posixpath.join(output.uri, "extract", extract_key))
     manifest, errors = ext.read_table("manifest.parquet"), ext.read_table("errors.parquet")
     ok = manifest.filter(pc.invert(pc.is_in(manifest["image_id"], errors["image_id"])))
@@ -210,6 +228,7 @@ def plan_model(output: Output, extract_key: str, plan: ExtractionPlan, log, key:
         set_indices=sets,
         images=[[by_set[k][c] for c in kept] for k in sets],
         left_out=[c for c in all_concepts if c not in kept],
+        store=store,
     )
 
 
@@ -220,10 +239,6 @@ def stored_word_matrix(output: Output, model_plan: ModelPlan, word_model: str) -
         vectors = load_word_model(word_model).vectors(model_plan.words[word_model])
         output.write_table(similarity_table(word_matrix(vectors), model_plan.concept_ids, word_model), *parts)
     return _matrices(output.read_table(*parts))[0]
-
-
-def _matrices(table: pa.Table) -> np.ndarray:
-    return table["matrix"].combine_chunks().to_numpy_ndarray()
 
 
 @dataclass
@@ -261,6 +276,7 @@ class TwoVsTwoScheduler:
     log: Any = print
     pending: list[PendingGroup] = field(default_factory=list)
     grams: list[ray.ObjectRef] = field(default_factory=list)
+    matrix_tasks: list[ray.ObjectRef] = field(default_factory=list)  # --store similarity's, in place of Grams
     n_tests: int = 0
     n_todo: int = 0
     n_tasks: int = 0
@@ -272,6 +288,7 @@ class TwoVsTwoScheduler:
         cfg, out = self.cfg, self.output
         # SPREAD: the statistics are compute- and memory-bound; over every node they run side by side.
         options = analysis_options(cfg, self.log if not self.n_tests else None) | {"scheduling_strategy": "SPREAD"}
+        matrix_options = {"num_cpus": cfg.task_cpus, "scheduling_strategy": "SPREAD"}  # numpy: no GPU share
         words = {name: ray.put(stored_word_matrix(out, model_plan, name)) for name in cfg.words}
         todo = {}
         for layer, layer_index in model_plan.layers:
@@ -285,7 +302,7 @@ class TwoVsTwoScheduler:
         for lo in range(0, len(layers), per_group):
             group = layers[lo : lo + per_group]
             names = [name for name in cfg.words if any(name in todo[layer] for layer in group)]
-            sets = [ref for layer, layer_index in group for ref in self._set_matrices(model_plan, layer, layer_index)]
+            sets = [ref for layer, idx in group for ref in self.set_matrices(model_plan, layer, idx, matrix_options)]
             args = [words[name] for name in names] + sets
             starts = range(0, cfg.permutations, cfg.permutation_shard)
             refs = [stacked_task.options(**options).remote(len(names), None, cfg.seed, 0, cfg.precision, *args)] + [
@@ -298,24 +315,33 @@ class TwoVsTwoScheduler:
             self.n_todo += sum(len(todo[layer]) for layer in group)
             self.n_tasks += len(refs)
 
-    def _set_matrices(self, model_plan: ModelPlan, layer: str, layer_index: int) -> list[ray.ObjectRef]:
-        """One (w, w) matrix per image set of the layer: stored, or a Gram task's result."""
-        cfg, out = self.cfg, self.output
-        sets = []
+    def set_matrices(self, model_plan: ModelPlan, layer: str, layer_index: int, options: dict) -> list:
+        """One matrix (ref) per image set of ``layer``: stored, else a Gram task's over the activation store, or
+        with ``--store similarity`` a matrix task's, the sub-matrix of the extraction's over the kept concepts."""
+        cfg, out, refs = self.cfg, self.output, []
         for set_index, images in zip(model_plan.set_indices, model_plan.images):
             parts = similarity_file(model_plan.key, layer, set_index)
             if out.exists(*parts):
-                sets.append(ray.put(_matrices(out.read_table(*parts))[0]))
-                continue
-            folder = ("extract", model_plan.extract_key, *layer_folder(model_plan.model, layer))
-            sets.append(
-                gram_task.options(num_cpus=cfg.task_cpus, scheduling_strategy="SPREAD").remote(
-                    out.uri, folder, model_plan.model, layer, layer_index, set_index, images,
-                    model_plan.concept_ids, cfg.gram_memory_mb, cfg.gram_compute, model_plan.key,
-                )
-            )  # fmt: skip
-            self.grams.append(sets[-1])
-        return sets
+                refs.append(ray.put(_matrices(out.read_table(*parts))[0]))
+            elif model_plan.store == "similarity":
+                source = ("extract", model_plan.extract_key, *matrix_source(model_plan.model, layer, set_index))
+                refs.append(
+                    matrix_task.options(**options).remote(
+                        out.uri, source, model_plan.model, layer, layer_index, set_index, images,
+                        model_plan.concept_ids, model_plan.key,
+                    )
+                )  # fmt: skip
+                self.matrix_tasks.append(refs[-1])
+            else:
+                folder = ("extract", model_plan.extract_key, *layer_folder(model_plan.model, layer))
+                refs.append(
+                    gram_task.options(**options).remote(
+                        out.uri, folder, model_plan.model, layer, layer_index, set_index, images,
+                        model_plan.concept_ids, cfg.gram_memory_mb, cfg.gram_compute, model_plan.key,
+                    )
+                )  # fmt: skip
+                self.grams.append(refs[-1])
+        return refs
 
     def wait(self) -> None:
         """Gather finished tasks into test files, with progress, until none is pending."""

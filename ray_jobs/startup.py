@@ -56,6 +56,19 @@ def model_actors(actors: int | None, gpus_per_actor: float | None) -> tuple[int,
     return actors or (max(1, int(cluster_gpus // gpus)) if gpus else 1), gpus
 
 
+def store_mode(store: str, gpus_per_actor: float | None, log=print) -> str:
+    """``--store`` resolved and said in the log: as given, or for ``auto`` ``similarity`` when the model actors get
+    GPUs (``--gpus-per-actor``, else the cluster's: :func:`model_actors`), ``activations`` on CPU-only clusters."""
+    if store != "auto":
+        log(f"store: {store} (--store {store})")
+        return store
+    _, gpus = model_actors(None, gpus_per_actor)
+    mode = "similarity" if gpus else "activations"
+    why = f"the model actors get {gpus:g} GPU each" if gpus else "the model actors run on CPUs"
+    log(f"store: {mode} ({why}; --store activations|similarity chooses)")
+    return mode
+
+
 def analysis_options(cfg, log=None) -> dict[str, Any]:
     """Ray options of an analysis task (Gram, 2 vs. 2, permutations, 1 vs. 2): ``--task-cpus``, and ``--task-gpus``
     or, unset, a fraction of a GPU when the cluster has any (the scheduler packs such tasks several to a GPU)."""

@@ -1,5 +1,6 @@
 """The activation store: where each layer's activations live under an extraction's output, how an
-extraction actor writes them, and how the Gram and 1 vs. 2 tasks read them back.
+extraction actor writes them, and how the Gram and 1 vs. 2 tasks read them back; and the similarity
+files, the w x w concept correlations that the Gram tasks (or ``--store similarity``'s actors) write.
 
 Layout under an extraction's OUT::
 
@@ -129,3 +130,37 @@ def layer_views(
                 where[ids[offset + row]] = (len(views) - 1, row)
             offset += len(chunk)
     return where, views
+
+
+def similarity_table(
+    matrix: np.ndarray,
+    concept_ids: list[str],
+    space: str,
+    model: str | None = None,
+    layer: str | None = None,
+    layer_index: int | None = None,
+    set_index: int | None = None,
+) -> pa.Table:
+    """A (w, w) matrix over ``concept_ids`` as its one-row similarity table: ``space`` "cnn" (a layer's image
+    set) or a word model's name."""
+    return pa.table(
+        [
+            [model],
+            [layer],
+            pa.array([layer_index], pa.int32()),
+            pa.array([set_index], pa.int32()),
+            [space],
+            [concept_ids],
+            pa.FixedShapeTensorArray.from_numpy_ndarray(matrix[None].copy()),
+        ],
+        schema=schema.similarity(len(concept_ids)),
+    )
+
+
+def similarity_file(key: str, layer: str, set_index: int) -> tuple[str, ...]:
+    return "similarity", key, model_key(layer), f"set-{set_index:03d}.parquet"
+
+
+def matrices(table: pa.Table) -> np.ndarray:
+    """The (n, w, w) matrices of a similarity table."""
+    return table["matrix"].combine_chunks().to_numpy_ndarray()

@@ -170,3 +170,107 @@ def test_torch_correlation_matrix_names_a_constant_row():
         correlation_matrix(x, device="cpu")
     with pytest.raises(InputError, match="unknown precision 'fp8': choose one of fp64, fp32"):
         correlation_matrix(x, device="cpu", precision="fp8")
+
+
+# --- --store similarity: the Gram of rows resident on a device, and the chunking of layers -------------------------
+
+
+@pytest.mark.parametrize("compute", ["float32", "float64"])
+@pytest.mark.parametrize("block", [None, 7, 1000])
+def test_correlation_from_rows_is_numpy_pearson_and_the_accumulators_result(compute, block):
+    from semprobe.analysis.similarity import correlation_from_rows
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(9, 50)) * rng.uniform(0.5, 3, size=(9, 1)) + rng.normal(size=(9, 1))
+    z16 = zscore_rows(torch.from_numpy(x), out_dtype=torch.float16)  # as the actor holds them
+    r = correlation_from_rows(z16, compute, block=block)
+    assert r.dtype == torch.float64 and r.shape == (9, 9)
+    # the reference: numpy's Pearson r of the very rows the actor holds
+    tol = 1e-6 if compute == "float32" else 1e-12
+    np.testing.assert_allclose(r.numpy(), np.corrcoef(z16.double().numpy()), atol=tol)
+    acc = GramAccumulator(9, compute)  # the Gram tasks' path, chunk by chunk
+    step = block or 50
+    for lo in range(0, 50, step):
+        acc.add(z16.numpy()[:, lo : lo + step])
+    # float32 products of torch's and numpy's BLAS differ in summation order only: a few float32 ulps
+    np.testing.assert_allclose(r.numpy(), acc.correlation(), atol=5e-7 if compute == "float32" else 1e-14)
+    assert np.all(np.diag(r.numpy()) == 1.0)
+
+
+def test_correlation_from_rows_constant_rows_raise_or_turn_nan():
+    from semprobe.analysis.similarity import correlation_from_rows
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(5, 20))
+    x[1] = 4.0
+    x[3] = -1.0
+    z = zscore_rows(torch.from_numpy(x))  # constant rows come out as zeros
+    with pytest.raises(ZeroVarianceError, match=r"zero-variance row\(s\) \[1, 3\]") as err:
+        correlation_from_rows(z)
+    assert err.value.rows == [1, 3]
+    r = correlation_from_rows(z, constant="nan").numpy()
+    bad = np.isnan(r)
+    assert bad[[1, 3], :].all() and bad[:, [1, 3]].all() and bad.sum() == 25 - 9
+    keep = [0, 2, 4]  # the other rows' correlations do not depend on the constant ones
+    np.testing.assert_allclose(r[np.ix_(keep, keep)], np.corrcoef(x[keep]), atol=1e-6)
+    # a raw row (not z-scored) that is constant up to rounding is constant too, as GramAccumulator says
+    raw = torch.from_numpy(np.stack([np.full(20, 1e3), rng.normal(size=20)]))
+    with pytest.raises(ZeroVarianceError, match=r"\[0\]"):
+        correlation_from_rows(raw, "float64")
+    acc = GramAccumulator(2, "float64")
+    acc.add(raw.numpy())
+    with pytest.raises(ZeroVarianceError, match=r"\[0\]"):
+        acc.correlation()
+
+
+def naive_chunks(dims, w, itemsize, budget):
+    """The chunking rule as the docs state it, by hand: walk the layers, open a new chunk when the next would
+    overflow the budget (or the current one is empty)."""
+    out, current, size = [], [], 0
+    for i, d in enumerate(dims):
+        need = w * d * itemsize
+        if current and size + need > budget:
+            out.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += need
+    return out + ([current] if current else [])
+
+
+@pytest.mark.parametrize("budget", [1, 100, 999, 1000, 5000, 10**9])
+def test_chunk_layers_groups_in_order_within_the_budget(budget):
+    from semprobe.analysis.similarity import chunk_layers
+
+    dims = [10, 40, 5, 300, 1, 1, 60, 2]
+    w, itemsize = 5, 2  # a layer of d features takes 10 d bytes
+    chunks = chunk_layers(dims, w, itemsize, budget)
+    assert chunks == naive_chunks(dims, w, itemsize, budget)
+    assert [i for c in chunks for i in c] == list(range(len(dims)))
+    for c in chunks:  # each chunk fits, unless it is one layer too big on its own
+        assert sum(w * dims[i] * itemsize for i in c) <= budget or len(c) == 1
+    if budget == 1000:  # 100 + 400 + 50 | 3000 | 10 + 10 + 600 + 20
+        assert chunks == [[0, 1, 2], [3], [4, 5, 6, 7]]
+    if budget == 10**9:
+        assert chunks == [list(range(8))]
+
+
+def test_correlation_from_rows_keeps_tf32_off_for_its_products_and_restores_the_setting(monkeypatch):
+    from semprobe.analysis.similarity import correlation_from_rows
+
+    seen = []
+    real = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return real(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    before = torch.backends.cuda.matmul.allow_tf32  # a cuBLAS setting object: set and restored by hand
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        x = torch.from_numpy(np.random.default_rng(3).normal(size=(4, 30)))
+        r = correlation_from_rows(x, block=10)
+        assert seen == [False, False, False] and torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    np.testing.assert_allclose(r.numpy(), np.corrcoef(x.numpy()), atol=1e-6)

@@ -198,3 +198,33 @@ def test_normal_and_permuted_runs_a_family_each(ray_session, trained, tmp_path):
         np.testing.assert_allclose([r["p_bhy"] for r in mine], by_hand_bhy([r["p_value"] for r in mine]))
     assert [(f["key"], f["m"]) for f in summary["families"]] == [([str(trained / "run")], 3), ([permuted.out], 2)]
     assert (tmp_path / "fig4" / "figures" / "dynamics-glove-50d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_similarity_store_gives_the_same_dynamics_without_activations(analysed, tmp_path):
+    """The matrices agree to float tolerance. The decisions agree wherever no 2 vs. 2 margin lies within that
+    tolerance; this tiny network's deep layers are nearly constant across concepts (r = 0.993 +- 0.0014 between
+    images at epoch 0), so a pair or two of 4,950 may tip: the forward pass runs over other batches (a set's images,
+    not a shard's), and the CPU kernels round per batch shape at ~1e-6 in r. p-values and BHY do not move."""
+    cfg, out, _ = analysed
+    log = []
+    fused = DynamicsConfig(**{**cfg.to_dict(), "out": str(tmp_path / "sim"), "store": "similarity"}).validate()
+    summary = run_dynamics(fused, log=log.append)
+    assert "store: similarity (--store similarity)" in log and summary["checkpoints"] == 3
+    for epoch in (0, 1, 2):
+        for split in ("train", "test"):
+            for layer in LAYERS:
+                key = f"normal/{split}/epoch-{epoch:04d}"
+                np.testing.assert_allclose(
+                    stored_matrices(tmp_path / "sim", "similarity", key, layer),
+                    stored_matrices(out, "similarity", key, layer),
+                    atol=1e-5,
+                )
+    for name in ("dynamics.parquet", "dynamics_by_set.parquet"):
+        fused_rows, rows = (pq.read_table(o / name).to_pylist() for o in (tmp_path / "sim", out))
+        assert len(fused_rows) == len(rows)
+        keys = ("run", "epoch", "split", "layer", "set_index", "p_value", "p_bhy", "significant")
+        same = [k for k in keys if k in rows[0]]
+        for f, r in zip(fused_rows, rows):
+            assert {k: f[k] for k in same} == {k: r[k] for k in same}
+            assert abs(f["accuracy"] - r["accuracy"]) <= 2 / r["n_pairs"]
+    assert not [p for p in (tmp_path / "sim").rglob("*") if p.name == "activations"]
