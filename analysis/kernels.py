@@ -198,7 +198,7 @@ def _recheck(img: _ImageTerms, word: _WordTerms, perms: torch.Tensor, bp64: torc
     li, pm, i, j = where.unbind(1)
     p, mw = pm // M, pm % M
     # q[i, j], q[i, i], q[j, i], q[j, j] of every pair: one batched product of its two word and two image rows
-    # (flat index_select and take: far faster than multi-index gathers on the CPU)
+    # (flat index_select: far faster than multi-index gathers on the CPU)
     rows = bp64.view(-1, w).index_select(0, torch.stack([pm * w + i, pm * w + j], 1).view(-1)).view(-1, 2, w)
     cols = img.a64.view(-1, w).index_select(0, torch.stack([li * w + i, li * w + j], 1).view(-1)).view(-1, 2, w)
     q = torch.bmm(rows, cols.mT)  # (F, 2, 2): q[f, 0, 1] = row i . a_j
