@@ -107,11 +107,33 @@ def kernel_results(quick: bool = False) -> list[dict]:
     return results
 
 
+def check(sizes: tuple[int, ...] = (9, 60, 838), n_perm: int = 20) -> list[dict]:
+    """On every device and precision: do the kernels decide every pair, and count every permutation's passes,
+    exactly as the numpy reference? The device check of a machine without pytest or Ray."""
+    from semprobe.analysis import kernels, twovtwo
+
+    rows = []
+    for w in sizes:
+        a, a2, b = related_matrices(w, 3, w)
+        ref = twovtwo.two_vs_two(a, b).passed
+        null = twovtwo.permutation_null([a, a2], b, n_perm, seed=1).passes
+        for device in devices():
+            for precision in PRECISIONS:
+                got = kernels.two_vs_two(a, b, device, precision).passed
+                stacked = kernels.permutation_null([a, a2], b, n_perm, seed=1, device=device, precision=precision)
+                rows.append(
+                    {"w": w, "device": device, "precision": precision, "pairs_equal": bool((got == ref).all()),
+                     "null_equal": bool((stacked.passes == null).all())}
+                )  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks it runs; the figures mean nothing")
+    parser.add_argument("--check", action="store_true", help="decisions against the numpy reference, every device")
     args = parser.parse_args(argv)
-    print(json.dumps(kernel_results(args.quick), indent=2))
+    print(json.dumps(check() if args.check else kernel_results(args.quick), indent=2))
 
 
 if __name__ == "__main__":

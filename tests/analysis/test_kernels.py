@@ -11,6 +11,8 @@ from semprobe.analysis.kernels import stacked_two_vs_two
 from semprobe.analysis.twovtwo import TIE_TOLERANCE, permutation_null, two_vs_two
 
 PRECISIONS = ["fp64", "fp32"]
+# The CPU here and in CI; on a machine with a GPU the same tests run there too (the device check's script).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def related(w, seed, dims=300):
@@ -27,34 +29,37 @@ def margin(a, b, i, j):
     return r(a[i, keep], b[i, keep]) + r(a[j, keep], b[j, keep]) - r(a[i, keep], b[j, keep]) - r(a[j, keep], b[i, keep])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("w", [4, 9, 60, 838])
-def test_two_vs_two_on_torch_decides_every_pair_as_numpy(w, precision):
+def test_two_vs_two_on_torch_decides_every_pair_as_numpy(w, precision, device):
     a, b = related(w, w)
     ref = two_vs_two(a, b)
-    got = kernels.two_vs_two(a, b, "cpu", precision)
+    got = kernels.two_vs_two(a, b, device, precision)
     np.testing.assert_array_equal(got.passed, ref.passed)
     assert got.accuracy == ref.accuracy
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("w", [6, 50, 838])
-def test_null_on_torch_equals_numpy_for_every_permutation(w, precision):
+def test_null_on_torch_equals_numpy_for_every_permutation(w, precision, device):
     a, b = related(w, 1)
     a2, _ = related(w, 2)
     n = 3 if w == 838 else 40
     ref = permutation_null([a, a2], b, n, seed=7, start=5)
-    got = kernels.permutation_null([a, a2], b, n, seed=7, start=5, precision=precision)
+    got = kernels.permutation_null([a, a2], b, n, seed=7, start=5, device=device, precision=precision)
     np.testing.assert_array_equal(got.passes, ref.passes)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_stacked_over_matrices_words_and_permutations_equals_one_test_at_a_time(precision):
+def test_stacked_over_matrices_words_and_permutations_equals_one_test_at_a_time(precision, device):
     w = 30
     images = [related(w, s)[0] for s in range(5)]
     words = [related(w, s)[1] for s in range(10, 13)]
-    observed = stacked_two_vs_two(images, words, precision=precision)
-    null = stacked_two_vs_two(images, words, n_perm=25, seed=3, precision=precision)
+    observed = stacked_two_vs_two(images, words, device=device, precision=precision)
+    null = stacked_two_vs_two(images, words, n_perm=25, seed=3, device=device, precision=precision)
     for m, b in enumerate(words):
         for k, a in enumerate(images):
             ref = two_vs_two(a, b)
@@ -118,7 +123,8 @@ def near_ties(w, seed, gaps):
     return a, b, tuned
 
 
-def test_near_ties_that_fp32_alone_gets_wrong_are_decided_as_in_fp64():
+@pytest.mark.parametrize("device", DEVICES)
+def test_near_ties_that_fp32_alone_gets_wrong_are_decided_as_in_fp64(device):
     gaps = [s * g for g in (1e-10, 3e-9, 1e-8, 3e-8, 1e-7) for s in (1, -1)]
     a, b, pairs = near_ties(48, 5, gaps)
     ref = two_vs_two(a, b).passed
@@ -132,8 +138,8 @@ def test_near_ties_that_fp32_alone_gets_wrong_are_decided_as_in_fp64():
     raw = kernels._stacked_margins(img, *kernels._permuted_words(word, perms, torch.float32), 0, 1)[0, 0]
     assert sum(bool(raw[p] > TIE_TOLERANCE) != ref[p] for p in pairs) >= 1
     # the recheck does: every pair as numpy's float64, near ties included
-    got = stacked_two_vs_two([a], [b], precision="fp32")
-    np.testing.assert_array_equal(kernels.two_vs_two(a, b, "cpu", "fp32").passed, ref)
+    got = stacked_two_vs_two([a], [b], device=device, precision="fp32")
+    np.testing.assert_array_equal(kernels.two_vs_two(a, b, device, "fp32").passed, ref)
     assert got.rechecked >= len(gaps)
 
 

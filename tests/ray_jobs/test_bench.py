@@ -112,3 +112,13 @@ def test_settle_waits_while_the_cpus_are_busy():
         for s in spinners:
             s.kill()
             s.wait()
+
+
+def test_device_check_compares_every_device_and_precision_with_numpy():
+    from semprobe.ray_jobs.kernel_bench import check, devices
+
+    rows = check(sizes=(9, 30), n_perm=4)
+    assert [(r["w"], r["device"], r["precision"]) for r in rows] == [
+        (w, d, p) for w in (9, 30) for d in devices() for p in ("fp64", "fp32")
+    ]
+    assert all(r["pairs_equal"] and r["null_equal"] for r in rows)
