@@ -4,9 +4,10 @@ extraction per model (:mod:`semprobe.ray_jobs.extraction`) -> Gram tasks, one pe
 layer, set): the w x w concept correlations of each image set, from the memory-mapped
 activation store in bounded feature chunks (with ``--store similarity``, the default when the
 model actors get GPUs, the actors compute those matrices themselves and no activation is
-written: :mod:`semprobe.ray_jobs.fused`) -> 2 vs. 2 tasks, one per (model, layer, word
-model), and permutation-shard tasks (``permutation_shard`` permutations each) over those
-small matrices (:mod:`semprobe.ray_jobs.scheduler`) -> reducer: mean and std over sets,
+written: :mod:`semprobe.ray_jobs.fused`) -> the stacked 2 vs. 2: per group of a model's layers,
+one observe task and permutation-shard tasks (``permutation_shard`` permutations each), each over
+the group's (layer, set) matrices and every word model, on the tasks' devices in ``--precision``
+(:mod:`semprobe.ray_jobs.scheduler`) -> reducer: mean and std over sets,
 permutation p-values, BHY within each family (``--family``) -> tables, figure, report.
 
 Layout under OUT (besides the extractions under ``extract/<model>/``)::
