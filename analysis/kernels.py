@@ -116,11 +116,18 @@ class _WordTerms:
 
 
 def _row_bounds(
-    img: _ImageTerms, word: _WordTerms, perms: torch.Tensor, dtype: torch.dtype, device: torch.device
+    img: _ImageTerms,
+    word: _WordTerms,
+    perms: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    lo: int = 0,
+    hi: int | None = None,
 ) -> torch.Tensor:
-    """(L, P*M, w) float64: R[l, pm, i] bounds, over every j != i, the error of the computed T[i, j] of
-    :func:`_margins` in ``dtype`` against exact arithmetic on the float64 terms, plus the rounding of the
-    margin ``T_ij + T_ji`` that falls to it; so ``|m_ij(dtype) - m_ij(exact)| <= R_i + R_j``.
+    """(hi - lo, P*M, w) float64, for image matrices lo..hi-1 (default: all): R[l, pm, i] bounds, over every
+    j != i, the error of the computed T[i, j] of :func:`_margins` in ``dtype`` against exact arithmetic on the
+    float64 terms, plus the rounding of the margin ``T_ij + T_ji`` that falls to it; so
+    ``|m_ij(dtype) - m_ij(exact)| <= R_i + R_j``.
 
     Derivation. ``T_ij = rb_ij (x_ij o_i + yt_ij db_i - xt_ij q_ij + u_ij b_ij + v_ij sb_ij)`` with the own
     dot ``o_i = q_ii - d_i db_i`` and ``q = b a^T``. Every term and matrix entry is rounded once to ``dtype``
@@ -138,6 +145,7 @@ def _row_bounds(
     norm and off-diagonal row maxima.
     """
     w = img.a64.shape[-1]
+    rows = slice(lo, hi)
     f64 = torch.float64
     u = UNIT_ROUNDOFF[dtype]
     c = matmul_error_factor(w, dtype, device) + (2 * u if dtype != f64 else 0.0)
@@ -146,9 +154,9 @@ def _row_bounds(
     take = lambda t: t[:, perms].permute(1, 0, 2).reshape(-1, w)  # noqa: E731  (M, w) -> (P*M, w)
     rb, bb, sb = (take(word.row_max[k]) for k in ("r", "b", "s"))
     nb, db = take(word.norm), take(word.d_abs)
-    im = {k: v[:, None, :] for k, v in img.row_max.items()}  # (L, 1, w)
-    na, da = img.norm[:, None, :], img.d_abs[:, None, :]
-    na_max = img.norm.amax(-1)[:, None, None]
+    im = {k: v[rows, None, :] for k, v in img.row_max.items()}  # (L, 1, w)
+    na, da = img.norm[rows, None, :], img.d_abs[rows, None, :]
+    na_max = img.norm[rows].amax(-1)[:, None, None]
     rb, bb, sb, nb, db = (t[None] for t in (rb, bb, sb, nb, db))  # (1, P*M, w)
     s = im["x"] * (nb * na + da * db) + im["yt"] * db + im["xt"] * nb * na_max + im["u"] * bb + im["v"] * sb
     dq = (1 + g9) * (im["xt"] * c * nb * na_max + im["x"] * c * nb * na)
@@ -170,7 +178,7 @@ def _permuted_words(word: _WordTerms, perms: torch.Tensor, dtype: torch.dtype) -
     return b64, b64.to(dtype), s.to(dtype), r.to(dtype), diag.to(dtype)
 
 
-def _stacked_margins(img: _ImageTerms, bp64, bp, sbp, rbp, dbp, lo: int, hi: int) -> torch.Tensor:
+def _stacked_margins(img: _ImageTerms, bp, sbp, rbp, dbp, lo: int, hi: int) -> torch.Tensor:
     """(hi - lo, P*M, w, w): the margins of image matrices lo..hi-1 against every permuted word matrix; the
     diagonal (no pair) is -inf. Same formula and order of operations as :func:`_margins`, in place."""
     t_img = {k: v[lo:hi, None] for k, v in img.terms.items()}
@@ -241,12 +249,11 @@ def _decide(
     exceeds TIE_TOLERANCE, where every pair within the error band of the threshold (its bound in ``dtype``
     plus the float64 evaluation's) is decided by its float64 recomputation (:func:`_recheck`)."""
     device = img.a64.device
-    m = _stacked_margins(img, *words_p, lo, hi)
+    m = _stacked_margins(img, *words_p[1:], lo, hi)  # words_p[0], float64, serves the recheck
     passed = m > TIE_TOLERANCE
-    sub = _ImageTermsView(img, lo, hi)
-    r = _row_bounds(sub, word, perms, dtype, device)
+    r = _row_bounds(img, word, perms, dtype, device, lo, hi)
     if dtype != torch.float64:
-        r = r + _row_bounds(sub, word, perms, torch.float64, device)
+        r = r + _row_bounds(img, word, perms, torch.float64, device, lo, hi)
     # Candidates against the block's largest band, then each against its own pair's band R_i + R_j.
     block = 2 * r.amax(-1)  # (L, P*M)
     near = m.sub_(TIE_TOLERANCE).abs_() <= block[..., None, None].to(m.dtype)
@@ -268,15 +275,6 @@ def _decide(
         passed[li, pm, j, i] = exact
     w = passed.shape[-1]
     return Decided(passed, len(cand), passed.shape[0] * passed.shape[1] * w * (w - 1) // 2)
-
-
-class _ImageTermsView:
-    """Image matrices lo..hi-1 of an :class:`_ImageTerms`, as far as :func:`_row_bounds` needs them."""
-
-    def __init__(self, img: _ImageTerms, lo: int, hi: int):
-        self.a64 = img.a64[lo:hi]
-        self.row_max = {k: v[lo:hi] for k, v in img.row_max.items()}
-        self.norm, self.d_abs = img.norm[lo:hi], img.d_abs[lo:hi]
 
 
 def _stack(matrices, what: str, device: torch.device) -> torch.Tensor:

@@ -176,8 +176,9 @@ def run_fused_extract(
     for name in output.list(UNITS, key, suffix=".json"):
         record = output.read_json(UNITS, key, name)
         done.setdefault(record["set_index"], set()).update(record["layers"])
-    n_sets = len(set(plan.manifest["set_index"].to_pylist()))
-    missing = any(len(done.get(k, ())) < len(plan.layers) for k in set(plan.manifest["set_index"].to_pylist()))
+    set_indices = set(plan.manifest["set_index"].to_pylist())
+    n_sets = len(set_indices)
+    missing = any(len(done.get(k, ())) < len(plan.layers) for k in set_indices)
     units = plan_units(plan, done, resident_budget(memory_mb, resources)) if missing else []
     if done:
         log(f"resuming: {sum(len(v) for v in done.values())} of {n_sets * len(plan.layers)} (set, layer) matrices "

@@ -135,7 +135,7 @@ def test_near_ties_that_fp32_alone_gets_wrong_are_decided_as_in_fp64(device):
     perms = torch.arange(48)[None]
     img = kernels._ImageTerms.build(a64, torch.float32)
     word = kernels._WordTerms.build(b64)
-    raw = kernels._stacked_margins(img, *kernels._permuted_words(word, perms, torch.float32), 0, 1)[0, 0]
+    raw = kernels._stacked_margins(img, *kernels._permuted_words(word, perms, torch.float32)[1:], 0, 1)[0, 0]
     assert sum(bool(raw[p] > TIE_TOLERANCE) != ref[p] for p in pairs) >= 1
     # the recheck does: every pair as numpy's float64, near ties included
     got = stacked_two_vs_two([a], [b], device=device, precision="fp32")
@@ -155,9 +155,9 @@ def test_the_error_band_bounds_the_actual_error(dtype):
     margins = {}
     for dt in {dtype, torch.float64}:
         img = kernels._ImageTerms.build(a64, dt)
-        margins[dt] = kernels._stacked_margins(img, *kernels._permuted_words(word, perms, dt), 0, 1)[0].double()
+        margins[dt] = kernels._stacked_margins(img, *kernels._permuted_words(word, perms, dt)[1:], 0, 1)[0].double()
     img = kernels._ImageTerms.build(a64, dtype)
-    r = kernels._row_bounds(kernels._ImageTermsView(img, 0, 1), word, perms, dtype, torch.device("cpu"))[0]
+    r = kernels._row_bounds(img, word, perms, dtype, torch.device("cpu"))[0]
     band = r[:, :, None] + r[:, None, :]
     iu = torch.triu_indices(w, w, 1)
     if dtype == torch.float32:
