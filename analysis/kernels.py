@@ -52,6 +52,19 @@ def _torch_side(m: torch.Tensor, e: torch.Tensor, f: torch.Tensor, side: str) ->
     return s, var.rsqrt_()
 
 
+def _empty(buffers: dict | None, name: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor, a view of the buffer ``name`` of ``buffers`` (grown when too small) or a fresh
+    one without them. The blocks reuse their buffers: on the CPU a fresh tensor of many MB costs a page fault
+    per page on first touch (the allocator hands large blocks back to the system), as much as a pass over it."""
+    n = int(np.prod(shape))
+    if buffers is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    flat = buffers.get(name)
+    if flat is None or flat.numel() < n or flat.dtype != dtype:
+        flat = buffers[name] = torch.empty(n, dtype=dtype, device=device)
+    return flat[:n].view(shape)
+
+
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``t.flatten()[index]``, shaped like ``index``: ``index_select`` on the flat view, which on the CPU is
     tens of times faster than ``torch.take`` or advanced indexing."""
@@ -72,7 +85,7 @@ class _ImageTerms:
 
     a64: torch.Tensor
     terms64: dict[str, torch.Tensor]  # x, xt, yt, u, v: (L, w, w); d: (L, w)
-    terms: dict[str, torch.Tensor]  # the same in the compute dtype; "a": the matrices
+    terms: dict[str, torch.Tensor]  # the same in the compute dtype, -xt as "nxt"; "a": the matrices
     row_max: dict[str, torch.Tensor]  # x, xt, yt, u, v: (L, w) float64
     norm: torch.Tensor  # (L, w) float64: |a_i|
     d_abs: torch.Tensor  # (L, w) float64: |a_ii|
@@ -88,7 +101,7 @@ class _ImageTerms:
         u = xt * d[:, None, :] - y
         z = s * r
         t64 = {"x": x, "xt": xt, "yt": y.mT.contiguous(), "u": u, "v": z.mT - z, "d": d.contiguous()}
-        terms = {k: v.to(dtype) for k, v in t64.items()} | {"a": a64.to(dtype)}
+        terms = {k: v.to(dtype) for k, v in t64.items() if k != "xt"} | {"nxt": (-xt).to(dtype), "a": a64.to(dtype)}
         row_max = {k: _off_diagonal_row_max(t64[k]) for k in ("x", "xt", "yt", "u", "v")}
         return cls(a64, t64, terms, row_max, torch.linalg.vector_norm(a64, dim=-1), d.abs())
 
@@ -164,52 +177,51 @@ def _row_bounds(
     return rb * (g14 * s + dq) * (1 + 2.0**-20)
 
 
-def _permuted_words(word: _WordTerms, perms: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def _permuted_words(word: _WordTerms, perms: torch.Tensor, dtype: torch.dtype, buffers: dict | None = None):
     """Every word matrix under every permutation, ``m[p][:, p]``, (permutation, word model) flattened in that
-    order: b in float64, then b, sb, rb (P*M, w, w) and diag(b) (P*M, w) in ``dtype``. Only b is gathered;
-    its row terms follow from it and the permuted row sums, bit for bit those of :class:`_WordTerms`."""
+    order, in ``dtype``: b, sb, rb (P*M, w, w), gathered from :class:`_WordTerms`' (as the numpy reference
+    gathers them), and diag(b) (P*M, w)."""
     M, w = word.b64.shape[:2]
-    idx = (perms[:, :, None] * w + perms[:, None, :]).reshape(len(perms), 1, -1)  # flat indices of m[p][:, p]
-    offsets = torch.arange(M, device=perms.device)[None, :, None] * (w * w)
-    b64 = _take(word.b64, idx + offsets).reshape(-1, w, w)
-    e, f = (v[:, perms].transpose(0, 1).reshape(-1, w) for v in (word.e, word.f))
-    s, r = _torch_side(b64, e, f, "word")
-    diag = torch.diagonal(b64, dim1=-2, dim2=-1)
-    return b64, b64.to(dtype), s.to(dtype), r.to(dtype), diag.to(dtype)
+    device = perms.device
+    offsets = torch.arange(M, device=device)[None, :, None, None] * (w * w)
+    idx = _empty(buffers, "index", (len(perms), M, w, w), torch.int64, device)  # flat indices of m[p][:, p]
+    torch.add(perms[:, None, :, None] * w + offsets, perms[:, None, None, :], out=idx)
+    gathered = []
+    for name, t in (("b", word.b64), ("sb", word.s64), ("rb", word.r64)):
+        out = _empty(buffers, name, (len(perms) * M, w, w), dtype, device)
+        torch.index_select(t.to(dtype).view(-1), 0, idx.view(-1), out=out.view(-1))
+        gathered.append(out)
+    diag = torch.diagonal(word.b64, dim1=-2, dim2=-1)[:, perms].transpose(0, 1).reshape(-1, w)
+    return (*gathered, diag.to(dtype))
 
 
-def _stacked_margins(img: _ImageTerms, bp, sbp, rbp, dbp, lo: int, hi: int) -> torch.Tensor:
+def _stacked_margins(img: _ImageTerms, bp, sbp, rbp, dbp, lo: int, hi: int, buffers: dict | None = None):
     """(hi - lo, P*M, w, w): the margins of image matrices lo..hi-1 against every permuted word matrix; the
-    diagonal (no pair) is -inf. Same formula and order of operations as :func:`_margins`, in place."""
+    diagonal (no pair) is -inf. Same formula and order of operations as :func:`_margins`, in place, in the
+    buffers "q" (the products, then the half-margins T) and "m"."""
     t_img = {k: v[lo:hi, None] for k, v in img.terms.items()}
     n_img, n_word, w = hi - lo, bp.shape[0], bp.shape[-1]
-    q = torch.empty((n_img, n_word, w, w), dtype=bp.dtype, device=bp.device)
+    q = _empty(buffers, "q", (n_img, n_word, w, w), bp.dtype, bp.device)
     for k in range(n_img):  # one gemm per image matrix: (P*M*w, w) @ (w, w)
         torch.mm(bp.reshape(-1, w), t_img["a"][k, 0].T, out=q[k].view(-1, w))
     own = torch.diagonal(q, dim1=-2, dim2=-1)[..., :, None] - t_img["d"][..., :, None] * dbp[None, :, :, None]
-    t = q.mul_(t_img["xt"]).neg_()
+    t = q.mul_(t_img["nxt"])
     t.addcmul_(t_img["x"], own)
     t.addcmul_(t_img["yt"], dbp[None, :, :, None])
     t.addcmul_(t_img["u"], bp[None])
     t.addcmul_(t_img["v"], sbp[None])
     t.mul_(rbp[None])
-    m = t + t.mT
+    m = torch.add(t, t.mT, out=_empty(buffers, "m", t.shape, t.dtype, t.device))
     m.diagonal(dim1=-2, dim2=-1).fill_(-torch.inf)
     return m
 
 
-def _recheck(img: _ImageTerms, word: _WordTerms, perms: torch.Tensor, bp64: torch.Tensor, where: torch.Tensor):
-    """The float64 margins of the pairs ``where`` (F, 4): (image matrix, (permutation, word model), i, j),
-    ``bp64`` the permuted word matrices; each pair from its own dot products, so a pair's value does not
-    depend on which others come along."""
+def _recheck(img: _ImageTerms, word: _WordTerms, perms: torch.Tensor, where: torch.Tensor):
+    """The float64 margins of the pairs ``where`` (F, 4): (image matrix, (permutation, word model), i, j); each
+    pair from its own dot products, so a pair's value does not depend on which others come along."""
     M, w = word.b64.shape[:2]
     li, pm, i, j = where.unbind(1)
     p, mw = pm // M, pm % M
-    # q[i, j], q[i, i], q[j, i], q[j, j] of every pair: one batched product of its two word and two image rows
-    # (flat index_select: far faster than multi-index gathers on the CPU)
-    rows = bp64.view(-1, w).index_select(0, torch.stack([pm * w + i, pm * w + j], 1).view(-1)).view(-1, 2, w)
-    cols = img.a64.view(-1, w).index_select(0, torch.stack([li * w + i, li * w + j], 1).view(-1)).view(-1, 2, w)
-    q = torch.bmm(rows, cols.mT)  # (F, 2, 2): q[f, 0, 1] = row i . a_j
 
     def at(t, *index):  # t[index] for flat tensors of indices
         flat = index[0]
@@ -217,9 +229,18 @@ def _recheck(img: _ImageTerms, word: _WordTerms, perms: torch.Tensor, bp64: torc
             flat = flat * n + k
         return _take(t, flat)
 
-    def half(i, j, q_ij, q_ii):
+    pi, pj = at(perms, p, i), at(perms, p, j)
+    # q[i, j], q[i, i], q[j, i], q[j, j] of every pair: one batched product of its two permuted word rows
+    # (row i of m[p][:, p] is row p_i of m, in the order p) and two image rows (flat index_select: far faster
+    # than multi-index gathers on the CPU)
+    order = perms.index_select(0, p)[:, None, :].expand(-1, 2, -1)
+    rows = word.b64.view(-1, w).index_select(0, torch.stack([mw * w + pi, mw * w + pj], 1).view(-1))
+    rows = rows.view(-1, 2, w).gather(2, order)
+    cols = img.a64.view(-1, w).index_select(0, torch.stack([li * w + i, li * w + j], 1).view(-1)).view(-1, 2, w)
+    q = torch.bmm(rows, cols.mT)  # (F, 2, 2): q[f, 0, 1] = row i . a_j
+
+    def half(i, j, pi, pj, q_ij, q_ii):
         # T_ij in float64, as :func:`_margins` evaluates it; the permuted word terms are those of rows p_i, p_j
-        pi, pj = at(perms, p, i), at(perms, p, j)
         b_ij, db_i = at(word.b64, mw, pi, pj), at(word.b64, mw, pi, pi)
         x, yt, xt, u, v = (at(img.terms64[k], li, i, j) for k in ("x", "yt", "xt", "u", "v"))
         t = x * (q_ii - at(img.terms64["d"], li, i) * db_i)
@@ -229,52 +250,72 @@ def _recheck(img: _ImageTerms, word: _WordTerms, perms: torch.Tensor, bp64: torc
         t = t + v * at(word.s64, mw, pi, pj)
         return t * at(word.r64, mw, pi, pj)
 
-    return half(i, j, q[:, 0, 1], q[:, 0, 0]) + half(j, i, q[:, 1, 0], q[:, 1, 1])
+    return half(i, j, pi, pj, q[:, 0, 1], q[:, 0, 0]) + half(j, i, pj, pi, q[:, 1, 0], q[:, 1, 1])
 
 
 @dataclass(frozen=True)
 class Decided:
-    """Pairs passed in one stacked block, after the float64 recheck: ``passed`` (L, P*M, w, w) bool, symmetric,
-    False on the diagonal; ``rechecked`` the pairs (i < j) recomputed in float64, ``pairs`` all pairs."""
+    """One stacked block after the float64 recheck: ``counts`` (L, P*M) int64, pairs passed; ``rows`` (L, P*M, w)
+    int64, each concept's pairs passed, and ``passed`` (L, P*M, w, w) bool, symmetric, False on the diagonal,
+    when asked for; ``rechecked`` the pairs (i < j) recomputed in float64, ``pairs`` all pairs."""
 
-    passed: torch.Tensor
+    counts: torch.Tensor
+    rows: torch.Tensor | None
+    passed: torch.Tensor | None
     rechecked: int
     pairs: int
 
 
+DETAILS = ("counts", "rows", "pairs")
+
+
 def _decide(
-    img: _ImageTerms, word: _WordTerms, perms: torch.Tensor, lo: int, hi: int, dtype: torch.dtype, words_p
+    img: _ImageTerms,
+    word: _WordTerms,
+    perms: torch.Tensor,
+    lo: int,
+    hi: int,
+    dtype: torch.dtype,
+    words_p,
+    buffers: dict | None = None,
+    detail: str = "counts",
 ) -> Decided:
     """Image matrices lo..hi-1 against every word matrix under ``perms``: each pair passes iff its margin
     exceeds TIE_TOLERANCE, where every pair within the error band of the threshold (its bound in ``dtype``
-    plus the float64 evaluation's) is decided by its float64 recomputation (:func:`_recheck`)."""
+    plus the float64 evaluation's) is decided by its float64 recomputation (:func:`_recheck`). ``detail``
+    (DETAILS): the counts alone, with each concept's, or with every pair's decision."""
     device = img.a64.device
-    m = _stacked_margins(img, *words_p[1:], lo, hi)  # words_p[0], float64, serves the recheck
-    passed = m > TIE_TOLERANCE
+    m = _stacked_margins(img, *words_p, lo, hi, buffers)
+    # Pass flags as 0/1 in the margins' dtype, in the free product buffer: their float sums are exact and far
+    # faster than a bool count on the CPU. The counts are of both triangles (m is symmetric bit for bit).
+    flags = torch.gt(m, TIE_TOLERANCE, out=_empty(buffers, "q", m.shape, m.dtype, device))
+    counts = flags.sum((-1, -2), dtype=torch.float64).to(torch.int64)
+    rows = flags.sum(-1, dtype=torch.float64).to(torch.int64) if detail == "rows" else None
+    passed = flags > 0.5 if detail == "pairs" else None
     r = _row_bounds(img, word, perms, dtype, device, lo, hi)
     if dtype != torch.float64:
         r = r + _row_bounds(img, word, perms, torch.float64, device, lo, hi)
     # Candidates against the block's largest band, then each against its own pair's band R_i + R_j.
     block = 2 * r.amax(-1)  # (L, P*M)
-    near = m.sub_(TIE_TOLERANCE).abs_() <= block[..., None, None].to(m.dtype)
-    near.triu_(1)
-    cand = torch.nonzero(near)
-    del near
+    gap = m.sub_(TIE_TOLERANCE).abs_()
+    near = torch.le(gap, block[..., None, None].to(m.dtype), out=_empty(buffers, "near", m.shape, torch.bool, device))
+    cand = torch.nonzero(near.triu_(1))
+    w = m.shape[-1]
     if len(cand):
-        w = m.shape[-1]
         row = (cand[:, 0] * m.shape[1] + cand[:, 1]) * w
         band = _take(r, row + cand[:, 2]) + _take(r, row + cand[:, 3])
-        gap = _take(m, (row + cand[:, 2]) * w + cand[:, 3]).double()
-        cand = cand[gap <= band]
-    del m
+        cand = cand[_take(gap, (row + cand[:, 2]) * w + cand[:, 3]).double() <= band]
     for chunk in torch.split(cand, 1 << 12):
-        shifted = chunk + torch.tensor([lo, 0, 0, 0], device=device)
-        exact = _recheck(img, word, perms, words_p[0], shifted) > TIE_TOLERANCE
+        exact = _recheck(img, word, perms, chunk + torch.tensor([lo, 0, 0, 0], device=device)) > TIE_TOLERANCE
         li, pm, i, j = chunk.unbind(1)
-        passed[li, pm, i, j] = exact
-        passed[li, pm, j, i] = exact
-    w = passed.shape[-1]
-    return Decided(passed, len(cand), passed.shape[0] * passed.shape[1] * w * (w - 1) // 2)
+        delta = exact.long() - (_take(flags, ((li * m.shape[1] + pm) * w + i) * w + j) > 0.5).long()
+        counts.index_put_((li, pm), 2 * delta, accumulate=True)
+        if rows is not None:
+            rows.index_put_((li, pm, i), delta, accumulate=True)
+            rows.index_put_((li, pm, j), delta, accumulate=True)
+        if passed is not None:
+            passed[li, pm, i, j] = passed[li, pm, j, i] = exact
+    return Decided(counts // 2, rows, passed, len(cand), m.shape[0] * m.shape[1] * w * (w - 1) // 2)
 
 
 def _stack(matrices, what: str, device: torch.device) -> torch.Tensor:
@@ -343,17 +384,17 @@ def stacked_two_vs_two(
     passes = np.zeros((P, M, L), np.int64)
     concept_passes = np.zeros((M, L, w), np.int32) if observed else None
     rechecked = decided = 0
-    for p_lo, lo, d in _blocks(images, words, n_perm, seed, start, device, precision, memory_mb):
-        n_block, hi = d.passed.shape[1] // M, lo + d.passed.shape[0]
-        counts = d.passed.sum((-1, -2)).div_(2, rounding_mode="floor")  # (l, P*M)
-        passes[p_lo : p_lo + n_block, :, lo:hi] = counts.T.reshape(n_block, M, hi - lo).cpu().numpy()
+    detail = "rows" if observed else "counts"
+    for p_lo, lo, d in _blocks(images, words, n_perm, seed, start, device, precision, memory_mb, detail):
+        n_block, hi = d.counts.shape[1] // M, lo + d.counts.shape[0]
+        passes[p_lo : p_lo + n_block, :, lo:hi] = d.counts.T.reshape(n_block, M, hi - lo).cpu().numpy()
         if observed:
-            concept_passes[:, lo:hi] = d.passed.sum(-1).transpose(0, 1).cpu().numpy()
+            concept_passes[:, lo:hi] = d.rows.transpose(0, 1).cpu().numpy()
         rechecked, decided = rechecked + d.rechecked, decided + d.pairs
     return StackedTests(passes, concept_passes, rechecked, decided)
 
 
-def _blocks(images, words, n_perm, seed, start, device, precision, memory_mb=STACK_MEMORY_MB):
+def _blocks(images, words, n_perm, seed, start, device, precision, memory_mb=STACK_MEMORY_MB, detail="counts"):
     """(first permutation, first image matrix, :class:`Decided`) of each block of :func:`stacked_two_vs_two`."""
     dtype = dtype_of(precision)
     device = torch.device(device)
@@ -364,23 +405,27 @@ def _blocks(images, words, n_perm, seed, start, device, precision, memory_mb=STA
     perms = torch.arange(w)[None] if n_perm is None else torch.from_numpy(permutations(w, n_perm, seed, start))
     perms = perms.to(device)
     img, word = _ImageTerms.build(a64, dtype), _WordTerms.build(b64)
-    P = len(perms)
-    per_pair = M * w * w * 3 * torch.finfo(dtype).bits // 8  # margins, their products, the band's flags
-    budget = max(1, memory_mb * 2**20 // per_pair)  # (image matrix, permutation) pairs per block
-    p_step = min(max(P, 1), budget)
-    l_step = max(1, min(L, budget // p_step))
+    P, itemsize = len(perms), torch.finfo(dtype).bits // 8
+    # Bytes per (image matrix, permutation) pair of a block: the products (then the flags), the margins and
+    # the band's flags; per permutation: the gathered word matrices and their indices.
+    per_pair, per_perm = M * w * w * (2 * itemsize + 1), M * w * w * (3 * itemsize + 8)
+    memory = memory_mb * 2**20
+    p_step = max(1, min(P, memory // (per_perm + per_pair)))
+    l_step = max(1, min(L, (memory - p_step * per_perm) // (p_step * per_pair)))
+    buffers = {}
     context = _tf32() if dtype == torch.float32 else contextlib.nullcontext()
     with torch.no_grad(), context:
         for p_lo in range(0, P, p_step):
             block = perms[p_lo : p_lo + p_step]
-            words_p = _permuted_words(word, block, dtype)
+            words_p = _permuted_words(word, block, dtype, buffers)
             for lo in range(0, L, l_step):
-                yield p_lo, lo, _decide(img, word, block, lo, min(L, lo + l_step), dtype, words_p)
+                hi = min(L, lo + l_step)
+                yield p_lo, lo, _decide(img, word, block, lo, hi, dtype, words_p, buffers, detail)
 
 
 def decide_all(images, words, n_perm, device, precision, seed: int = 0) -> Decided:
-    """The one block of a small problem (one image and one word matrix, no permutation or one)."""
-    ((_, _, decided),) = _blocks(images, words, n_perm, seed, 0, device, precision)
+    """The one block of a small problem (one image and one word matrix, no permutation or one), pair by pair."""
+    ((_, _, decided),) = _blocks(images, words, n_perm, seed, 0, device, precision, detail="pairs")
     return decided
 
 

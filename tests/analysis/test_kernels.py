@@ -135,12 +135,15 @@ def test_near_ties_that_fp32_alone_gets_wrong_are_decided_as_in_fp64(device):
     perms = torch.arange(48)[None]
     img = kernels._ImageTerms.build(a64, torch.float32)
     word = kernels._WordTerms.build(b64)
-    raw = kernels._stacked_margins(img, *kernels._permuted_words(word, perms, torch.float32)[1:], 0, 1)[0, 0]
+    raw = kernels._stacked_margins(img, *kernels._permuted_words(word, perms, torch.float32), 0, 1)[0, 0]
     assert sum(bool(raw[p] > TIE_TOLERANCE) != ref[p] for p in pairs) >= 1
     # the recheck does: every pair as numpy's float64, near ties included
     got = stacked_two_vs_two([a], [b], device=device, precision="fp32")
     np.testing.assert_array_equal(kernels.two_vs_two(a, b, device, "fp32").passed, ref)
     assert got.rechecked >= len(gaps)
+    # the counts and each concept's count take the rechecked decisions, not the raw ones
+    assert got.passes[0, 0, 0] == ref.sum() // 2
+    np.testing.assert_array_equal(got.concept_passes[0, 0], ref.sum(1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -155,7 +158,7 @@ def test_the_error_band_bounds_the_actual_error(dtype):
     margins = {}
     for dt in {dtype, torch.float64}:
         img = kernels._ImageTerms.build(a64, dt)
-        margins[dt] = kernels._stacked_margins(img, *kernels._permuted_words(word, perms, dt)[1:], 0, 1)[0].double()
+        margins[dt] = kernels._stacked_margins(img, *kernels._permuted_words(word, perms, dt), 0, 1)[0].double()
     img = kernels._ImageTerms.build(a64, dtype)
     r = kernels._row_bounds(img, word, perms, dtype, torch.device("cpu"))[0]
     band = r[:, :, None] + r[:, None, :]
