@@ -13,6 +13,10 @@ BHY over every (group, layer) row as one family (:mod:`semprobe.analysis.stats`)
 model, so the one figure of the job; the job writes the rows as
 ``datasets.schema.ONE_VS_TWO`` tables (:func:`write_one_vs_two`).
 
+With ``--store similarity`` (``misclassified`` only; :mod:`semprobe.ray_jobs.fused`) the clean extraction keeps
+the predictions alone, and before the 1 vs. 2 tasks a second pass of the model actors writes each layer's
+correlations of the images with their references, which the tasks read instead of the activations.
+
 This module is machinery, not a job: it imports no job module, and job modules import it.
 """
 

@@ -1,4 +1,5 @@
-"""``--store similarity``: extraction fused with the Gram, for the 2 vs. 2 jobs (``run``, ``dynamics``).
+"""``--store similarity``: extraction fused with the Gram, for the 2 vs. 2 jobs (``run``, ``dynamics``) and
+``misclassified``.
 
 At paper scale the activation store is the bottleneck: ResNet-50 has about 9.6 M activation values per
 image, 80 GB per CNN for 4,190 images in float16, written to disk and read back only to build 838 x 838
@@ -29,6 +30,15 @@ A unit whose record exists is complete. A rerun reads the records and chunks onl
 no record names, so resuming works per (layer chunk, set) whatever the memory budget of the new run.
 The matrices are over the set's decoded images; the scheduler takes the sub-matrix over the concepts
 with an image in every set (a Pearson r of two rows does not depend on the other rows).
+
+``semprobe misclassified --store similarity`` (:func:`run_fused_references`) reuses the machinery in two passes,
+since which images are misclassified and which are the references is known only after the predictions: the
+predictions of every image (``run_extract(..., predictions_only=True)``), then units of one layer chunk each over
+only the misclassified images and their references (:class:`FuseReferences`), under the extraction's OUT::
+
+    reference_correlations/<model>/<layer>.parquet   each image's Pearson r with each reference, float64
+                                                     (datasets.schema.REFERENCE_CORRELATIONS)
+    reference_units/<model>/layers-AAAA-BBBB.json    a unit's completion record, with the images it was asked for
 """
 
 from __future__ import annotations
@@ -84,10 +94,7 @@ def predictions_file(key: str, set_index: int) -> tuple[str, ...]:
 
 class FuseSets(ExtractShards):
     """Actor stage: run one (image set, layer chunk) unit and write its matrices, the set's predictions and the
-    unit's record. ``units``: unit number -> (set index, the chunk's layer names)."""
-
-    # unit number -> what it computes; (set index, layer names) here, a subclass's own
-    units: dict[int, Any]
+    unit's record. ``units``: unit number -> (set index, the chunk's layer names) (a subclass's units are its own)."""
 
     def __init__(
         self,
