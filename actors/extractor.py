@@ -15,7 +15,7 @@ import torch
 
 from semprobe.actors.layers import Layer, LayerCatalog
 from semprobe.actors.zoo import Preprocess, load_model
-from semprobe.analysis.similarity import correlation_from_rows
+from semprobe.analysis.similarity import correlation_block, correlation_from_rows
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -97,6 +97,26 @@ class ActivationExtractor:
             self._nets[names] = self.catalog.capture_module(layers, self.dtype).to(self.device).eval()
         return self._nets[names]
 
+    def _batches(self, pixels: np.ndarray, layers: list[Layer], batch_size: int, top: list, top_prob: list):
+        """Run ``pixels`` through the network in batches of ``batch_size`` capturing only ``layers``; yield each
+        batch's first row and its captured z-scored rows (one tensor per layer, on the device) and append its
+        top-1 class indices and probabilities to ``top`` and ``top_prob``."""
+        net = self._capturing(layers)
+        for lo in range(0, len(pixels), batch_size):
+            logits, captured = net(self.normalise(pixels[lo : lo + batch_size]))
+            prob, index = torch.softmax(logits.float(), dim=1).max(dim=1)
+            top.append(index.to(torch.int32).cpu())
+            top_prob.append(prob.cpu())
+            yield lo, captured
+
+    @torch.inference_mode()
+    def predict(self, pixels: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top-1 class index (int32) and probability (float32) of each image, capturing no layer."""
+        top, top_prob = [], []
+        for _ in self._batches(pixels, [], batch_size, top, top_prob):
+            pass
+        return torch.cat(top).numpy(), torch.cat(top_prob).numpy()
+
     @torch.inference_mode()
     def correlations(
         self,
@@ -126,22 +146,50 @@ class ActivationExtractor:
         matrices : layer name -> (w, w) float32; a zero-variance row and column are NaN
         predicted_index : (w,) int32, predicted_prob : (w,) float32
         """
-        net, w = self._capturing(layers), len(pixels)
+        w = len(pixels)
         rows = [torch.empty((w, layer.dim), dtype=self.dtype, device=self.device) for layer in layers]
         top, top_prob = [], []
-        for lo in range(0, w, batch_size):
-            logits, captured = net(self.normalise(pixels[lo : lo + batch_size]))
+        for lo, captured in self._batches(pixels, layers, batch_size, top, top_prob):
             for held, values in zip(rows, captured):
                 held[lo : lo + len(values)] = values
-            prob, index = torch.softmax(logits.float(), dim=1).max(dim=1)
-            top.append(index.to(torch.int32).cpu())
-            top_prob.append(prob.cpu())
         matrices = {}
         for layer, held in zip(layers, rows):
             block = max(1, (block_values or held.numel()) // max(w, 1))
             r = correlation_from_rows(held, compute, block=block, constant="nan")
             matrices[layer.name] = r.to(torch.float32).cpu().numpy()
         return matrices, torch.cat(top).numpy(), torch.cat(top_prob).numpy()
+
+    @torch.inference_mode()
+    def reference_correlations(
+        self, pixels: np.ndarray, n_references: int, layers: list[Layer], batch_size: int
+    ) -> dict[str, np.ndarray]:
+        """Each of ``layers``' Pearson r of every image after the first ``n_references`` with each of those
+        reference images, computed on the device (``semprobe misclassified --store similarity``).
+
+        The references go through the network first and their z-scored rows stay resident on the device
+        (n_references x d per layer, in the extractor's dtype, as the activation store would hold them); the
+        other images then follow in batches of ``batch_size``, each batch's rows correlated with the
+        references' in float64 (:func:`semprobe.analysis.similarity.correlation_block`, the 1 vs. 2 test's
+        product) and let go, so the resident memory does not grow with the number of images.
+
+        Returns
+        -------
+        layer name -> (len(pixels) - n_references, n_references) float64; NaN in the row (column) of an image
+        (reference) whose layer output is constant.
+        """
+        n = len(pixels) - n_references
+        if not n_references or not n:
+            return {layer.name: np.zeros((max(n, 0), n_references)) for layer in layers}
+        resident = [torch.empty((n_references, layer.dim), dtype=self.dtype, device=self.device) for layer in layers]
+        top, top_prob = [], []  # the top-1 is the predictions pass's business
+        for lo, captured in self._batches(pixels[:n_references], layers, batch_size, top, top_prob):
+            for held, values in zip(resident, captured):
+                held[lo : lo + len(values)] = values
+        blocks: dict[str, list[np.ndarray]] = {layer.name: [] for layer in layers}
+        for _, captured in self._batches(pixels[n_references:], layers, batch_size, top, top_prob):
+            for layer, values, references in zip(layers, captured, resident):
+                blocks[layer.name].append(correlation_block(values, references, "fp64", constant="nan").cpu().numpy())
+        return {name: np.concatenate(parts) for name, parts in blocks.items()}
 
 
 def memory_budget(device: str = "auto", share: float = 1.0) -> int:

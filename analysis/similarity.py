@@ -450,6 +450,53 @@ def centred_gram(
     )
 
 
+def correlation_block(
+    a: torch.Tensor, b: torch.Tensor, precision: str = "fp64", constant: str = "raise"
+) -> torch.Tensor:
+    """(n_a, n_b) float64 Pearson r of each row of ``a`` with each row of ``b``, on their device.
+
+    The block the 1 vs. 2 test reads (``semprobe misclassified --store similarity``: the misclassified images'
+    rows against the reference images'), computed by :func:`centred_gram` on the rows stacked, as
+    :func:`semprobe.analysis.onevtwo.bounded_reference_correlations` computes the same correlations from the
+    activation store: only the n_a x n_b products are made, never the (n_a + n_b)² matrix.
+
+    Parameters
+    ----------
+    a, b : Tensor, (n_a, ...) and (n_b, ...) real, on one device
+        One row per image (trailing dimensions flattened to the same d), e.g. :func:`zscore_rows`' output.
+    precision : "fp64" or "fp32"
+        The working precision of the products (sums in float64).
+    constant : "raise" or "nan"
+        A zero-variance row (:func:`centred_gram`'s test) raises ZeroVarianceError naming its position in the
+        stacked rows (a's first), or, with "nan", gets NaN in its row (of ``a``) or column (of ``b``), so that a
+        caller holding rows it may not need decides later whether the constant row matters.
+
+    Returns
+    -------
+    Tensor, (n_a, n_b) float64 on the rows' device, clipped to [-1, 1].
+    """
+    if constant not in ("raise", "nan"):
+        raise InputError(f"unknown constant-row handling '{constant}': choose raise or nan")
+    n_a, n_b = len(a), len(b)
+    x = torch.cat([a.reshape(n_a, -1), b.reshape(n_b, -1)])
+    result = torch.full((n_a, n_b), math.nan, dtype=torch.float64, device=x.device)
+    rows_a, rows_b = list(range(n_a)), list(range(n_a, n_a + n_b))
+    try:
+        gram = centred_gram(x, rows_a, rows_b, device=x.device, precision=precision)
+    except ZeroVarianceError as err:
+        if constant == "raise":
+            raise
+        flat = set(err.rows)  # every constant row among those named: one retry without them settles it
+        rows_a, rows_b = [r for r in rows_a if r not in flat], [r for r in rows_b if r not in flat]
+        if not rows_a or not rows_b:
+            return result
+        gram = centred_gram(x, rows_a, rows_b, device=x.device, precision=precision)
+    ia = torch.tensor(rows_a, device=x.device)[:, None]
+    ib = torch.tensor([r - n_a for r in rows_b], device=x.device)[None, :]
+    result[ia, ib] = gram.correlation()
+    return result
+
+
 def centred_unit_rows(x, what: str = "the rows") -> np.ndarray:
     """Centre each row and scale it to unit L2 norm, in float64: the dot product of two rows is their Pearson r.
 

@@ -242,6 +242,20 @@ ONE_VS_TWO = pa.schema(
     ]
 )
 
+# ``semprobe misclassified --store similarity``: one layer's Pearson r of each misclassified image with each
+# reference image it is tested against, computed by the model actors (the activations are never written):
+# extract/reference_correlations/<model>/<layer>.parquet, one row per (image, reference) pair.
+REFERENCE_CORRELATIONS = pa.schema(
+    [
+        ("model", pa.string()),
+        ("layer", pa.string()),
+        ("layer_index", pa.int32()),
+        ("image_id", pa.string()),
+        ("reference_id", pa.string()),
+        ("correlation", pa.float64()),  # NaN when either image's layer output is constant
+    ]
+)
+
 # One row per requested (source image, target class) pair of ``semprobe adversarial``.
 ADVERSARIAL = pa.schema(
     [

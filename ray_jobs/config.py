@@ -664,6 +664,25 @@ class MisclassifiedConfig(_FailureJob):
     """``semprobe misclassified``: misclassification severity and 1 vs. 2 through the layers."""
 
     out: str | None = redefault(_FailureJob, "out", None, none="runs/misclassified-<experiment id>")
+    # As run's (not identity: the numbers do not depend on it), in two passes; adversarial has activations only.
+    store: str = redefault(
+        _TwoVsTwoJob,
+        "store",
+        "auto",
+        help="what extraction keeps: activations (every layer's z-scored rows in the activation store, read by the "
+        "1 vs. 2 tasks) or similarity (the predictions of every image, then a second pass of the misclassified "
+        "images and their reference images in which the model actors compute each layer's Pearson r of every such "
+        "image with its references; the activations are never written); auto: similarity when the model actors "
+        "get GPUs, else activations",
+    )
+    similarity_memory_mb: int | None = redefault(
+        _TwoVsTwoJob,
+        "similarity_memory_mb",
+        None,
+        help="with --store similarity: MB one chunk of layers' resident rows may take ((reference images + "
+        "--batch-size) x their features x bytes of --dtype); layers are grouped in catalog order to fit, one "
+        "forward pass per chunk",
+    )
 
     COMMAND = "misclassified"
 

@@ -15,6 +15,8 @@ Layout under OUT::
     activations/<model>/<layer>/shard-NNNNN.arrow   (Arrow IPC; .parquet with --store-format parquet)
     predictions/<model>/shard-NNNNN.parquet
     shards/<model>/shard-NNNNN.json      a shard's completion record, written last
+    predicted/<model>/shard-NNNNN.json   instead, with ``predictions_only`` (``misclassified --store similarity``'s
+                                         first pass): the shard's predictions alone are written, no activation
     errors.parquet                       images skipped, with stage and message
     summary.json
 
@@ -52,6 +54,8 @@ from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.startup import connect, model_actors, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
 from semprobe.ray_jobs.store import ShardWriter, shard_file
+
+PREDICTED = "predicted"  # the completion records of a predictions-only pass (PredictShards)
 
 
 @dataclass
@@ -191,6 +195,21 @@ class ExtractShards:
         self.output.write_json(record, "shards", self.key, shard_file(shard, ".json"))
 
 
+class PredictShards(ExtractShards):
+    """Actor stage of a predictions-only pass (``semprobe misclassified --store similarity``'s first): a shard's
+    top-1 predictions, capturing no layer; its completion record goes to ``predicted/``, so that a later
+    activations run of the same OUT still extracts the shard's layers."""
+
+    def _extract(self, shard: int, rows: list, errors: list, pixels: np.ndarray) -> None:
+        m = self.extractor
+        if rows:
+            index, prob = m.predict(pixels, self.batch_size)
+            table = predictions_table(rows, m.model_name, index.tolist(), prob.tolist())
+            self.output.write_table(table, "predictions", self.key, shard_file(shard))
+        record = {"shard": shard, "n_images": len(rows), "errors": errors, "layers": []}
+        self.output.write_json(record, PREDICTED, self.key, shard_file(shard, ".json"))
+
+
 def predictions_table(rows: list, model: str, index, prob) -> pa.Table:
     """schema.PREDICTIONS of the images ``rows`` ([image_id, concept_id, set_index] each): the model's top-1 class
     index and probability of each."""
@@ -204,7 +223,7 @@ def predictions_table(rows: list, model: str, index, prob) -> pa.Table:
 # --- the driver ------------------------------------------------------------------------------------
 
 
-def _resources(cfg: ExtractConfig) -> dict[str, Any]:
+def extraction_resources(cfg: ExtractConfig) -> dict[str, Any]:
     actors, gpus = model_actors(cfg.actors, cfg.gpus_per_actor)
     return {
         "actors": actors,
@@ -244,33 +263,56 @@ def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any], 
     output.write_table(schema.stamp(layers, exp), "layers.parquet")
 
 
-def run_extract(cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = None) -> dict[str, Any]:
-    """Run (or resume) an extraction; returns the summary it also writes to OUT/summary.json."""
+def run_extract(
+    cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = None, predictions_only: bool = False
+) -> dict[str, Any]:
+    """Run (or resume) an extraction; returns the summary it also writes to OUT/summary.json.
+
+    ``predictions_only``: only the top-1 predictions of every image (:class:`PredictShards`), no activation; a
+    shard that a full extraction already completed counts as done.
+    """
     plan = plan or plan_extraction(cfg)
-    output, resources = begin(plan, log)
+    output, resources = begin(plan, log, **({"store": "similarity"} if predictions_only else {}))
     shards = plan.shards()
-    done = {int(name[6:11]) for name in output.list("shards", plan.model_key, suffix=".json")}
+    folders = ("shards", PREDICTED) if predictions_only else ("shards",)
+    done = set(_completed(output, plan.model_key, folders))
     pending = shards.filter(pc.invert(pc.is_in(shards["shard"], pa.array(sorted(done), pa.int32()))))
     total = plan.manifest.num_rows
-    progress = Progress(total, "images", f"extract {plan.model}")
+    progress = Progress(total, "images", f"{'predict' if predictions_only else 'extract'} {plan.model}")
     progress.done = total - sum(pending["n"].to_pylist())
     if done:
         log(f"resuming: {len(done)} of {shards.num_rows} shards already complete, {pending.num_rows} to go")
     started = time.monotonic()
     actor_kwargs = {"store_format": cfg.store_format, "compression": cfg.compression}
-    completions = stream(pending, plan, resources, ExtractShards, actor_kwargs, progress)
+    actor = PredictShards if predictions_only else ExtractShards
+    completions = stream(pending, plan, resources, actor, actor_kwargs, progress)
     elapsed = time.monotonic() - started
-    summary = finish(output, plan, computed=pending.num_rows, elapsed=elapsed)
+    records = None  # finish's default: the full extraction's
+    if predictions_only:
+        records = [output.read_json(*where) for where in _completed(output, plan.model_key, folders).values()]
+    summary = finish(output, plan, computed=pending.num_rows, elapsed=elapsed, records=records)
+    if predictions_only:
+        summary["store"] = "similarity"
     if len(completions) > 1:  # the rate once actors are up: images after the first shard over the time since it
         (t0, _), (t1, _) = completions[0], completions[-1]
         summary["steady_images_per_second"] = round(sum(n for _, n in completions[1:]) / (t1 - t0), 3)
+    what = "top-1 predictions, no layer (--store similarity)" if predictions_only else f"{summary['n_layers']} layers"
     log(
-        f"extracted {summary['n_images']} images x {summary['n_layers']} layers of {plan.model} into {cfg.out} "
+        f"extracted {summary['n_images']} images x {what} of {plan.model} into {cfg.out} "
         f"({summary['n_errors']} skipped, {summary['shards_computed']}/{summary['n_shards']} shards computed"
         + (f", top-1 {summary['top1_correct']}/{summary['n_labelled']}" if summary["n_labelled"] else "")
         + ")"
     )
     return summary
+
+
+def _completed(output: Output, key: str, folders: tuple[str, ...]) -> dict[int, tuple[str, str, str]]:
+    """Shard number -> where its completion record lies (folder, model key, name); an earlier folder's wins."""
+    found: dict[int, tuple[str, str, str]] = {}
+    for folder in folders:
+        for name in output.list(folder, key, suffix=".json"):
+            found.setdefault(int(name[6:11]), (folder, key, name))
+    return found
 
 
 def begin(plan: ExtractionPlan, log, **extra: Any) -> tuple[Output, dict[str, Any]]:
@@ -284,7 +326,7 @@ def begin(plan: ExtractionPlan, log, **extra: Any) -> tuple[Output, dict[str, An
     for cid, n in sorted(plan.dropped_for_sets.items()):
         log(f"  dropped {cid}: {n} image(s), fewer than --sets {cfg.sets}")
     connect(log)
-    resources = _resources(cfg)
+    resources = extraction_resources(cfg)
     try:
         write_plan(output, plan, resources, **extra)
     except OSError as err:

@@ -13,6 +13,10 @@ BHY over every (group, layer) row as one family (:mod:`semprobe.analysis.stats`)
 model, so the one figure of the job; the job writes the rows as
 ``datasets.schema.ONE_VS_TWO`` tables (:func:`write_one_vs_two`).
 
+With ``--store similarity`` (``misclassified`` only; :mod:`semprobe.ray_jobs.fused`) the clean extraction keeps
+the predictions alone, and before the 1 vs. 2 tasks a second pass of the model actors writes each layer's
+correlations of the images with their references, which the tasks read instead of the activations.
+
 This module is machinery, not a job: it imports no job module, and job modules import it.
 """
 
@@ -29,6 +33,7 @@ import ray
 
 from semprobe.analysis.errors import InputError, ZeroVarianceError
 from semprobe.analysis.onevtwo import (
+    Correlations,
     bounded_reference_correlations,
     one_vs_two,
     one_vs_two_null,
@@ -41,7 +46,15 @@ from semprobe.datasets.classes import imagenet_classes
 from semprobe.datasets.concepts import ConceptMatch, match_concepts
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.extraction import ExtractionPlan, plan_extraction, run_extract
-from semprobe.ray_jobs.startup import analysis_options, check_same_experiment, connect, task_device, write_resolved
+from semprobe.ray_jobs.fused import references_file, run_fused_references
+from semprobe.ray_jobs.startup import (
+    analysis_options,
+    check_same_experiment,
+    connect,
+    store_mode,
+    task_device,
+    write_resolved,
+)
 from semprobe.ray_jobs.storage import Output
 from semprobe.ray_jobs.store import layer_views
 
@@ -72,6 +85,7 @@ def layer_task(
     seed: int,
     null: str = "rows",
     precision: str = "fp64",
+    stored: tuple[str, ...] | None = None,
 ) -> dict[str, GroupOneVsTwo]:
     """1 vs. 2 of one layer: the images' activations against their references', and the null, per group of images.
 
@@ -81,38 +95,15 @@ def layer_task(
     ``null`` is :func:`semprobe.analysis.onevtwo.one_vs_two_null`'s (rows are shuffled within each group).
     Everything runs on the task's device (its GPU when Ray gave it one) in ``precision``: in fp32 the decisions the
     bound cannot settle are recomputed in float64, activations' correlations included, so they equal fp64's.
+    ``stored`` (``--store similarity``): the layer's image-reference correlations file under ``out``, read instead
+    of the activations; its float64 values are taken as exact (the model actor computed them in float64), and
+    fp32's recheck applies to the margins.
     """
     device = task_device()
-    needed = set(images) | {r for refs in references for r in refs}
-    position: dict[str, int] = {}
-    parts = []
-    with tempfile.TemporaryDirectory(prefix="semprobe-1v2-") as scratch:
-        for folder in folders:
-            where, views = layer_views(Output(out), folder, scratch)
-            ids = sorted(needed & where.keys())
-            if ids:
-                start = sum(len(part) for part in parts)
-                position.update((image_id, start + k) for k, image_id in enumerate(ids))
-                parts.append(np.stack([views[where[i][0]][where[i][1]] for i in ids]))  # a copy: the maps go
-            del views, where  # release the memory maps before the scratch folder goes
-    activations = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    del parts
-    try:
-        i_x = bounded_reference_correlations(
-            activations,
-            [position[x] for x in images],
-            [[position[r] for r in refs] for refs in references],
-            "the activations",
-            device,
-            precision,
-        )
-    except ZeroVarianceError as err:  # the store writes a constant activation as zeros: name the images
-        image_at = {k: image_id for image_id, k in position.items()}
-        constant = [image_at.get(k, f"row {k}") for k in err.rows]
-        raise InputError(
-            f"constant activation of image(s) {', '.join(constant[:5])} in {'/'.join(folders[0][-2:])}: "
-            "its correlation with the references is undefined"
-        ) from None
+    if stored is not None:
+        i_x = stored_reference_correlations(Output(out), stored, images, references)
+    else:
+        i_x = activation_reference_correlations(Output(out), folders, images, references, device, precision)
     results = {}
     for group, members in groups.items():
         args = (i_x.take(members), d_true[members], d_pred[members])
@@ -128,6 +119,73 @@ def layer_task(
     return results
 
 
+def activation_reference_correlations(
+    output: Output,
+    folders: list[tuple[str, ...]],
+    images: list[str],
+    references: list[list[str]],
+    device: str,
+    precision: str,
+) -> Correlations:
+    """i_x of :func:`layer_task` from the activation store: each image's Pearson r with each of its references."""
+    needed = set(images) | {r for refs in references for r in refs}
+    position: dict[str, int] = {}
+    parts = []
+    with tempfile.TemporaryDirectory(prefix="semprobe-1v2-") as scratch:
+        for folder in folders:
+            where, views = layer_views(output, folder, scratch)
+            ids = sorted(needed & where.keys())
+            if ids:
+                start = sum(len(part) for part in parts)
+                position.update((image_id, start + k) for k, image_id in enumerate(ids))
+                parts.append(np.stack([views[where[i][0]][where[i][1]] for i in ids]))  # a copy: the maps go
+            del views, where  # release the memory maps before the scratch folder goes
+    activations = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    del parts
+    try:
+        return bounded_reference_correlations(
+            activations,
+            [position[x] for x in images],
+            [[position[r] for r in refs] for refs in references],
+            "the activations",
+            device,
+            precision,
+        )
+    except ZeroVarianceError as err:  # the store writes a constant activation as zeros: name the images
+        image_at = {k: image_id for image_id, k in position.items()}
+        raise _constant([image_at.get(k, f"row {k}") for k in err.rows], folders[0]) from None
+
+
+def stored_reference_correlations(
+    output: Output, source: tuple[str, ...], images: list[str], references: list[list[str]]
+) -> Correlations:
+    """i_x of :func:`layer_task` from a ``--store similarity`` file (``datasets.schema.REFERENCE_CORRELATIONS``
+    under ``output``): its float64 values, taken as exact."""
+    table = output.read_table(*source)
+    ids, refs, values = (table[c].to_pylist() for c in ("image_id", "reference_id", "correlation"))
+    r = {(x, ref): value for x, ref, value in zip(ids, refs, values)}
+    missing = [(x, ref) for x, wanted in zip(images, references) for ref in wanted if (x, ref) not in r]
+    if missing:
+        raise InputError(
+            f"{'/'.join(source)} has no correlation of image {missing[0][0]} with reference {missing[0][1]}: rerun "
+            "with --store similarity into a new --out"
+        )
+    i_x = np.array([[r[x, ref] for ref in wanted] for x, wanted in zip(images, references)], np.float64)
+    if np.isnan(i_x).any():  # NaN fills the row of an image, or the column of a reference, whose output is constant
+        finite = [not np.isnan(v) for v in values]
+        constant = {x for x, ok in zip(ids, finite) if not ok} - {x for x, ok in zip(ids, finite) if ok}
+        constant |= {x for x, ok in zip(refs, finite) if not ok} - {x for x, ok in zip(refs, finite) if ok}
+        raise _constant(sorted(constant), source)
+    return Correlations.of(i_x.reshape(len(images), -1))
+
+
+def _constant(images: list[str], where: tuple[str, ...]) -> InputError:
+    return InputError(
+        f"constant activation of image(s) {', '.join(images[:5])} in {'/'.join(where[-2:])}: "
+        "its correlation with the references is undefined"
+    )
+
+
 @dataclass
 class FailureContext:
     """What both failure analyses start from: the clean extraction, its predictions, the words, the references."""
@@ -140,6 +198,7 @@ class FailureContext:
     predictions: dict[str, int]  # image_id -> predicted class index
     pool: dict[int, str]  # concept (class index) -> its reference image: the first correctly classified by id
     order: list[int]  # the concepts of ``pool`` in the seed's shuffled order
+    store: str = "activations"  # --store resolved: similarity computes i_x in a second pass, no activation stored
 
     @property
     def correct(self) -> list[dict[str, Any]]:
@@ -189,8 +248,8 @@ class FailureContext:
 
 
 def prepare(cfg, output: Output, log) -> FailureContext:
-    """Check the inputs, write the resolved config, run (or resume) the clean extraction, gather predictions
-    and words."""
+    """Check the inputs, write the resolved config (with the ``--store`` mode), run (or resume) the clean extraction
+    (with ``--store similarity`` its predictions alone), gather predictions and words."""
     check_same_experiment(output, cfg)
     extraction = cfg.extract_config(cfg.model, cfg.extract_out, [cfg.words], sets=cfg.sets)
     plan = plan_extraction(extraction)
@@ -200,8 +259,11 @@ def prepare(cfg, output: Output, log) -> FailureContext:
         )
     word_model = load_word_model(cfg.words)
     connect(log)
-    write_resolved(output, cfg, weights={cfg.model: plan.weights})
-    run_extract(extraction, log=log, plan=plan)
+    # only misclassified offers --store: adversarial's images come from two extractions (clean and attacked)
+    store = store_mode(cfg.store, cfg.gpus_per_actor, log) if hasattr(cfg, "store") else "activations"
+    write_resolved(output, cfg, weights={cfg.model: plan.weights}, store=store)
+    # similarity: the predictions alone first; which activations matter is known only once they are
+    run_extract(extraction, log=log, plan=plan, predictions_only=store == "similarity")
     extracted = Output(extraction.out)
     manifest = extracted.read_table("manifest.parquet").to_pylist()
     predictions = {
@@ -216,7 +278,7 @@ def prepare(cfg, output: Output, log) -> FailureContext:
         if predictions.get(m["image_id"]) == m["class_index"]:
             pool.setdefault(m["class_index"], m["image_id"])
     order = [int(k) for k in np.random.default_rng(cfg.seed).permutation(sorted(pool))]
-    return FailureContext(plan, word_model, concepts, words, manifest, predictions, pool, order)
+    return FailureContext(plan, word_model, concepts, words, manifest, predictions, pool, order, store)
 
 
 def check_references(r: int) -> None:
@@ -248,6 +310,12 @@ def one_vs_two_through_layers(
     d_true, d_pred = ctx.word_side(t_idx, p_idx, refs)
     ref_images = [[ctx.pool[c] for c in rs] for rs in refs]
     key = ctx.plan.model_key
+    stored = {}
+    if ctx.store == "similarity":  # the second pass: each image's correlations with its references, per layer
+        needed = sorted({image for refs in ref_images for image in refs})
+        plan = ctx.plan
+        run_fused_references(plan.config, plan, images, needed, cfg.similarity_memory_mb, log or (lambda _: None))
+        stored = {layer.name: ("extract", *references_file(key, layer.name)) for layer in plan.layers}
     options = analysis_options(cfg, log)
     results = ray.get(
         [
@@ -263,6 +331,7 @@ def one_vs_two_through_layers(
                 cfg.seed,
                 cfg.null,
                 cfg.precision,
+                stored.get(layer.name),
             )
             for layer in ctx.plan.layers
         ]

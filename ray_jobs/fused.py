@@ -1,4 +1,5 @@
-"""``--store similarity``: extraction fused with the Gram, for the 2 vs. 2 jobs (``run``, ``dynamics``).
+"""``--store similarity``: extraction fused with the Gram, for the 2 vs. 2 jobs (``run``, ``dynamics``) and
+``misclassified``.
 
 At paper scale the activation store is the bottleneck: ResNet-50 has about 9.6 M activation values per
 image, 80 GB per CNN for 4,190 images in float16, written to disk and read back only to build 838 x 838
@@ -29,6 +30,15 @@ A unit whose record exists is complete. A rerun reads the records and chunks onl
 no record names, so resuming works per (layer chunk, set) whatever the memory budget of the new run.
 The matrices are over the set's decoded images; the scheduler takes the sub-matrix over the concepts
 with an image in every set (a Pearson r of two rows does not depend on the other rows).
+
+``semprobe misclassified --store similarity`` (:func:`run_fused_references`) reuses the machinery in two passes,
+since which images are misclassified and which are the references is known only after the predictions: the
+predictions of every image (``run_extract(..., predictions_only=True)``), then units of one layer chunk each over
+only the misclassified images and their references (:class:`FuseReferences`), under the extraction's OUT::
+
+    reference_correlations/<model>/<layer>.parquet   each image's Pearson r with each reference, float64
+                                                     (datasets.schema.REFERENCE_CORRELATIONS)
+    reference_units/<model>/layers-AAAA-BBBB.json    a unit's completion record, with the images it was asked for
 """
 
 from __future__ import annotations
@@ -46,18 +56,20 @@ from semprobe.actors.extractor import memory_budget
 from semprobe.actors.layers import Layer
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.similarity import chunk_layers
+from semprobe.datasets import schema
 from semprobe.ray_jobs.config import ExtractConfig
 from semprobe.ray_jobs.extraction import (
     ExtractionPlan,
     ExtractShards,
     begin,
+    extraction_resources,
     finish,
     predictions_table,
     run_extract,
     stream,
 )
 from semprobe.ray_jobs.progress import Progress
-from semprobe.ray_jobs.storage import model_key
+from semprobe.ray_jobs.storage import Output, model_key
 from semprobe.ray_jobs.store import similarity_file, similarity_table
 
 UNITS = "units"
@@ -82,7 +94,7 @@ def predictions_file(key: str, set_index: int) -> tuple[str, ...]:
 
 class FuseSets(ExtractShards):
     """Actor stage: run one (image set, layer chunk) unit and write its matrices, the set's predictions and the
-    unit's record. ``units``: unit number -> (set index, the chunk's layer names)."""
+    unit's record. ``units``: unit number -> (set index, the chunk's layer names) (a subclass's units are its own)."""
 
     def __init__(
         self,
@@ -93,9 +105,9 @@ class FuseSets(ExtractShards):
         batch_size: int,
         gpus: float,
         torch_threads: int | None,
-        units: dict[int, tuple[int, list[str]]],
-        compute: str,
-        gram_memory_mb: int,
+        units: dict[int, Any],
+        compute: str = "float32",
+        gram_memory_mb: int = 256,
     ):
         super().__init__(out, model, layers, dtype, batch_size, gpus, torch_threads)
         self.units, self.compute = units, compute
@@ -126,6 +138,18 @@ class FuseSets(ExtractShards):
             "errors": errors,
         }
         self.output.write_json(record, UNITS, self.key, record_name(set_index, layers))
+
+
+def pending_units(members: list[list[list[Any]]]) -> pa.Table:
+    """The units of work as :func:`semprobe.ray_jobs.extraction.stream` takes them: unit k's images
+    ``members[k]``, each [image_id, uri, concept_id, set_index]."""
+    return pa.table(
+        {
+            "shard": pa.array(range(len(members)), pa.int32()),
+            "images": [json.dumps(images) for images in members],
+            "n": pa.array([len(images) for images in members], pa.int32()),
+        }
+    )
 
 
 @ray.remote
@@ -192,13 +216,7 @@ def run_fused_extract(
         [[rows[c][r] for c in rows] for r in range(m.num_rows) if rows["set_index"][r] == unit.set_index]
         for unit in units
     ]
-    pending = pa.table(
-        {
-            "shard": pa.array(range(len(units)), pa.int32()),
-            "images": [json.dumps(images) for images in members],
-            "n": pa.array([len(images) for images in members], pa.int32()),
-        }
-    )
+    pending = pending_units(members)
     progress = Progress(sum(len(images) for images in members), "images", f"extract {plan.model} (similarity)")
     started = time.monotonic()
     actor_kwargs = {
@@ -234,3 +252,107 @@ def run_extraction(cfg: ExtractConfig, plan: ExtractionPlan, store: str, job, lo
 def matrix_source(model: str, layer: str, set_index: int) -> tuple[str, ...]:
     """Where a similarity-mode extraction keeps one layer's matrix of one set, relative to its OUT."""
     return similarity_file(model_key(model), layer, set_index)
+
+
+# --- misclassified --store similarity: each misclassified image against its reference images ------------------
+
+REFERENCE_UNITS = "reference_units"
+
+
+def references_file(key: str, layer: str) -> tuple[str, ...]:
+    """Where the second pass keeps one layer's image-reference correlations, relative to the extraction's OUT."""
+    return "reference_correlations", key, f"{model_key(layer)}.parquet"
+
+
+def references_record(layers: list[Layer]) -> str:
+    return f"layers-{layers[0].layer_index:04d}-{layers[-1].layer_index:04d}.json"
+
+
+class FuseReferences(FuseSets):
+    """Actor stage of the second pass of ``semprobe misclassified --store similarity``: one layer chunk's unit, its
+    images the references first; writes each layer's correlations of every other image with every reference
+    (:meth:`semprobe.actors.extractor.ActivationExtractor.reference_correlations`), then the unit's record.
+    ``units``: unit number -> the chunk's layer names; ``references``: the reference images' ids;
+    ``requested``: every image id the units were asked for, kept in the record (a rerun asking for other images
+    recomputes); ``experiment_id``: the extraction's, stamped on the tables."""
+
+    def __init__(self, *args, references: list[str], requested: list[str], experiment_id: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.references, self.requested, self.experiment_id = set(references), requested, experiment_id
+
+    def _extract(self, unit: int, rows: list, errors: list, pixels: np.ndarray) -> None:
+        m, names = self.extractor, self.units[unit]
+        layers = [self.by_name[name] for name in names]
+        n_refs = sum(image_id in self.references for image_id, _, _ in rows)  # they come first
+        reference_ids, image_ids = [r[0] for r in rows[:n_refs]], [r[0] for r in rows[n_refs:]]
+        blocks = m.reference_correlations(pixels, n_refs, layers, self.batch_size)
+        pairs = len(image_ids) * n_refs
+        for layer in layers:
+            table = pa.table(
+                [
+                    pa.repeat(m.model_name, pairs),
+                    pa.repeat(layer.name, pairs),
+                    pa.repeat(pa.scalar(layer.layer_index, pa.int32()), pairs),
+                    pa.array(np.repeat(image_ids, n_refs).tolist(), pa.string()),
+                    pa.array(reference_ids * len(image_ids), pa.string()),
+                    pa.array(blocks[layer.name].reshape(-1), pa.float64()),
+                ],
+                schema=schema.REFERENCE_CORRELATIONS,
+            )
+            self.output.write_table(schema.stamp(table, self.experiment_id), *references_file(self.key, layer.name))
+        record = {"layers": names, "requested": self.requested, "n_images": len(rows), "errors": errors}
+        self.output.write_json(record, REFERENCE_UNITS, self.key, references_record(layers))
+
+
+def run_fused_references(
+    cfg: ExtractConfig,
+    plan: ExtractionPlan,
+    images: list[str],
+    references: list[str],
+    memory_mb: int | None = None,
+    log=print,
+) -> int:
+    """Run (or resume) the second pass of ``semprobe misclassified --store similarity``: every layer's Pearson r
+    of each of ``images`` with each of ``references`` (image ids of the extraction's manifest), into
+    ``reference_correlations/<model>/<layer>.parquet`` under the extraction's OUT. Returns the units computed.
+
+    The unit of work is a chunk of layers (:func:`chunk_layers`: the references' resident rows plus one batch,
+    (R + batch) x sum(d) x bytes of ``--dtype``, within ``memory_mb``, default from the device); each unit is one
+    forward pass of the references and then of the images, batch by batch. A unit whose record names the same
+    images is complete: a rerun computes only the layers no such record names.
+    """
+    output, key = Output(cfg.out), plan.model_key
+    requested = sorted({*images, *references})
+    done: set[str] = set()
+    for name in output.list(REFERENCE_UNITS, key, suffix=".json"):
+        record = output.read_json(REFERENCE_UNITS, key, name)
+        if record["requested"] == requested:
+            done.update(record["layers"])
+    todo = [layer for layer in plan.layers if layer.name not in done]
+    units: list[list[Layer]] = []
+    resources = extraction_resources(cfg)
+    if todo:
+        budget = resident_budget(memory_mb, resources)
+        w = len(set(references)) + cfg.batch_size
+        units = [
+            [todo[i] for i in c] for c in chunk_layers([layer.dim for layer in todo], w, ITEMSIZE[cfg.dtype], budget)
+        ]
+    log(
+        f"similarity store: {len(units)} unit(s) of layers to correlate {len(images)} image(s) with "
+        f"{len(set(references))} reference image(s)"
+        + (f" ({len(done)} of {len(plan.layers)} layers already complete)" if done else "")
+    )
+    m = plan.manifest
+    row = {image_id: k for k, image_id in enumerate(m["image_id"].to_pylist())}
+    columns = [m[c].to_pylist() for c in ("image_id", "uri", "concept_id", "set_index")]
+    ordered = list(dict.fromkeys(references)) + list(dict.fromkeys(images))  # the references first
+    members = [[col[row[image_id]] for col in columns] for image_id in ordered]
+    progress = Progress(len(members) * len(units), "images", f"correlate {plan.model} (similarity)")
+    actor_kwargs = {
+        "units": {i: [layer.name for layer in unit] for i, unit in enumerate(units)},
+        "references": sorted(set(references)),
+        "requested": requested,
+        "experiment_id": cfg.experiment_id(),
+    }
+    stream(pending_units([members] * len(units)), plan, resources, FuseReferences, actor_kwargs, progress)
+    return len(units)

@@ -9,11 +9,18 @@ have one correctly classified image (never t or p)?
 
 Layout under OUT::
 
-    config.json, summary.json
+    config.json, summary.json   the resolved config and the counts, each with the --store mode
     extract/                    the extraction (``ray_jobs.extraction``), with predictions
     severity.parquet            datasets.schema.SEVERITY
     one_vs_two.parquet          datasets.schema.ONE_VS_TWO, one row per layer: its test of every misclassified image
     report.html, figures/one_vs_two.png
+
+``--store similarity`` (the default when the model actors get GPUs) writes no activation: the extraction is two
+passes, the predictions of every image first (they decide which images are misclassified and which are the
+references), then the misclassified images and their reference images, whose Pearson r per layer the model actors
+compute on their devices in float64 (:func:`semprobe.ray_jobs.fused.run_fused_references`:
+``extract/reference_correlations/<model>/<layer>.parquet``, ``datasets.schema.REFERENCE_CORRELATIONS``); the 1 vs. 2
+tasks read those instead of the activations.
 
 The misclassified images are one group: each row of one_vs_two.parquet is the test of one layer, none
 aggregates others. The start and the 1 vs. 2 machinery are :mod:`semprobe.ray_jobs.failure_analysis`, shared with
@@ -82,6 +89,7 @@ def run_misclassified(cfg: MisclassifiedConfig, log=print) -> dict[str, Any]:
         "n_classes_sharing_a_word": len(ctx.concepts.shared),
         "references": r,
         "mean_severity": float(cosine.mean()) if wrong else None,
+        "store": ctx.store,
     }
     notes = [
         (

@@ -75,3 +75,33 @@ def test_memory_budget_is_a_share_of_the_available_ram_on_cpu():
         available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     budget = memory_budget("cpu", share=0.5)
     assert 0 < budget and abs(budget - available * 0.125) < 0.02 * available  # the RAM moves a little meanwhile
+
+
+def test_reference_correlations_equal_pearson_of_the_stored_rows(extractor, pixels):
+    """misclassified --store similarity: the 4 references first (resident), then 7 images in batches of 3, each
+    image's r with each reference, against numpy's Pearson r of the rows the activation store would hold."""
+    expected_rows = {}
+    for lo in range(0, 11, 4):
+        out = extractor({"pixels": pixels[lo : lo + 4]})
+        for layer in extractor.layers:
+            expected_rows.setdefault(layer.name, []).append(out[layer.name].astype(np.float64))
+    blocks = extractor.reference_correlations(pixels, 4, extractor.layers, batch_size=3)
+    assert list(blocks) == [layer.name for layer in extractor.layers]
+    for name, block in blocks.items():
+        rows = np.concatenate(expected_rows[name])
+        expected = [[np.corrcoef(rows[4 + i], rows[j])[0, 1] for j in range(4)] for i in range(7)]
+        assert block.dtype == np.float64 and block.shape == (7, 4)
+        np.testing.assert_allclose(block, expected, atol=1e-5)  # the batches differ: CPU kernels round by shape
+    (pixels_layer,) = [layer for layer in extractor.layers if layer.name == "pixels"]
+    flat = pixels.copy()
+    flat[[1, 6]] = 128  # a constant reference (column 1) and a constant image (row 2)
+    (block,) = extractor.reference_correlations(flat, 4, [pixels_layer], batch_size=5).values()
+    assert np.isnan(block[:, 1]).all() and np.isnan(block[2]).all() and np.isnan(block).sum() == 7 + 4 - 1
+    assert extractor.reference_correlations(pixels[:4], 4, [pixels_layer], 3)["pixels"].shape == (0, 4)
+
+
+def test_predict_is_the_extractors_top1(extractor, pixels):
+    index, prob = extractor.predict(pixels, batch_size=4)
+    outs = [extractor({"pixels": pixels[lo : lo + 4]}) for lo in range(0, 11, 4)]
+    np.testing.assert_array_equal(index, np.concatenate([o["predicted_index"] for o in outs]))
+    np.testing.assert_array_equal(prob, np.concatenate([o["predicted_prob"] for o in outs]))

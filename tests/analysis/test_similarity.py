@@ -274,3 +274,46 @@ def test_correlation_from_rows_keeps_tf32_off_for_its_products_and_restores_the_
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     np.testing.assert_allclose(r.numpy(), np.corrcoef(x.numpy()), atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp32"])
+@pytest.mark.parametrize("d", [37, 3000])  # one feature chunk of centred_gram, and several
+def test_correlation_block_is_numpy_pearson_of_each_row_with_each_other_row(precision, d):
+    from semprobe.analysis.similarity import correlation_block
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(11, d)) * rng.uniform(0.5, 3, size=(11, 1)) + rng.normal(size=(11, 1))
+    z16 = zscore_rows(torch.from_numpy(x), out_dtype=torch.float16)  # as the actor holds them
+    a, b = z16[:4], z16[4:]
+    r = correlation_block(a, b, precision)
+    assert r.dtype == torch.float64 and r.shape == (4, 7)
+    rows = z16.double().numpy()
+    expected = np.array([[np.corrcoef(rows[i], rows[4 + j])[0, 1] for j in range(7)] for i in range(4)])
+    np.testing.assert_allclose(r.numpy(), expected, atol=1e-12 if precision == "fp64" else 1e-6)
+    # the rows of the 1 vs. 2 test from the activation store give the very same numbers in fp64
+    if precision == "fp64":
+        np.testing.assert_array_equal(
+            r.numpy(), centred_gram(z16, range(4), range(4, 11), precision="fp64").correlation().numpy()
+        )
+
+
+def test_correlation_block_constant_rows_raise_or_turn_nan():
+    from semprobe.analysis.similarity import correlation_block
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(7, 30))
+    x[1] = 2.0  # a constant row of a
+    x[5] = -3.0  # a constant row of b
+    z = zscore_rows(torch.from_numpy(x))  # constant rows come out as zeros
+    a, b = z[:3], z[3:]
+    with pytest.raises(ZeroVarianceError) as err:
+        correlation_block(a, b)
+    assert err.value.rows == [1, 5]  # positions in the stacked rows: a's first
+    r = correlation_block(a, b, constant="nan").numpy()
+    assert np.isnan(r[1]).all() and np.isnan(r[:, 2]).all() and np.isnan(r).sum() == 4 + 3 - 1
+    for i in (0, 2):
+        for j in (0, 1, 3):
+            assert r[i, j] == pytest.approx(np.corrcoef(x[i], x[3 + j])[0, 1], abs=1e-6)
+    assert np.isnan(correlation_block(a[1:2], b, constant="nan").numpy()).all()  # nothing left to correlate
+    with pytest.raises(InputError, match="unknown constant-row handling 'skip': choose raise or nan"):
+        correlation_block(a, b, constant="skip")
