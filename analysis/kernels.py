@@ -19,6 +19,10 @@ from semprobe.analysis.errors import InputError
 from semprobe.analysis.precision import UNIT_ROUNDOFF, dtype_of, gamma, matmul_error_factor
 from semprobe.analysis.twovtwo import TIE_TOLERANCE, NullDistribution, TwoVsTwo, _check, permutations
 
+# Pairs rechecked per batch: their (pairs, 2, w) rows stay far below glibc's 32 MB mmap threshold, so the
+# batches reuse heap memory instead of faulting in fresh pages (which costs more than the recheck on a VM).
+RECHECK_CHUNK = 1 << 10
+
 # Default memory per stacked block: about this many MB of (L, P*M, w, w) margins in the compute dtype.
 STACK_MEMORY_MB = 512
 
@@ -305,7 +309,7 @@ def _decide(
         row = (cand[:, 0] * m.shape[1] + cand[:, 1]) * w
         band = _take(r, row + cand[:, 2]) + _take(r, row + cand[:, 3])
         cand = cand[_take(gap, (row + cand[:, 2]) * w + cand[:, 3]).double() <= band]
-    for chunk in torch.split(cand, 1 << 12):
+    for chunk in torch.split(cand, RECHECK_CHUNK):
         exact = _recheck(img, word, perms, chunk + torch.tensor([lo, 0, 0, 0], device=device)) > TIE_TOLERANCE
         li, pm, i, j = chunk.unbind(1)
         delta = exact.long() - (_take(flags, ((li * m.shape[1] + pm) * w + i) * w + j) > 0.5).long()
