@@ -34,6 +34,7 @@ from semprobe.datasets import cifar, schema
 from semprobe.ray_jobs.checkpoint_analysis import follow
 from semprobe.ray_jobs.checkpoints import checkpoints
 from semprobe.ray_jobs.config import TrainConfig
+from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.startup import connect, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output
 
@@ -58,6 +59,7 @@ def load_data(cfg: TrainConfig, log) -> tuple[tuple[np.ndarray, np.ndarray], tup
     return (train.images, ys[0]), (test.images, ys[1])
 
 
+@holding_lease
 def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     """Train (or resume); returns the summary of the run's checkpoints."""
     output = open_output(cfg)
