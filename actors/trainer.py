@@ -47,7 +47,7 @@ def load_checkpoint_file(source: str | bytes, name: str, mmap: bool = False) -> 
             return torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
         return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err)) or re.search(r"error: ([^\n]+)", str(err))
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch names the global it refused
         what = f"it calls {found.group(1)}" if found else "it holds objects other than tensors"
         raise InputError(
             f"refused checkpoint file {name}: {what}, which semprobe train never writes (allowed: tensors, numbers, "
