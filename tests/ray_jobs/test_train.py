@@ -44,6 +44,7 @@ def test_training_reports_checkpoints_and_learns(ray_session, cifar, tmp_path):
     out = Output(cfg.out)
     done = checkpoints(out, "normal")
     assert [c["epoch"] for c in done] == [0, 3, 6] and summary["checkpoints"] == 3
+    assert not (tmp_path / "run" / ".lease.json").exists(), "the finished job released its lease"
     history = pq.read_table(tmp_path / "run" / "training.parquet").to_pylist()
     assert [h["epoch"] for h in history] == list(range(7))
     assert [h["lr"] for h in history[1:]] == pytest.approx(
@@ -107,8 +108,9 @@ def test_an_interrupted_run_resumes_to_the_same_model(ray_session, cifar, tmp_pa
     assert epochs == list(range(reached + 1)) and 1 <= reached < 3, (
         "killed mid-training, with every epoch so far (0: the initial model)"
     )
+    assert (cut / ".lease.json").exists(), "the killed driver's lease is left behind"
     logs = []
-    resumed = run_train(TrainConfig(out=str(cut), **args).validate(), log=logs.append)
+    resumed = run_train(TrainConfig(out=str(cut), **args).validate(), log=logs.append)  # takes it over at once
     assert resumed["resumed_from"] == reached and f"train: resuming normal from epoch {reached} of 3" in logs
     timeless = [
         pq.read_table(folder / "training.parquet").drop(["epoch_seconds"]) for folder in (cut, tmp_path / "whole")
