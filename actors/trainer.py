@@ -9,12 +9,20 @@ states and every epoch's errors so far. A rerun of the same run resumes from the
 latest checkpoint and, on the same hardware, retraces the same steps: each
 epoch's image order comes from (seed, epoch), and drop-path and dropout draw from
 the restored torch RNG.
+
+Checkpoint files are loaded with ``weights_only=True``: tensors, numbers, strings and plain containers, nothing a
+pickle could run. ``state.pt`` needs no more (the optimizer's state dict, the torch RNG states as uint8 tensors, the
+epoch; the image order is recomputed from (seed, epoch), so no numpy or ``random`` state is kept), and a file that
+names anything else is refused (:func:`load_checkpoint_file`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import re
 import sys
 import tempfile
 import time
@@ -25,8 +33,47 @@ import torch
 from torch.nn import functional as F
 
 from semprobe.actors.zoo import load_model
+from semprobe.analysis.errors import InputError
 
 MODEL_FILE, STATE_FILE, METRICS_FILE = "model.pt", "state.pt", "metrics.json"
+
+
+def load_checkpoint_file(source: str | bytes, name: str, mmap: bool = False) -> Any:
+    """A checkpoint file (a local path, or its bytes) as tensors and plain containers only. One that names any other
+    global (a crafted pickle runs whatever function it names) is an InputError naming the file and the global, and
+    nothing runs. ``mmap`` maps a local file's tensors instead of reading them (enough to check the file)."""
+    try:
+        if isinstance(source, bytes):
+            return torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))  # torch names the global it refused
+        what = f"it calls {found.group(1)}" if found else "it holds objects other than tensors"
+        raise InputError(
+            f"refused checkpoint file {name}: {what}, which semprobe train never writes (allowed: tensors, numbers, "
+            "strings, lists, dicts)"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as err:  # missing, truncated, not a torch file
+        raise InputError(
+            f"cannot read checkpoint file {name}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        ) from None
+
+
+def check_state(state: Any, name: str) -> dict[str, Any]:
+    """``state.pt`` as the trainer writes it: optimizer state dict, per-worker torch RNG states, epoch."""
+    rng = state.get("rng") if isinstance(state, dict) else None
+    if (
+        not isinstance(state.get("optimizer") if isinstance(state, dict) else None, dict)
+        or not isinstance(state.get("epoch"), int)
+        or not isinstance(rng, list)
+        or not rng
+        or not all(isinstance(r, torch.Tensor) and r.dtype == torch.uint8 and r.dim() == 1 for r in rng)
+    ):
+        raise InputError(
+            f"{name} is not a semprobe train state (expected optimizer, rng: uint8 tensors, epoch); rerun the "
+            "training into a new --out"
+        )
+    return state
 
 
 def lr_drops(epochs: int, drops: int = 4) -> list[int]:
@@ -91,8 +138,8 @@ def train_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            net.load_state_dict(torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True))
-            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=False)
+            net.load_state_dict(load_checkpoint_file(os.path.join(folder, MODEL_FILE), MODEL_FILE))
+            state = check_state(load_checkpoint_file(os.path.join(folder, STATE_FILE), STATE_FILE), STATE_FILE)
             with open(os.path.join(folder, METRICS_FILE)) as f:
                 history = json.load(f)
         optimizer.load_state_dict(state["optimizer"])

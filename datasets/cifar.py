@@ -46,6 +46,49 @@ def parse(name: str) -> tuple[str, str]:
     return (inner if os.path.isdir(inner) else folder), split
 
 
+# The only globals CIFAR-100's pickles name: numpy arrays as Python 2's cPickle (the published files), protocols 2-4
+# (``_reconstruct``, ``_codecs.encode`` for bytes under protocol 2) and protocol 5 (``_frombuffer``) write them,
+# under numpy 1's module names and numpy 2's. Everything else (``os.system``, ``builtins.eval``, ...) is refused:
+# a pickle can run any function it names.
+SAFE_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global that CIFAR's pickles never do."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads dicts, lists, bytes, strings, numbers and numpy arrays, and nothing that runs code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in SAFE_GLOBALS:
+            raise RefusedGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_pickle(path: str):
+    """A CIFAR pickle (Python 2's ``str`` read as bytes, as the dataset's keys are); one that names any other
+    global than :data:`SAFE_GLOBALS` is an InputError naming the file and the global, and runs nothing."""
+    try:
+        with open(path, "rb") as f:
+            return _CifarUnpickler(f, encoding="bytes").load()
+    except RefusedGlobal as err:
+        raise InputError(
+            f"refused CIFAR-100 pickle {path}: it calls {err}, which the dataset's pickles never do (allowed: numpy "
+            "arrays, dicts, lists, bytes, strings, numbers)"
+        ) from None
+
+
 @functools.lru_cache(maxsize=4)
 def load_split(folder: str, split: str) -> CifarSplit:
     """One split's pickle, checked; a missing or corrupt file is an InputError naming it."""
@@ -56,9 +99,10 @@ def load_split(folder: str, split: str) -> CifarSplit:
             "semprobe train --download fetches it)"
         )
     try:
-        with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="bytes")
+        raw = read_pickle(path)
         data, labels = np.asarray(raw[b"data"], np.uint8), np.asarray(raw[b"fine_labels"], np.int64)
+    except InputError:
+        raise
     except Exception as err:  # a truncated or foreign pickle fails in many ways
         raise InputError(f"corrupt CIFAR-100 pickle {path}: {type(err).__name__}: {err}") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or labels.min() < 0 or labels.max() > 99:
@@ -75,8 +119,9 @@ def _check_meta(folder: str) -> None:
     if not os.path.isfile(path):
         return  # the label names are fixed; meta only confirms them
     try:
-        with open(path, "rb") as f:
-            names = [n.decode() for n in pickle.load(f, encoding="bytes")[b"fine_label_names"]]
+        names = [n.decode() for n in read_pickle(path)[b"fine_label_names"]]
+    except InputError:
+        raise
     except Exception as err:
         raise InputError(f"corrupt CIFAR-100 meta pickle {path}: {type(err).__name__}: {err}") from None
     if names != list(CIFAR100_CLASSES):

@@ -63,6 +63,7 @@ from semprobe.ray_jobs.failure_analysis import (
     write_one_vs_two,
 )
 from semprobe.ray_jobs.figures import save_figure
+from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.report import write_failure_report
 from semprobe.ray_jobs.startup import model_actors
@@ -263,6 +264,7 @@ def _attack(cfg: AdversarialConfig, output: Output, pairs: list[Pair], log) -> d
     return results
 
 
+@holding_lease
 def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
     """Choose pairs, attack, extract the adversarial images, 1 vs. 2 through the layers by target rank; report."""
     output = Output(cfg.out)

@@ -55,6 +55,7 @@ from semprobe.datasets.decode import ImageError, decode_image, read_bytes
 from semprobe.datasets.images import resolve_images, shared_images
 from semprobe.ray_jobs.config import AffineConfig
 from semprobe.ray_jobs.figures import save_figure
+from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.startup import connect, model_actors, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
@@ -162,6 +163,7 @@ def _shards(table: pa.Table, size: int, label: str) -> list[tuple[int, list[list
     return [(i // size, rows[i : i + size]) for i in range(0, len(rows), size)]
 
 
+@holding_lease
 def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     """Fit and score every ordered pair of maps; returns the summary it also writes."""
     output = open_output(cfg)

@@ -32,6 +32,7 @@ from semprobe.ray_jobs.config import DynamicsConfig
 from semprobe.ray_jobs.extraction import plan_extraction
 from semprobe.ray_jobs.figures import save_figure
 from semprobe.ray_jobs.fused import run_extraction
+from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.report import family_notes, family_summary
 from semprobe.ray_jobs.scheduler import ModelPlan, TwoVsTwoScheduler, plan_model, reduce_scores, test_file
 from semprobe.ray_jobs.startup import connect, open_output, store_mode, write_resolved
@@ -131,6 +132,7 @@ class CheckpointAnalysis:
         return table
 
 
+@holding_lease
 def follow(cfg: DynamicsConfig, log=print, stop: threading.Event | None = None) -> dict[str, Any]:
     """Analyse (or resume) every checkpoint of the runs; with cfg.follow, until the runs (or ``stop``) say
     training is over. Returns the summary it also writes to OUT/summary.json."""

@@ -50,6 +50,7 @@ from semprobe.datasets.image_sets import draw_image_sets
 from semprobe.datasets.images import ImageSource, resolve_images
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.config import ExtractConfig
+from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.startup import connect, model_actors, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
@@ -263,6 +264,7 @@ def write_plan(output: Output, plan: ExtractionPlan, resources: dict[str, Any], 
     output.write_table(schema.stamp(layers, exp), "layers.parquet")
 
 
+@holding_lease
 def run_extract(
     cfg: ExtractConfig, log=print, plan: ExtractionPlan | None = None, predictions_only: bool = False
 ) -> dict[str, Any]:

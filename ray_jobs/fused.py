@@ -68,6 +68,7 @@ from semprobe.ray_jobs.extraction import (
     run_extract,
     stream,
 )
+from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.storage import Output, model_key
 from semprobe.ray_jobs.store import similarity_file, similarity_table
@@ -241,6 +242,7 @@ def run_fused_extract(
     return summary
 
 
+@holding_lease
 def run_extraction(cfg: ExtractConfig, plan: ExtractionPlan, store: str, job, log=print) -> dict[str, Any]:
     """The extraction a 2 vs. 2 job (``job``: its RunConfig or DynamicsConfig) runs for one model, in the resolved
     ``store`` mode: into the activation store, or fused with the Gram into w x w matrices."""

@@ -43,10 +43,12 @@ from semprobe.ray_jobs.failure_analysis import (
     write_one_vs_two,
 )
 from semprobe.ray_jobs.figures import save_figure
+from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.report import write_failure_report
 from semprobe.ray_jobs.storage import Output
 
 
+@holding_lease
 def run_misclassified(cfg: MisclassifiedConfig, log=print) -> dict[str, Any]:
     """Extract, find the misclassified images, score severity and 1 vs. 2 through the layers."""
     output = Output(cfg.out)

@@ -43,6 +43,7 @@ from semprobe.ray_jobs.config import RunConfig
 from semprobe.ray_jobs.extraction import plan_extraction
 from semprobe.ray_jobs.figures import save_figure
 from semprobe.ray_jobs.fused import run_extraction
+from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.report import family_summary, write_report
 from semprobe.ray_jobs.scheduler import TwoVsTwoScheduler, plan_model, reduce_scores, test_file
 from semprobe.ray_jobs.startup import connect, open_output, store_mode, write_resolved
@@ -58,6 +59,7 @@ def _name_concepts(concept_scores: pa.Table, concepts: pa.Table) -> pa.Table:
     return concept_scores.set_column(concept_scores.schema.get_field_index("word"), "word", named)
 
 
+@holding_lease
 def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     """Run (or resume) the main job; returns the summary it also writes to OUT/summary.json."""
     output = open_output(cfg)

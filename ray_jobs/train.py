@@ -27,13 +27,14 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from semprobe.actors.layers import LayerCatalog
-from semprobe.actors.trainer import METRICS_FILE, train_loop
+from semprobe.actors.trainer import METRICS_FILE, MODEL_FILE, STATE_FILE, check_state, load_checkpoint_file, train_loop
 from semprobe.actors.zoo import load_model
 from semprobe.analysis.errors import InputError
 from semprobe.datasets import cifar, schema
 from semprobe.ray_jobs.checkpoint_analysis import follow
 from semprobe.ray_jobs.checkpoints import checkpoints
 from semprobe.ray_jobs.config import TrainConfig
+from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.startup import connect, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output
 
@@ -58,6 +59,7 @@ def load_data(cfg: TrainConfig, log) -> tuple[tuple[np.ndarray, np.ndarray], tup
     return (train.images, ys[0]), (test.images, ys[1])
 
 
+@holding_lease
 def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
     """Train (or resume); returns the summary of the run's checkpoints."""
     output = open_output(cfg)
@@ -67,10 +69,12 @@ def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         loaded = load_model(cfg.model)
         LayerCatalog(loaded.module, loaded.preprocess.size).select(cfg.dynamics_config().layers)
     train, test = load_data(cfg, log)
+    before = checkpoints(output, cfg.run_name)
+    if before:
+        _check_resumable(output, before[-1]["path"])
     connect(log)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     write_resolved(output, cfg, run=cfg.run_name, use_gpu=use_gpu)
-    before = checkpoints(output, cfg.run_name)
     if before:
         log(f"train: resuming {cfg.run_name} from epoch {before[-1]['epoch']} of {cfg.epochs}")
     threads = cfg.torch_threads or (None if use_gpu else max(1, int(cfg.cpus_per_worker)))
@@ -122,6 +126,20 @@ def run_train(cfg: TrainConfig, log=print) -> dict[str, Any]:
         "test_error": last["test_error"],
         **({"dynamics": analysis.result} if analysis else {}),
     }
+
+
+def _check_resumable(output: Output, folder: str) -> None:
+    """The checkpoint Ray Train will resume from, loaded here as the workers will (tensors only) so that a crafted or
+    foreign one is bad input (exit 2) before anything starts, not a failure inside a training worker."""
+    for name in (MODEL_FILE, STATE_FILE):
+        path = posixpath.join(folder, name)
+        if output._local:
+            loaded = load_checkpoint_file(path, path, mmap=True)
+        else:
+            with output.fs.open_input_stream(path) as f:
+                loaded = load_checkpoint_file(f.read(), path)
+        if name == STATE_FILE:
+            check_state(loaded, path)
 
 
 def _finish(cfg: TrainConfig, output: Output, done: list[dict[str, Any]]) -> None:

@@ -1,5 +1,6 @@
 """``semprobe train`` through Ray Train on a small CIFAR-format dataset written here: schedule, learning, resume."""
 
+import json
 import os
 import signal
 import subprocess
@@ -43,6 +44,7 @@ def test_training_reports_checkpoints_and_learns(ray_session, cifar, tmp_path):
     out = Output(cfg.out)
     done = checkpoints(out, "normal")
     assert [c["epoch"] for c in done] == [0, 3, 6] and summary["checkpoints"] == 3
+    assert not (tmp_path / "run" / ".lease.json").exists(), "the finished job released its lease"
     history = pq.read_table(tmp_path / "run" / "training.parquet").to_pylist()
     assert [h["epoch"] for h in history] == list(range(7))
     assert [h["lr"] for h in history[1:]] == pytest.approx(
@@ -106,8 +108,9 @@ def test_an_interrupted_run_resumes_to_the_same_model(ray_session, cifar, tmp_pa
     assert epochs == list(range(reached + 1)) and 1 <= reached < 3, (
         "killed mid-training, with every epoch so far (0: the initial model)"
     )
+    assert (cut / ".lease.json").exists(), "the killed driver's lease is left behind"
     logs = []
-    resumed = run_train(TrainConfig(out=str(cut), **args).validate(), log=logs.append)
+    resumed = run_train(TrainConfig(out=str(cut), **args).validate(), log=logs.append)  # takes it over at once
     assert resumed["resumed_from"] == reached and f"train: resuming normal from epoch {reached} of 3" in logs
     timeless = [
         pq.read_table(folder / "training.parquet").drop(["epoch_seconds"]) for folder in (cut, tmp_path / "whole")
@@ -154,3 +157,84 @@ def test_two_data_parallel_workers_train_one_model(ray_session, cifar, tmp_path)
     assert not any(
         k.startswith("module.") for k in state
     )  # a plain state dict, loadable as fractalnet_tiny:checkpoint=
+
+
+def _trainer_state(epoch: int = 2) -> dict:
+    """state.pt as the trainer writes it: an SGD optimizer after a step, two workers' RNG states, the epoch."""
+    net = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    net(torch.randn(5, 4)).sum().backward()
+    optimizer.step()
+    torch.manual_seed(epoch)
+    first = torch.get_rng_state()
+    torch.rand(3)
+    return {"optimizer": optimizer.state_dict(), "rng": [first, torch.get_rng_state()], "epoch": epoch}
+
+
+def test_the_training_state_loads_as_tensors_only_and_unchanged(tmp_path):
+    """What resume needs survives weights_only loading bit for bit: the RNG states, momentum buffers, epoch."""
+    from semprobe.actors.trainer import check_state, load_checkpoint_file
+
+    state = _trainer_state()
+    torch.save(state, tmp_path / "state.pt")
+    loaded = check_state(load_checkpoint_file(str(tmp_path / "state.pt"), "state.pt"), "state.pt")
+    assert loaded["epoch"] == 2 and len(loaded["rng"]) == 2
+    assert all(torch.equal(a, b) and a.dtype == torch.uint8 for a, b in zip(loaded["rng"], state["rng"]))
+    assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    for k, buffers in state["optimizer"]["state"].items():
+        assert torch.equal(loaded["optimizer"]["state"][k]["momentum_buffer"], buffers["momentum_buffer"])
+    torch.set_rng_state(loaded["rng"][1])  # the restored generator draws what the saved one would have
+    expected = torch.rand(4)
+    torch.set_rng_state(state["rng"][1])
+    assert torch.equal(torch.rand(4), expected)
+    for bad in ({**state, "rng": [torch.zeros(3)]}, {**state, "epoch": "2"}, [state]):
+        torch.save(bad, tmp_path / "bad.pt")
+        with pytest.raises(InputError, match=r"^bad.pt is not a semprobe train state \(expected optimizer, rng"):
+            check_state(load_checkpoint_file(str(tmp_path / "bad.pt"), "bad.pt"), "bad.pt")
+
+
+def _crafted_checkpoint(out: Path, marker: Path) -> Path:
+    """A registered checkpoint of run 'normal' under OUT whose state.pt runs os.system when fully unpickled."""
+    from test_cifar import _RunsCode
+
+    folder = out / "train" / "normal" / "checkpoint_000000"
+    folder.mkdir(parents=True)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), folder / "model.pt")
+    torch.save({**_trainer_state(1), "hook": _RunsCode(marker)}, folder / "state.pt")
+    record = {"checkpoint_results": [{"metrics": {"epoch": 1}, "checkpoint_dir_name": folder.name}]}
+    (out / "train" / "normal" / "checkpoint_manager_snapshot.json").write_text(json.dumps(record))
+    return folder / "state.pt"
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    from semprobe.actors.trainer import load_checkpoint_file
+
+    marker = tmp_path / "ran"
+    state = _crafted_checkpoint(tmp_path / "out", marker)
+    with pytest.raises(InputError, match=rf"^refused checkpoint file {state}: it calls posix\.system, which"):
+        load_checkpoint_file(str(state), str(state), mmap=True)
+    assert not marker.exists()
+    torch.load(state, weights_only=False)  # the payload is live: the unsafe load runs it
+    assert marker.exists()
+
+
+def test_crafted_files_are_refused_by_semprobe_train_with_code_2_and_run_nothing(cifar, tmp_path, capsys):
+    """Through the command: a crafted checkpoint to resume from, and a crafted CIFAR pickle."""
+    import pickle
+
+    from test_cifar import _RunsCode, write_cifar100
+
+    from semprobe.ray_jobs.cli import main
+
+    marker = tmp_path / "ran"
+    state = _crafted_checkpoint(tmp_path / "out", marker)
+    argv = ["train", "--model", "fractalnet_tiny", "--epochs", "2", "--batch-size", "50"]
+    assert main([*argv, "--data", cifar, "--out", str(tmp_path / "out")]) == 2
+    assert f"semprobe: error: refused checkpoint file {state}: it calls posix.system" in capsys.readouterr().err
+    write_cifar100(tmp_path / "data", n_train=100, n_test=100)
+    crafted = tmp_path / "data" / "cifar-100-python" / "test"
+    crafted.write_bytes(pickle.dumps({b"data": _RunsCode(marker), b"fine_labels": [0]}, protocol=2))
+    assert main([*argv, "--data", f"cifar100:{tmp_path / 'data'}", "--out", str(tmp_path / "out2")]) == 2
+    assert f"semprobe: error: refused CIFAR-100 pickle {crafted}: it calls posix.system" in capsys.readouterr().err
+    assert not marker.exists()
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out" / ".lease.json").exists()
