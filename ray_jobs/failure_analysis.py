@@ -198,7 +198,7 @@ def prepare(cfg, output: Output, log) -> FailureContext:
         raise InputError(
             f"{cfg.images}: {cfg.COMMAND} needs ImageNet-labelled images (a folder of wnids, or sample:imagenet)"
         )
-    word_model = load_word_model(cfg.words)
+    word_model = load_word_model(cfg.words, cache=cfg.word_cache_dir())
     connect(log)
     write_resolved(output, cfg, weights={cfg.model: plan.weights})
     run_extract(extraction, log=log, plan=plan)
