@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="benchmarks, each figure beside its floor (the bare operation, measured in the same run)"
     )
     b.add_argument(
-        "bench", choices=["all", "extract", "twovtwo", "permutations", "analysis", "affine", "attack", "train"]
+        "bench", choices=["all", "extract", "twovtwo", "permutations", "analysis", "affine", "attack", "train", "words"]
+    )
+    b.add_argument(
+        "--words-mb", type=float, dest="words_mb", help="words: size of the generated word file in MB (default 200)"
     )
     b.add_argument("--images", default="sample:imagenet", help="extract, attack: the images")
     b.add_argument("--model", help="default: fractalnet for train, efficientnet_lite0 for the others")
