@@ -10,6 +10,9 @@ Names
     GloVe text: ``word v1 ... vd`` per line, no header.
 ``fasttext:PATH``
     fastText ``.vec`` text (also LexVec): a ``<n_words> <dim>`` header, then GloVe lines.
+``table:DIR``
+    A folder written by ``semprobe words convert`` (``vectors.npy`` + ``vectors.parquet``): memory-mapped
+    (read row by row from ``s3://``, ``gs://``, ``file://``).
 ``table:PATH``
     Vectors computed elsewhere (ELMo, BERT, ...), PATH a local path or a ``s3://``, ``gs://``
     or ``file://`` URI (read through ``pyarrow.fs``). Either a ``.parquet`` file with a string
@@ -29,19 +32,33 @@ Names
     One streaming pass keeps only the requested words' active feature indices (and counts
     the features); :meth:`WordModel.vectors` returns a ``scipy.sparse.csr_array``.
 
+Every PATH is a local path or a ``s3://``, ``gs://`` or ``file://`` URI, read through ``pyarrow.fs``.
 File formats are read lazily: each lookup scans the file once for the words not seen
 before and keeps only their vectors. Files ending in ``.gz`` are gunzipped on the fly.
 If a word occurs twice in a file, the first occurrence wins.
+
+Loaded once: :func:`load_word_model` keeps the models it made (keyed by name, cache folder and the file's
+size and modification time), so the planning of every CNN and every word matrix share one reader and its
+memo of found and absent words. With ``cache=FOLDER`` (jobs pass ``--word-cache``) a word2vec, GloVe or
+fastText file is converted once (:func:`convert_word_file`) into ``FOLDER/<sha256 of format, source, size,
+mtime>/`` and memory-mapped from there: its index answers every lookup, absent words included, by hashing.
 """
 
 from __future__ import annotations
 
 import abc
+import collections
 import functools
-import gzip
+import hashlib
+import io
+import json
 import os
 import posixpath
+import shutil
+import tempfile
+import threading
 import typing
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import IO
 
@@ -54,7 +71,10 @@ import scipy.sparse
 
 from semprobe.analysis.errors import InputError
 
-WORD_MODEL_CHOICES = "glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH, table:PATH, nondist:PATH"
+WORD_MODEL_CHOICES = "glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH, table:PATH, table:DIR, nondist:PATH"
+CONVERTIBLE = ("word2vec", "glove", "fasttext")  # the formats convert_word_file (and the cache) turn into tables
+CACHE_FOLDER = ".semprobe-words"  # the word cache's folder beside a job's --out
+MATRIX, INDEX, META = "vectors.npy", "vectors.parquet", "source.json"  # a converted folder's files
 
 _MAX_NAMED_MISSING = 5
 _CHUNK = 1 << 20
@@ -302,10 +322,28 @@ class _NpyTable(WordModel):
             )
         return words
 
+    @functools.cached_property
+    def _hashed(self) -> tuple[typing.Any, np.ndarray | None]:
+        """A hash index of the words (a pandas Index), built once; with the matrix rows of its entries when the
+        index names a word twice (the first occurrence kept)."""
+        import pandas as pd  # a dependency of Ray Data; imported here, where the hash is built
+
+        index = pd.Index(self._index.to_pandas())
+        if index.is_unique:
+            return index, None
+        first = ~index.duplicated(keep="first")
+        return index[first], np.flatnonzero(first)
+
     def _rows(self, words: list[str]) -> np.ndarray:
-        """int64 (len(words),): row of each word in the matrix, -1 if absent (the first occurrence wins)."""
-        query = pa.array(words, type=self._index.type)
-        return pc.fill_null(pc.index_in(query, value_set=self._index), -1).to_numpy().astype(np.int64)
+        """int64 (len(words),): row of each word in the matrix, -1 if absent (the first occurrence wins).
+
+        Each word costs one hash probe: ``pc.index_in`` would hash the whole index again on every call
+        (0.7 s for 1.3 M words), once per CNN and word matrix of a job."""
+        if not words:
+            return np.zeros(0, np.int64)
+        index, rows = self._hashed
+        found = index.get_indexer(words).astype(np.int64)
+        return found if rows is None else np.where(found >= 0, rows[found], -1)
 
     def contains(self, words: Sequence[str]) -> np.ndarray:
         return self._rows(_as_list(words)) >= 0
@@ -348,12 +386,14 @@ class _Glove50d(_NpyTable):
         super().__init__(name, emb, pafs.LocalFileSystem(), emb, index)
 
 
-def _open(path: str, binary: bool) -> IO:
+def _open(fs: pafs.FileSystem, path: str, binary: bool) -> IO:
+    """A file of ``fs`` as a buffered Python stream, gunzipped when its name ends in ``.gz``."""
+    stream = fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None)
+    raw = io.BufferedReader(stream, _CHUNK)  # pyarrow streams read but have no readline
     if binary:
-        return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+        return raw
     # newline="\n": a stray '\r' inside a word must not split the line.
-    kw = dict(encoding="utf-8", errors="replace", newline="\n")
-    return gzip.open(path, "rt", **kw) if path.endswith(".gz") else open(path, **kw)
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="\n")
 
 
 def _parse_header(fmt: str, path: str, line: str) -> tuple[int, int]:
@@ -368,14 +408,19 @@ def _parse_header(fmt: str, path: str, line: str) -> tuple[int, int]:
 
 
 class _FileWordModel(_CachedModel):
-    """A word-vector file scanned lazily; remembers the words it has looked up."""
+    """A word-vector file scanned lazily; remembers the words it has looked up.
+
+    ``path`` is what messages name (the path or URI as given), ``_fs`` and ``_inner`` what is read."""
 
     fmt: str
 
-    def __init__(self, name: str, path: str):
+    def __init__(self, name: str, path: str, fs: pafs.FileSystem, inner: str):
         super().__init__(name)
-        self.path = path
+        self.path, self._fs, self._inner = path, fs, inner
         self.dim = self._read_dim()
+
+    def _open(self, binary: bool) -> IO:
+        return _open(self._fs, self._inner, binary)
 
     @abc.abstractmethod
     def _read_dim(self) -> int:
@@ -392,6 +437,17 @@ class _FileWordModel(_CachedModel):
     @abc.abstractmethod
     def _key(self, word: str) -> str | bytes:
         """The form in which _entries yields word."""
+
+    def _word(self, key: str | bytes) -> str | None:
+        """The word of a key _entries yields; None for one no str can name (bytes that are not UTF-8)."""
+        return key
+
+    def _decode_many(self, keys: list, raws: list) -> np.ndarray:
+        """float32 (len(raws), dim): _decode of each entry, in one go where the format allows."""
+        out = np.empty((len(raws), self.dim), np.float32)
+        for k, (key, raw) in enumerate(zip(keys, raws)):
+            out[k] = self._decode(raw, repr(key))
+        return out
 
     def _fetch(self, wanted: list[str]) -> dict[str, np.ndarray]:
         keys = {self._key(w): w for w in wanted}
@@ -411,7 +467,7 @@ class _Word2VecModel(_FileWordModel):
     fmt = "word2vec"
 
     def _read_dim(self) -> int:
-        with _open(self.path, binary=True) as f:
+        with self._open(binary=True) as f:
             line = f.readline(256).decode("utf-8", errors="replace")
         self._n_words, dim = _parse_header(self.fmt, self.path, line)
         return dim
@@ -420,12 +476,21 @@ class _Word2VecModel(_FileWordModel):
         # Compare raw bytes: decoding every one of millions of words would dominate the scan.
         return word.encode("utf-8", errors="surrogatepass")
 
+    def _word(self, key: bytes) -> str | None:
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:  # no query encodes to it (nor can a Parquet string hold it)
+            return None
+
     def _decode(self, raw: object, where: str) -> np.ndarray:
         return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
+    def _decode_many(self, keys: list, raws: list) -> np.ndarray:
+        return np.frombuffer(b"".join(raws), dtype="<f4").astype(np.float32).reshape(len(raws), self.dim)
+
     def _entries(self) -> Iterator[tuple[bytes, bytes]]:
         n_bytes = 4 * self.dim
-        with _open(self.path, binary=True) as f:
+        with self._open(binary=True) as f:
             f.readline(256)
             buf, pos = b"", 0
             for i in range(self._n_words):
@@ -455,7 +520,7 @@ class _GloveTextModel(_FileWordModel):
     _header = False
 
     def _read_dim(self) -> int:
-        with _open(self.path, binary=False) as f:
+        with self._open(binary=False) as f:
             first = f.readline()
             if self._header:
                 return _parse_header(self.fmt, self.path, first)[1]
@@ -473,9 +538,19 @@ class _GloveTextModel(_FileWordModel):
         except ValueError:
             raise InputError(f"malformed {self.fmt} vector for {where} in {self.path}") from None
 
+    def _decode_many(self, keys: list, raws: list) -> np.ndarray:
+        # One parse of the joined lines; the same str -> float32 conversion as _decode, token by token.
+        try:
+            values = np.array(" ".join(raws).split(" "), dtype=np.float32)
+        except ValueError:
+            values = None
+        if values is None or len(values) != len(raws) * self.dim:
+            return super()._decode_many(keys, raws)  # line by line, to name the culprit
+        return values.reshape(len(raws), self.dim)
+
     def _entries(self) -> Iterator[tuple[str, str]]:
         dim = self.dim
-        with _open(self.path, binary=False) as f:
+        with self._open(binary=False) as f:
             if self._header:
                 f.readline()
             for lineno, line in enumerate(f, start=1 + self._header):
@@ -506,9 +581,9 @@ class _NonDistModel(_CachedModel):
 
     sparse = True
 
-    def __init__(self, name: str, path: str):
+    def __init__(self, name: str, path: str, fs: pafs.FileSystem, inner: str):
         super().__init__(name)
-        self.path = path
+        self.path, self._fs, self._inner = path, fs, inner
         self._dense, first = self._sniff()
         # word-feat: feature name -> column, in order of first appearance; complete after the first full pass.
         self._features: dict[bytes, int] = {}
@@ -522,7 +597,7 @@ class _NonDistModel(_CachedModel):
 
     def _sniff(self) -> tuple[bool, int]:
         """(dense 0/1 text?, the number of values on the first line with any)."""
-        with _open(self.path, binary=True) as f:
+        with _open(self._fs, self._inner, binary=True) as f:
             for line in f:
                 tokens = line.split()[1:]
                 if tokens:
@@ -539,7 +614,7 @@ class _NonDistModel(_CachedModel):
         keys = {w.encode("utf-8", errors="surrogatepass"): w for w in wanted}
         counting = self._dim is None  # the first pass of a word-feat file reads every line to count features
         features, found = self._features, {}
-        with _open(self.path, binary=True) as f:
+        with _open(self._fs, self._inner, binary=True) as f:
             for lineno, line in enumerate(f, 1):
                 space = line.find(b" ")
                 word = line[:space] if space >= 0 else line.rstrip()
@@ -587,12 +662,15 @@ class _NonDistModel(_CachedModel):
         return scipy.sparse.csr_array((data, indices, indptr), shape=(len(words), self.dim))
 
 
-def _table_model(name: str, uri: str) -> WordModel:
-    from semprobe.datasets.images import filesystem
-
-    fs, path = filesystem(uri if "://" in uri else os.path.expanduser(uri))
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        raise InputError(f"word model file not found: {uri} ({name})")
+def _table_model(name: str, uri: str, fs: pafs.FileSystem, path: str) -> WordModel:
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        matrix = posixpath.join(path, MATRIX)
+        if fs.get_file_info(matrix).type != pafs.FileType.File:
+            raise InputError(
+                f"word model {name!r}: folder {uri} holds no {MATRIX}; a table:DIR is a folder written by "
+                "`semprobe words convert`"
+            )
+        return _NpyTable(name, posixpath.join(uri, MATRIX), fs, matrix, posixpath.join(path, INDEX))
     if path.endswith(".parquet"):
         return _ParquetTable(name, uri, fs, path)
     if path.endswith(".npy"):
@@ -611,27 +689,277 @@ _REGISTRY: dict[str, typing.Callable[..., WordModel]] = {
 _TAKES_PATH = {"word2vec", "glove", "fasttext", "table", "nondist"}
 
 
-def load_word_model(name: str) -> WordModel:
-    """The word model named by a registry string (one of WORD_MODEL_CHOICES).
+def _source(name: str, prefix: str, path: str) -> tuple[str, pafs.FileSystem, str, pafs.FileInfo]:
+    """(the path or URI as messages name it, its filesystem, the path in it, its FileInfo) of a word file;
+    InputError when absent (``table:`` also takes a folder)."""
+    from semprobe.datasets.images import filesystem  # images imports the concept tables, which import this
 
-    Paths are checked and headers parsed now; vectors are read on first lookup.
+    uri = path if "://" in path else os.path.expanduser(path)
+    fs, inner = filesystem(uri)
+    info = fs.get_file_info(inner)
+    if not (info.type == pafs.FileType.File or (prefix == "table" and info.type == pafs.FileType.Directory)):
+        raise InputError(f"word model file not found: {uri} ({name})")
+    return uri, fs, inner, info
+
+
+# Models made in this process, newest last: the planning of each CNN, its word matrices and every later
+# lookup share one reader (and its memo of found and absent words) instead of scanning the file again.
+_LOADED: collections.OrderedDict[tuple, WordModel] = collections.OrderedDict()
+_LOADED_MAX = 16
+_LOADED_LOCK = threading.RLock()
+
+
+def load_word_model(name: str, cache: str | None = None) -> WordModel:
+    """The word model named by a registry string (one of WORD_MODEL_CHOICES), made once per process.
+
+    Paths are checked and headers parsed now; vectors are read on first lookup. A second call with the
+    same name and cache returns the same model while the file keeps its size and modification time.
+
+    Parameters
+    ----------
+    name : str
+        The registry string; its PATH a local path or a ``s3://``, ``gs://``, ``file://`` URI.
+    cache : str, optional
+        A folder (local or URI) where a word2vec, GloVe or fastText file is converted once into a
+        memory-mapped table (:func:`convert_word_file`), then mapped instead of scanned; None: scan the file.
+        The model keeps ``name`` either way. If the folder cannot be written, the file is scanned (a warning).
 
     Raises
     ------
     InputError
-        Unknown name, empty or missing path, or malformed header.
+        Unknown name, empty or missing path, or malformed header (or, converting, a malformed file).
     """
     prefix, colon, path = name.partition(":")
     make = _REGISTRY.get(prefix)
     if make is None or bool(colon) != (prefix in _TAKES_PATH):
         raise InputError(f"unknown word model {name!r}: choose one of {WORD_MODEL_CHOICES}")
-    if not colon:
-        return make(name)
-    if not path:
+    if colon and not path:
         raise InputError(f"empty path in word model {name!r}: choose one of {WORD_MODEL_CHOICES}")
-    if prefix == "table":  # a local path or a URI
-        return make(name, path)
-    path = os.path.expanduser(path)
-    if not os.path.isfile(path):
-        raise InputError(f"word model file not found: {path} ({name})")
-    return make(name, path)
+    if not colon:
+        key, build = (name,), functools.partial(make, name)
+    else:
+        uri, fs, inner, info = _source(name, prefix, path)
+        cache = cache if prefix in CONVERTIBLE else None
+        key = (name, cache, info.size, info.mtime_ns)
+        if cache:
+            build = functools.partial(_mapped, name, prefix, uri, fs, inner, info, cache)
+        else:
+            build = functools.partial(make, name, uri, fs, inner)
+    with _LOADED_LOCK:
+        model = _LOADED.get(key)
+        if model is None:
+            model = _LOADED[key] = build()
+            while len(_LOADED) > _LOADED_MAX:
+                _LOADED.popitem(last=False)
+        _LOADED.move_to_end(key)
+        return model
+
+
+# --- conversion into a memory-mapped table, and the cache ---------------------------------------
+
+_CONVERSION = 1  # the layout of a converted folder; part of a cache key, so a new layout converts again
+_BATCH = 8192  # entries decoded and written at a time
+_NPY_HEADER = 128  # bytes of the .npy preamble, fixed so that the shape can be written last
+
+
+def _npy_preamble(n_words: int, dim: int) -> bytes:
+    """A .npy 1.0 header of a (n_words, dim) little-endian float32 C array, padded to _NPY_HEADER bytes."""
+    text = repr({"descr": "<f4", "fortran_order": False, "shape": (n_words, dim)})
+    body = text.ljust(_NPY_HEADER - 10 - 1) + "\n"  # magic (6) + version (2) + length (2); ends in a newline
+    return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
+
+
+def _write_table_files(model: _FileWordModel, folder: str, source: dict) -> dict:
+    """Write MATRIX, INDEX and META of ``model`` into the local ``folder``; returns META's content.
+
+    One pass over the file, in its order; a word's first occurrence wins, as it does for the reader; the
+    vectors are decoded exactly as the reader decodes them. Memory: the words, never the vectors."""
+    words: list[str] = []
+    seen: set = set()
+    duplicates = undecodable = 0
+    with open(os.path.join(folder, MATRIX), "wb") as out:
+        out.write(_npy_preamble(0, model.dim))  # the shape is known at the end
+        keys: list = []
+        raws: list = []
+        for key, raw in model._entries():
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            word = model._word(key)
+            if word is None:
+                undecodable += 1
+                continue
+            words.append(word)
+            keys.append(key)
+            raws.append(raw)
+            if len(raws) == _BATCH:
+                out.write(model._decode_many(keys, raws).astype("<f4", copy=False).tobytes())
+                keys, raws = [], []
+        if raws:
+            out.write(model._decode_many(keys, raws).astype("<f4", copy=False).tobytes())
+        out.seek(0)
+        out.write(_npy_preamble(len(words), model.dim))
+    del seen
+    pq.write_table(pa.table({"word": pa.array(words, pa.string())}), os.path.join(folder, INDEX))
+    meta = {
+        **source,
+        "conversion": _CONVERSION,
+        "words": len(words),
+        "dim": model.dim,
+        "duplicates_dropped": duplicates,
+        "undecodable_dropped": undecodable,
+    }
+    with open(os.path.join(folder, META), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    return meta
+
+
+def _write_converted(model: _FileWordModel, fs: pafs.FileSystem, folder: str, source: dict) -> dict:
+    """Convert ``model`` into ``folder`` of ``fs`` whole or not at all; returns META's content.
+
+    Local: written into a hidden sibling, then renamed (atomic; if another process renamed its copy first,
+    that copy stands). Elsewhere (object storage has no rename): written in a local temporary folder, then
+    uploaded with MATRIX last, whose presence marks a finished folder; a failed upload deletes what it put."""
+    local = isinstance(fs, pafs.LocalFileSystem)
+    parent, base = posixpath.split(folder.rstrip("/"))
+    if local:
+        work = posixpath.join(parent, f".{base}.tmp-{uuid.uuid4().hex}")
+        os.makedirs(work)
+    else:
+        work = tempfile.mkdtemp(prefix="semprobe-words-")
+    uploaded: list[str] = []
+    try:
+        meta = _write_table_files(model, work, source)
+        if local:
+            try:
+                os.rename(work, folder)  # onto an empty folder too; never onto a full one
+            except OSError:
+                if fs.get_file_info(posixpath.join(folder, MATRIX)).type != pafs.FileType.File:
+                    raise
+        else:
+            fs.create_dir(folder, recursive=True)
+            for name in (INDEX, META, MATRIX):
+                uploaded.append(posixpath.join(folder, name))
+                pafs.copy_files(
+                    os.path.join(work, name),
+                    uploaded[-1],
+                    source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs,
+                )
+    except BaseException:
+        for path in uploaded:
+            try:
+                fs.delete_file(path)
+            except OSError:
+                pass
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return meta
+
+
+def _source_record(name: str, uri: str, inner: str, info: pafs.FileInfo) -> dict:
+    """What a converted folder was made from (META), and the key of its cache folder."""
+    return {
+        "source": name,
+        "uri": uri if "://" in uri else inner,  # a local path made absolute
+        "size": info.size,
+        "mtime_ns": info.mtime_ns,
+    }
+
+
+def _mapped(
+    name: str, prefix: str, uri: str, fs: pafs.FileSystem, inner: str, info: pafs.FileInfo, cache: str
+) -> WordModel:
+    """``name`` read from its conversion under ``cache`` (converted now if absent); the file itself, scanned,
+    when the cache cannot be written."""
+    from semprobe.datasets.images import filesystem
+
+    record = _source_record(name, uri, inner, info)
+    # The folder's name is a hash of what the file is: no part of a user's name or path reaches the path.
+    key = [_CONVERSION, prefix, record["uri"], info.size, info.mtime_ns]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+    cache_uri = cache if "://" in cache else os.path.abspath(os.path.expanduser(cache))
+    cache_fs, root = filesystem(cache_uri)
+    folder = posixpath.join(root, digest)
+    if cache_fs.get_file_info(posixpath.join(folder, MATRIX)).type != pafs.FileType.File:
+        model = _REGISTRY[prefix](name, uri, fs, inner)
+        try:
+            _write_converted(model, cache_fs, folder, record)
+        except OSError as err:
+            import warnings
+
+            warnings.warn(f"word cache {cache} not writable ({err}); scanning {uri} instead", stacklevel=3)
+            return model
+    return _NpyTable(
+        name,
+        posixpath.join(cache_uri, digest, MATRIX),
+        cache_fs,
+        posixpath.join(folder, MATRIX),
+        posixpath.join(folder, INDEX),
+    )
+
+
+def convert_word_file(src: str, dest: str) -> dict:
+    """Convert a word file into a memory-mapped table: ``DEST/vectors.npy`` (n_words, d) float32 and
+    ``DEST/vectors.parquet`` (column ``word``, row k naming matrix row k), plus ``DEST/source.json``.
+
+    ``table:DEST`` then loads it by mapping, with the same vectors as ``src`` (first occurrences; words
+    that are not UTF-8 dropped, as no query can name them).
+
+    Parameters
+    ----------
+    src : str
+        ``word2vec:PATH``, ``glove:PATH`` or ``fasttext:PATH``, ``.gz`` included, PATH local or a URI.
+    dest : str
+        A new (or empty) folder, local or a ``s3://``, ``gs://``, ``file://`` URI; written whole or not at all.
+
+    Returns
+    -------
+    dict
+        META: source, uri, size, mtime_ns, words, dim, duplicates_dropped, undecodable_dropped, and
+        ``name``: the word-model name of the result.
+
+    Raises
+    ------
+    InputError
+        SRC not a convertible word file, missing or malformed; DEST exists or cannot be written.
+    """
+    from semprobe.datasets.images import filesystem
+
+    prefix, colon, path = src.partition(":")
+    if prefix not in CONVERTIBLE or not path:
+        raise InputError(
+            f"cannot convert {src!r}: SRC is word2vec:PATH, glove:PATH or fasttext:PATH (.gz included); "
+            "glove-50d and table: are mapped already, nondist: is sparse"
+        )
+    uri, fs, inner, info = _source(src, prefix, path)
+    dest_uri = dest if "://" in dest else os.path.abspath(os.path.expanduser(dest))
+    dest_fs, folder = filesystem(dest_uri)
+    try:
+        there = dest_fs.get_file_info(folder)
+        full = there.type == pafs.FileType.File or (
+            there.type == pafs.FileType.Directory and dest_fs.get_file_info(pafs.FileSelector(folder))
+        )
+    except OSError as err:
+        raise InputError(f"cannot write {dest}: {err}") from None
+    if full:
+        raise InputError(f"{dest} exists: DEST is a new or empty folder (a conversion never overwrites)")
+    model = _REGISTRY[prefix](src, uri, fs, inner)
+    try:
+        meta = _write_converted(model, dest_fs, folder, _source_record(src, uri, inner, info))
+    except OSError as err:
+        raise InputError(f"cannot write {dest}: {err}") from None
+    return {**meta, "name": f"table:{dest_uri}"}
+
+
+def cache_beside(out: str) -> str:
+    """The default word cache of a job writing to ``out``: CACHE_FOLDER in ``out``'s parent folder, shared
+    by the runs written beside each other, or inside ``out`` when it is a bucket or the root."""
+    base, q, query = out.partition("?")
+    scheme, sep, path = base.rpartition("://")
+    stem = path.rstrip("/")
+    parent = posixpath.dirname(stem)
+    where = parent if parent not in ("", "/") else stem
+    return f"{scheme}{sep}{posixpath.join(where, CACHE_FOLDER)}{q}{query}"

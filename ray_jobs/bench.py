@@ -690,6 +690,74 @@ def bench_analysis(args: argparse.Namespace) -> dict:
     return result
 
 
+def synthetic_word_file(path: str, megabytes: float, dim: int = 300, seed: int = 0) -> list[str]:
+    """A fastText (word2vec text) file of about ``megabytes`` MB: '<n> <dim>', then 'wNNNNNNN v1 ... vdim' lines of
+    5-decimal values; returns its words in file order."""
+    rng = np.random.default_rng(seed)
+    pool = np.array([f"{v:.5f}" for v in rng.standard_normal(4096)], dtype=object)
+    line_bytes = 9 + dim * 8  # a word, then ' -0.12345' per value on average
+    n_words = max(10, int(megabytes * 1e6 / line_bytes))
+    words = [f"w{i:07d}" for i in range(n_words)]
+    with open(path, "w") as f:
+        f.write(f"{n_words} {dim}\n")
+        for lo in range(0, n_words, 4096):
+            chunk = words[lo : lo + 4096]
+            values = pool[rng.integers(0, len(pool), (len(chunk), dim))]
+            f.write("".join(w + " " + " ".join(v) + "\n" for w, v in zip(chunk, values)))
+    return words
+
+
+def bench_words(args: argparse.Namespace) -> dict:
+    """What a job's planning asks of a word file, on a generated fastText text file of ``--words-mb`` MB: load
+    the model and look up 1000 present and 1000 absent words, scanning the text (no cache: an absent word reads
+    the whole file) against mapping its conversion (``--word-cache``: converted once, timed apart)."""
+    from semprobe.datasets import words as words_module
+    from semprobe.datasets.words import convert_word_file, load_word_model
+
+    megabytes = args.words_mb or (2 if args.quick else 200)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "words.vec")
+        words = synthetic_word_file(path, megabytes)
+        rng = np.random.default_rng(1)
+        present = [words[i] for i in rng.choice(len(words), min(1000, len(words)), replace=False)]
+        query = present + [f"absent{i}" for i in range(1000)]
+        name = f"fasttext:{path}"
+
+        def lookups(model_name: str) -> None:
+            words_module._LOADED.clear()  # a new process: nothing remembered
+            model = load_word_model(model_name)
+            assert model.contains(query).sum() == len(present)
+            model.vectors(present)
+
+        scan = _median_seconds(lambda: lookups(name), args.repeats)
+        dest = os.path.join(tmp, "converted")
+        conversion = _timed(lambda: convert_word_file(name, dest))
+        mapped = _median_seconds(lambda: lookups(f"table:{dest}"), args.repeats)
+        size = os.path.getsize(path)
+    return {
+        "benchmark": "words",
+        "device": "CPU",
+        "file_mb": round(size / 1e6, 1),
+        "n_words": len(words),
+        "dim": 300,
+        "lookups": len(query),
+        "scan_s": scan,
+        "conversion_s": conversion,
+        "mapped_s": mapped,
+        "rows": [
+            row(
+                f"word model load + {len(query)} lookups (half absent) on a {size / 1e6:.0f} MB fastText text file "
+                f"({len(words)} words x 300): its memory-mapped conversion (converted once in {conversion:.1f} s)",
+                f"{mapped * 1e3:.1f} ms",
+                f"{scan:.2f} s (scan of the text)",
+                scan / mapped,
+                ">=",
+                10,
+            )
+        ],
+    }
+
+
 BENCHMARKS = {
     "extract": bench_extract,
     "twovtwo": bench_twovtwo,
@@ -698,6 +766,7 @@ BENCHMARKS = {
     "affine": bench_affine,
     "attack": bench_attack,
     "train": bench_train,
+    "words": bench_words,
 }
 
 # --quick: every benchmark at toy sizes, to check the suite runs (a minute or two); its figures mean nothing

@@ -104,6 +104,22 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+WORDS_CONVERT_HELP = (
+    "convert a word2vec, glove or fasttext file (.gz included; local, s3://, gs://, file://) into a memory-mapped "
+    ".npy matrix + Parquet word index, the layout of glove-50d; then --words table:DEST maps it instead of scanning "
+    "the text (jobs do the same on their own in --word-cache)"
+)
+
+
+def _words(args: argparse.Namespace) -> int:
+    from semprobe.datasets.words import convert_word_file
+
+    meta = convert_word_file(args.src, args.dest)
+    print(json.dumps(meta, indent=2, sort_keys=True))
+    print(f"\nuse it as --words {meta['name']}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # foolbox imports GitPython; git may be absent
     parser = argparse.ArgumentParser(
@@ -119,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="benchmarks, each figure beside its floor (the bare operation, measured in the same run)"
     )
     b.add_argument(
-        "bench", choices=["all", "extract", "twovtwo", "permutations", "analysis", "affine", "attack", "train"]
+        "bench", choices=["all", "extract", "twovtwo", "permutations", "analysis", "affine", "attack", "train", "words"]
+    )
+    b.add_argument(
+        "--words-mb", type=float, dest="words_mb", help="words: size of the generated word file in MB (default 200)"
     )
     b.add_argument("--images", default="sample:imagenet", help="extract, attack: the images")
     b.add_argument("--model", help="default: fractalnet for train, efficientnet_lite0 for the others")
@@ -155,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         help="attack, train: interleaved repeats of the figure and its floor, medians (default 3)",
     )
     b.set_defaults(func=_bench)
+    w = sub.add_parser("words", help="word-model files: convert text and binary files into memory-mapped tables")
+    convert = w.add_subparsers(dest="words_command", required=True).add_parser(
+        "convert", help=WORDS_CONVERT_HELP, description=WORDS_CONVERT_HELP
+    )
+    convert.add_argument("src", metavar="SRC", help="word2vec:PATH, glove:PATH or fasttext:PATH")
+    convert.add_argument("dest", metavar="DEST", help="a new (or empty) folder, local or a URI; written whole or not")
+    convert.set_defaults(func=_words)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -29,7 +29,7 @@ import yaml
 
 from semprobe.analysis.errors import InputError
 from semprobe.datasets.concepts import NO_TABLE
-from semprobe.datasets.words import WORD_MODEL_CHOICES
+from semprobe.datasets.words import CACHE_FOLDER, WORD_MODEL_CHOICES, cache_beside
 from semprobe.ray_jobs.storage import STORE_FORMATS, absolute
 
 DTYPE_CHOICES = ("float16", "float32")
@@ -335,13 +335,26 @@ class _Extraction(Resources):
     )
     dtype: str = option("float16", "precision of the stored activations", choices=DTYPE_CHOICES, identity=True)
     concept_words: str | None = option(None, CONCEPT_WORDS_HELP, identity=True, none=CONCEPT_WORDS_NONE)
+    word_cache: str | None = option(
+        None,
+        "folder (local or s3:// / gs://) where word2vec, glove and fasttext files are converted once into a "
+        "memory-mapped .npy + Parquet index (as `semprobe words convert` does) and then mapped instead of scanned; "
+        "'off': scan the files",
+        none=f"{CACHE_FOLDER} beside --out",
+    )
 
     def check(self) -> None:
         super().check()
         if self.concept_words not in (None, NO_TABLE):
             self.concept_words = absolute(self.concept_words)
+        if self.word_cache not in (None, "off"):
+            self.word_cache = absolute(self.word_cache)
         if self.shard_size % self.batch_size:
             raise InputError(f"--shard-size {self.shard_size} must be a multiple of --batch-size {self.batch_size}")
+
+    def word_cache_dir(self) -> str | None:
+        """The word cache (``--word-cache``, by default beside --out); None when 'off'."""
+        return None if self.word_cache == "off" else self.word_cache or cache_beside(self.out)
 
 
 @dataclass
@@ -428,6 +441,7 @@ class _ExtractingJob(_Extraction):
         """The extraction this job runs for ``model`` (on ``images``, default the job's), checked."""
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(_Extraction)}
         given = {"images": images or self.images, "model": model, "out": out, "words": words, "sets": sets}
+        given["word_cache"] = self.word_cache_dir() or "off"  # beside the job's --out, not the extraction's
         return ExtractConfig(**{**shared, **given, "layers": self.layers_of(model)}).validate()
 
 

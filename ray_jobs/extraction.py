@@ -98,7 +98,7 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
     source = resolve_images(cfg.images)
     images, concepts = source.images, None
     if cfg.words:
-        models = [load_word_model(w) for w in cfg.words]
+        models = [load_word_model(w, cache=cfg.word_cache_dir()) for w in cfg.words]
         concepts = match_concepts(source.classes, source.class_space, models, cfg.concept_words)
         images = images.filter(pc.is_in(images["concept_id"], pa.array(concepts.concept_ids, pa.string())))
     dropped: dict[str, int] = {}

@@ -257,7 +257,7 @@ def prepare(cfg, output: Output, log) -> FailureContext:
         raise InputError(
             f"{cfg.images}: {cfg.COMMAND} needs ImageNet-labelled images (a folder of wnids, or sample:imagenet)"
         )
-    word_model = load_word_model(cfg.words)
+    word_model = load_word_model(cfg.words, cache=cfg.word_cache_dir())
     connect(log)
     # only misclassified offers --store: adversarial's images come from two extractions (clean and attacked)
     store = store_mode(cfg.store, cfg.gpus_per_actor, log) if hasattr(cfg, "store") else "activations"

@@ -232,11 +232,12 @@ def plan_model(
     )
 
 
-def stored_word_matrix(output: Output, model_plan: ModelPlan, word_model: str) -> np.ndarray:
-    """The word model's w x w matrix over the model's concepts, as stored (float32)."""
+def stored_word_matrix(output: Output, model_plan: ModelPlan, word_model: str, cache: str | None = None) -> np.ndarray:
+    """The word model's w x w matrix over the model's concepts, as stored (float32); ``cache``: the job's word
+    cache (the planning's reader, already loaded)."""
     parts = ("similarity", model_plan.key, "words", f"{model_key(word_model)}.parquet")
     if not output.exists(*parts):
-        vectors = load_word_model(word_model).vectors(model_plan.words[word_model])
+        vectors = load_word_model(word_model, cache=cache).vectors(model_plan.words[word_model])
         output.write_table(similarity_table(word_matrix(vectors), model_plan.concept_ids, word_model), *parts)
     return _matrices(output.read_table(*parts))[0]
 
@@ -289,7 +290,8 @@ class TwoVsTwoScheduler:
         # SPREAD: the statistics are compute- and memory-bound; over every node they run side by side.
         options = analysis_options(cfg, self.log if not self.n_tests else None) | {"scheduling_strategy": "SPREAD"}
         matrix_options = {"num_cpus": cfg.task_cpus, "scheduling_strategy": "SPREAD"}  # numpy: no GPU share
-        words = {name: ray.put(stored_word_matrix(out, model_plan, name)) for name in cfg.words}
+        cache = cfg.word_cache_dir()
+        words = {name: ray.put(stored_word_matrix(out, model_plan, name, cache)) for name in cfg.words}
         todo = {}
         for layer, layer_index in model_plan.layers:
             missing = [name for name in cfg.words if not out.exists(*test_file(model_plan.key, name, layer))]

@@ -48,11 +48,21 @@ def test_bench_permutations(capsys):
         assert all(_positive(r[k]) for k in ("permutation_null_s", "ms_per_permutation", "floor_matmuls_s", "ratio"))
 
 
+def test_bench_words(capsys):
+    report = _report(capsys, ["bench", "words", "--words-mb", "0.3", "--repeats", "1"])
+    # 0.3 MB of 300-value lines of about 8 bytes a value: 124 words; 1000 absent and every word present looked up
+    assert (report["n_words"], report["dim"], report["lookups"]) == (124, 300, 124 + 1000)
+    assert 0.25 < report["file_mb"] < 0.35
+    assert all(_positive(report[k]) for k in ("scan_s", "conversion_s", "mapped_s"))
+    (r,) = report["rows"]
+    assert r["ratio"] == pytest.approx(report["scan_s"] / report["mapped_s"], rel=1e-3)
+
+
 def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path):
     assert main(["bench", "all", "--quick", "--results", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     by_name = {r["benchmark"]: r for r in report["results"]}
-    assert list(by_name) == ["extract", "twovtwo", "permutations", "analysis", "affine", "attack", "train"]
+    assert list(by_name) == ["extract", "twovtwo", "permutations", "analysis", "affine", "attack", "train", "words"]
     assert report["machine"]["cpus"] >= 1 and report["quick"] is True
     for r in report["rows"]:  # each figure beside its floor, the ratio, and whether the target is met
         if r["target"] is not None:
@@ -87,7 +97,7 @@ def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path):
         )
     )
     assert train["max_weight_difference"] == 0.0  # Ray Train ran exactly the steps of the plain loop
-    assert by_name["affine"]["solve_maps"] == 6 and len(report["rows"]) == 1 + 4 + 3 + 6 + 2 + 1 + 1
+    assert by_name["affine"]["solve_maps"] == 6 and len(report["rows"]) == 1 + 4 + 3 + 6 + 2 + 1 + 1 + 1
     analysis = by_name["analysis"]
     assert [(k["device"], k["precision"]) for k in analysis["kernels"]] == [("cpu", "fp64"), ("cpu", "fp32")]
     assert all(_positive(k["tflops"]) and _positive(k["plain_tflops"]) for k in analysis["kernels"])

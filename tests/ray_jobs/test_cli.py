@@ -92,7 +92,7 @@ def test_flags_are_the_fields_not_config_only_each_with_its_default_once(command
          "deepest) and/or node names, comma-separated (default: activations)"),
         ("extract", "--seed", "seeds the image sets (default: 0)"),
         ("extract", "--words", "word models, comma-separated: glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH, "
-         "table:PATH, nondist:PATH; only classes one of them names are extracted (default: none)"),
+         "table:PATH, table:DIR, nondist:PATH; only classes one of them names are extracted (default: none)"),
         ("misclassified", "--concept-words", "a .csv or .parquet table of class (wnid, ImageNet index or CIFAR-100 "
          "name) -> word that overrides the lemma match for the classes it names; 'none': the lemma match alone "
          "(default: the packaged table of the class space: for CIFAR-100, its nine two-word classes; ImageNet "

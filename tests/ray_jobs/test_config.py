@@ -339,6 +339,7 @@ def test_a_job_extracts_with_its_own_extraction_options():
         "dtype": "float32",
         "actors": 2,
         "actor_resources": {"acc": 1},
+        "word_cache": str(Path(job.out).parent / ".semprobe-words"),  # the job's, beside its --out
     }
 
 
