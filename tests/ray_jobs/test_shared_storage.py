@@ -5,12 +5,15 @@ folder (``unshare --mount``), the refusals (exit code 2, nothing written), the p
 import hashlib
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -219,8 +222,9 @@ PACKAGE_PARENT = Path(semprobe.__file__).parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 
 DRIVER = r"""
-import json, os, sys, time
+import contextlib, io, json, os, sys, time
 import ray
+from semprobe.ray_jobs.cli import main
 from semprobe.analysis.errors import InputError
 from semprobe.ray_jobs import shared_storage
 from semprobe.ray_jobs.config import ExtractConfig
@@ -228,7 +232,15 @@ from semprobe.ray_jobs.storage import Output
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 address, base = sys.argv[1], sys.argv[2]
-ray.init(address=address)
+deadline = time.monotonic() + 120
+while True:  # the head may still be coming up
+    try:
+        ray.init(address=address)
+        break
+    except (ConnectionError, RuntimeError):
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(1)
 while not any(n["Alive"] and "private_node" in n["Resources"] for n in ray.nodes()):
     time.sleep(0.5)
 
@@ -246,6 +258,12 @@ def attempt(**options):
         return str(err)
 
 say(private=node("private_node"))
+# the CLI as a user types it, a relative --out from a folder the private node does not see
+os.chdir(f"{base}/private/cwd")
+errors = io.StringIO()
+with contextlib.redirect_stderr(errors):
+    code = main(["extract", "--out", "runs/x", "--images", "sample:imagenet?range=0:2"])
+say(cli=[code, errors.getvalue()])
 say(local_out=attempt(out=f"{base}/private/out"))
 say(local_images=attempt(out=f"{base}/shared/out1", images=f"{base}/private/images"))
 say(local_words=attempt(out=f"{base}/shared/out2", words=[f"glove:{base}/private/words.txt"]))
@@ -305,6 +323,8 @@ class Nodes:
         self.env = {
             **os.environ,
             "RAY_ADDRESS": "",
+            "RAY_AUTH_MODE": "token",  # the head's default; a driver joining by address must say so too
+            "RAY_agent_register_timeout_ms": "180000",  # a loaded test machine starts a node's agent slowly
             # the semprobe this test imports, for the nodes' workers and the drivers
             "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")])),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -337,6 +357,19 @@ class Nodes:
                 pass
 
 
+def _said(lines: queue.Queue, log: Path, timeout: float = 180) -> dict:
+    """The driver's next JSON line (Ray may print on stdout too); fails, never hangs, when it has nothing to say."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            line = ""
+        assert line, f"the driver said nothing more: {log.read_text()[-3000:]}"
+        if line.startswith("{"):
+            return json.loads(line)
+
+
 @pytest.mark.ray
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare --mount")
 def test_paths_a_node_does_not_see_are_refused_and_a_late_node_is_checked(tmp_path):
@@ -347,8 +380,9 @@ def test_paths_a_node_does_not_see_are_refused_and_a_late_node_is_checked(tmp_pa
         image_folder(base / where / "images")
         (base / where / "words.txt").write_text("cat 0.1 0.2\n")
     (base / "private" / "cwd").mkdir()
+    log = base / "driver.log"
     temp = tempfile.mkdtemp(prefix="rayst-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    nodes = Nodes()
+    nodes, driver = Nodes(), None
     gcs, dashboard, client = _free_ports(3)
     address = f"127.0.0.1:{gcs}"
     try:
@@ -360,20 +394,17 @@ def test_paths_a_node_does_not_see_are_refused_and_a_late_node_is_checked(tmp_pa
 
         driver = subprocess.Popen(
             [sys.executable, "-c", DRIVER, address, str(base)],
-            env=nodes.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env=nodes.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
         )  # fmt: skip
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x) for x in [*driver.stdout, ""]], daemon=True).start()
         got: dict = {}
-        for _ in range(6):
-            got.update(json.loads(driver.stdout.readline()))
+        for _ in range(7):
+            got.update(_said(lines, log))
         # (a) the CLI, a relative --out in a folder the second node does not see: exit 2, one line, nothing written
-        cli = subprocess.run(
-            [sys.executable, "-m", "semprobe.ray_jobs.cli", "extract", "--out", "runs/x", "--images",
-             "sample:imagenet?range=0:2", "--words", "glove-50d"],
-            cwd=base / "private" / "cwd", env={**nodes.env, "RAY_ADDRESS": address}, capture_output=True, text=True,
-            timeout=300,
-        )  # fmt: skip
-        assert cli.returncode == 2, cli.stderr[-3000:]
-        error = cli.stderr.strip().splitlines()[-1]
+        code, stderr = got["cli"]
+        assert code == 2, stderr[-3000:]
+        error = stderr.strip().splitlines()[-1]
         assert error.startswith("semprobe: error: node 127.0.0.1 (")
         assert f"does not see --out {base}/private/cwd/runs/x as the driver does: the folder is missing;" in error
         assert error.endswith(
@@ -403,7 +434,7 @@ def test_paths_a_node_does_not_see_are_refused_and_a_late_node_is_checked(tmp_pa
         nodes.start([f"--address={address}", *_node_args(temp, "late_node")], hidden=base / "late")
         driver.stdin.write("go\n")
         driver.stdin.flush()
-        got.update(json.loads(driver.stdout.readline()))
+        got.update(_said(lines, log))
         assert got["late_touch"] == (
             f"node 127.0.0.1 ({got['late'][:8]}) does not see --out {base}/late/out as the driver does: the folder is "
             "missing; every node must see the same storage: use s3://, gs://, or an absolute path on a filesystem "
@@ -415,5 +446,7 @@ def test_paths_a_node_does_not_see_are_refused_and_a_late_node_is_checked(tmp_pa
         # the driver's exit removed its tokens
         assert list((base / "shared" / "out").iterdir()) == [] and list((base / "late" / "out").iterdir()) == []
     finally:
+        if driver is not None and driver.poll() is None:
+            driver.kill()
         nodes.stop()
         shutil.rmtree(temp, ignore_errors=True)
