@@ -367,8 +367,13 @@ class _Holder:
 
 
 def _publish(ray) -> None:
-    """Hand the checked roots to the named actor (created on first use, owned by the driver: it goes with it)."""
-    holder = ray.remote(num_cpus=0)(_Holder).options(name=ACTOR_NAME, get_if_exists=True).remote()
+    """Hand the checked roots to the named actor (created on first use, owned by the driver: it goes with it). It
+    lives on the driver's node, which a job cannot lose and go on: not on a worker node the autoscaler may remove."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    holder = ray.remote(num_cpus=0)(_Holder).options(name=ACTOR_NAME, get_if_exists=True, scheduling_strategy=here)
+    holder = holder.remote()
     ray.get(holder.put.remote({root: armed.expects for root, armed in _ARMED.items()}))
 
 
@@ -396,7 +401,11 @@ def verify_node(uri: str) -> None:
     except ValueError:
         _VERIFIED.add(uri)  # no check in force: one node, or a local ray.init
         return
-    roots = ray.get(holder.get.remote())
+    try:
+        roots = ray.get(holder.get.remote())
+    except ray.exceptions.RayActorError:
+        logger.warning("storage check: the driver's node is gone; this node is not checked")
+        return
     verify(uri, roots, ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id())
     _VERIFIED.add(uri)
 

@@ -320,6 +320,8 @@ class Nodes:
 
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
+        self.cmds: list[list[str]] = []
+        self.restarts = 0
         self.env = {
             **os.environ,
             "RAY_ADDRESS": "",
@@ -336,11 +338,23 @@ class Nodes:
                    f'mount -t tmpfs tmpfs "{hidden}" && exec "$0" "$@"', RAY, "start", *args]  # fmt: skip
         else:
             cmd = [RAY, "start", *args]
-        self.procs.append(
-            subprocess.Popen(
-                cmd, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+        self.cmds.append(cmd)
+        self.procs.append(self._popen(cmd))
+
+    def _popen(self, cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(
+            cmd, env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+
+    def revive(self) -> None:
+        """Start again a worker node whose raylet gave up (on a loaded machine its agent may start too slowly):
+        `ray start --block` exits when one of its processes dies."""
+        for i, proc in enumerate(self.procs[1:], 1):
+            if proc.poll() is not None and self.restarts < 3:
+                self.restarts += 1
+                if _group_alive(proc.pid):
+                    os.killpg(proc.pid, signal.SIGKILL)  # what is left of the failed node
+                self.procs[i] = self._popen(self.cmds[i])
 
     def stop(self) -> None:
         for proc in reversed(self.procs):  # `ray start --block` stops what it started on SIGTERM
@@ -357,13 +371,24 @@ class Nodes:
                 pass
 
 
-def _said(lines: queue.Queue, log: Path, timeout: float = 180) -> dict:
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _said(lines: queue.Queue, log: Path, nodes: Nodes, timeout: float = 180) -> dict:
     """The driver's next JSON line (Ray may print on stdout too); fails, never hangs, when it has nothing to say."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            line = lines.get(timeout=1)
         except queue.Empty:
+            nodes.revive()
+            if time.monotonic() < deadline:
+                continue
             line = ""
         assert line, f"the driver said nothing more: {log.read_text()[-3000:]}"
         if line.startswith("{"):
@@ -400,7 +425,7 @@ def test_paths_a_node_does_not_see_are_refused_and_a_late_node_is_checked(tmp_pa
         threading.Thread(target=lambda: [lines.put(x) for x in [*driver.stdout, ""]], daemon=True).start()
         got: dict = {}
         for _ in range(7):
-            got.update(_said(lines, log))
+            got.update(_said(lines, log, nodes))
         # (a) the CLI, a relative --out in a folder the second node does not see: exit 2, one line, nothing written
         code, stderr = got["cli"]
         assert code == 2, stderr[-3000:]
@@ -434,7 +459,7 @@ def test_paths_a_node_does_not_see_are_refused_and_a_late_node_is_checked(tmp_pa
         nodes.start([f"--address={address}", *_node_args(temp, "late_node")], hidden=base / "late")
         driver.stdin.write("go\n")
         driver.stdin.flush()
-        got.update(_said(lines, log))
+        got.update(_said(lines, log, nodes))
         assert got["late_touch"] == (
             f"node 127.0.0.1 ({got['late'][:8]}) does not see --out {base}/late/out as the driver does: the folder is "
             "missing; every node must see the same storage: use s3://, gs://, or an absolute path on a filesystem "
@@ -450,3 +475,52 @@ def test_paths_a_node_does_not_see_are_refused_and_a_late_node_is_checked(tmp_pa
             driver.kill()
         nodes.stop()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_the_driver_checks_once_per_root_and_cleans_up_a_refusal(tmp_path, monkeypatch):
+    """check() with the cluster faked: two nodes, one of which sees what the driver sees (it runs look() here), the
+    other sees nothing while ``blind`` is set."""
+    looks, published, blind = [], [], {"on": False}
+
+    class TwoNodes:
+        @staticmethod
+        def nodes():
+            return [
+                {"Alive": True, "NodeID": c * 56, "NodeManagerAddress": ip}
+                for ip, c in (("10.0.0.1", "a"), ("10.0.0.2", "b"))
+            ]
+
+    def look_everywhere(ray, nodes, expects):
+        looks.append([e.path for e in expects])
+        seen = shared_storage.look(expects, patience=0)
+        assert seen == []  # the driver's own node always sees what it wrote
+        missed = [(0, "the folder is missing")] if blind["on"] else []
+        return [("10.0.0.2", "b" * 56, expects[i], why) for i, why in missed]
+
+    monkeypatch.setattr(shared_storage, "_ray", lambda: TwoNodes)
+    monkeypatch.setattr(shared_storage, "_look_everywhere", look_everywhere)
+    monkeypatch.setattr(shared_storage, "_publish", lambda ray: published.append(dict(shared_storage._ARMED)))
+    monkeypatch.setattr(shared_storage, "_ARMED", {})
+    words = tmp_path / "w.txt"
+    words.write_text("cat 1 2\n")
+    out = tmp_path / "out"
+    cfg = RunConfig(out=str(out), words=[f"glove:{words}"]).validate()
+    shared_storage.check(cfg)
+    assert looks == [[str(out), str(words)]]
+    (token,) = out.iterdir()
+    assert published[-1][str(out)].expects[0].name == token.name
+    # the extraction inside run: its --out lies in the checked one, its inputs are the same: no second look
+    shared_storage.check(RunConfig(out=str(out / "extract" / "m"), words=[f"glove:{words}"]).validate())
+    assert len(looks) == 1
+    # a token that vanished (the folder was cleared) is written again
+    token.unlink()
+    shared_storage.check(cfg)
+    assert looks[-1] == [str(out)] and len(list(out.iterdir())) == 1
+    # refused: nothing left, the folders made for the token gone, nothing published
+    blind["on"] = True
+    n = len(published)
+    with pytest.raises(InputError, match=rf"^node 10.0.0.2 \(bbbbbbbb\) does not see --out {tmp_path}/new/out as "):
+        shared_storage.check(RunConfig(out=str(tmp_path / "new" / "out")).validate())
+    assert not (tmp_path / "new").exists() and len(published) == n
+    shared_storage._remove_all()  # the driver's exit
+    assert list(out.iterdir()) == []
