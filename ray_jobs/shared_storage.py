@@ -366,15 +366,19 @@ class _Holder:
         return self.roots
 
 
+_HOLDER = None  # the driver's handle on the named actor
+
+
 def _publish(ray) -> None:
     """Hand the checked roots to the named actor (created on first use, owned by the driver: it goes with it). It
     lives on the driver's node, which a job cannot lose and go on: not on a worker node the autoscaler may remove."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    global _HOLDER
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     holder = ray.remote(num_cpus=0)(_Holder).options(name=ACTOR_NAME, get_if_exists=True, scheduling_strategy=here)
-    holder = holder.remote()
-    ray.get(holder.put.remote({root: armed.expects for root, armed in _ARMED.items()}))
+    _HOLDER = holder.remote()  # kept: an actor whose last handle goes is destroyed, named or not
+    ray.get(_HOLDER.put.remote({root: armed.expects for root, armed in _ARMED.items()}))
 
 
 # --- a worker ------------------------------------------------------------------------------------

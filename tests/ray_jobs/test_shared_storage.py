@@ -247,8 +247,8 @@ while not any(n["Alive"] and "private_node" in n["Resources"] for n in ray.nodes
 def say(**kw):
     print(json.dumps(kw), flush=True)
 
-def node(resource):
-    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and resource in n["Resources"])
+def node(resource, key="NodeID"):
+    return next(n[key] for n in ray.nodes() if n["Alive"] and resource in n["Resources"])
 
 def attempt(**options):
     try:
@@ -257,7 +257,7 @@ def attempt(**options):
     except InputError as err:
         return str(err)
 
-say(private=node("private_node"))
+say(private=node("private_node"), ip=node("private_node", "NodeManagerAddress"))
 # the CLI as a user types it, a relative --out from a folder the private node does not see
 os.chdir(f"{base}/private/cwd")
 errors = io.StringIO()
@@ -285,8 +285,9 @@ def on(resource, uri):
     strategy = NodeAffinitySchedulingStrategy(node(resource), soft=False)
     return ray.get(touch.options(scheduling_strategy=strategy).remote(uri))
 
-say(late=node("late_node"), late_touch=on("late_node", f"{base}/late/out/extract"),
-    late_elsewhere=on("late_node", f"{base}/shared/out"), private_touch=on("private_node", f"{base}/late/out"))
+say(late=node("late_node"), late_ip=node("late_node", "NodeManagerAddress"),
+    late_touch=on("late_node", f"{base}/late/out/extract"), late_elsewhere=on("late_node", f"{base}/shared/out"),
+    private_touch=on("private_node", f"{base}/late/out"))
 """
 
 
@@ -379,6 +380,12 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put("")  # the driver closed its stdout
+
+
 def _said(lines: queue.Queue, log: Path, nodes: Nodes, timeout: float = 180) -> dict:
     """The driver's next JSON line (Ray may print on stdout too); fails, never hangs, when it has nothing to say."""
     deadline = time.monotonic() + timeout
@@ -422,31 +429,31 @@ def test_paths_a_node_does_not_see_are_refused_and_a_late_node_is_checked(tmp_pa
             env=nodes.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
         )  # fmt: skip
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in [*driver.stdout, ""]], daemon=True).start()
+        threading.Thread(target=_pump, args=(driver.stdout, lines), daemon=True).start()
         got: dict = {}
         for _ in range(7):
             got.update(_said(lines, log, nodes))
+        private = got["private"][:8]
         # (a) the CLI, a relative --out in a folder the second node does not see: exit 2, one line, nothing written
         code, stderr = got["cli"]
         assert code == 2, stderr[-3000:]
         error = stderr.strip().splitlines()[-1]
-        assert error.startswith("semprobe: error: node 127.0.0.1 (")
+        assert error.startswith(f"semprobe: error: node {got['ip']} ({private}) does not see --out ")
         assert f"does not see --out {base}/private/cwd/runs/x as the driver does: the folder is missing;" in error
         assert error.endswith(
             "use s3://, gs://, or an absolute path on a filesystem every node mounts (NFS, EFS, Filestore)"
         )
         assert list((base / "private" / "cwd").iterdir()) == []  # not even the runs/ it made for the token
 
-        private = got["private"][:8]
         what_works = "every node must see the same storage: use s3://, gs://, or an absolute path"
-        assert got["local_out"].startswith(f"node 127.0.0.1 ({private}) does not see --out {base}/private/out ")
+        assert got["local_out"].startswith(f"node {got['ip']} ({private}) does not see --out {base}/private/out ")
         assert what_works in got["local_out"]
         assert got["local_images"].startswith(
-            f"node 127.0.0.1 ({private}) does not see --images {base}/private/images as the driver does: it is "
+            f"node {got['ip']} ({private}) does not see --images {base}/private/images as the driver does: it is "
             "missing there;"
         )
         assert got["local_words"].startswith(
-            f"node 127.0.0.1 ({private}) does not see word model file (glove:) {base}/private/words.txt "
+            f"node {got['ip']} ({private}) does not see word model file (glove:) {base}/private/words.txt "
         )
         # nothing was left behind by the refusals: no out, no out1/out2 with a token, no token in an input
         assert sorted(p.name for p in (base / "private").iterdir()) == ["cwd", "images", "words.txt"]
@@ -461,9 +468,9 @@ def test_paths_a_node_does_not_see_are_refused_and_a_late_node_is_checked(tmp_pa
         driver.stdin.flush()
         got.update(_said(lines, log, nodes))
         assert got["late_touch"] == (
-            f"node 127.0.0.1 ({got['late'][:8]}) does not see --out {base}/late/out as the driver does: the folder is "
-            "missing; every node must see the same storage: use s3://, gs://, or an absolute path on a filesystem "
-            "every node mounts (NFS, EFS, Filestore)"
+            f"node {got['late_ip']} ({got['late'][:8]}) does not see --out {base}/late/out as the driver does: the "
+            "folder is missing; every node must see the same storage: use s3://, gs://, or an absolute path on a "
+            "filesystem every node mounts (NFS, EFS, Filestore)"
         )
         assert got["late_elsewhere"] == "ok"  # shared/out: every node sees it
         assert got["private_touch"] == "ok"  # the private node sees late/ as the head does
