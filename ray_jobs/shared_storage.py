@@ -366,7 +366,7 @@ class _Holder:
         return self.roots
 
 
-_HOLDER = None  # the driver's handle on the named actor
+_HOLDER = None  # (the cluster and job, the driver's handle on the named actor)
 
 
 def _publish(ray) -> None:
@@ -375,10 +375,13 @@ def _publish(ray) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     global _HOLDER
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    holder = ray.remote(num_cpus=0)(_Holder).options(name=ACTOR_NAME, get_if_exists=True, scheduling_strategy=here)
-    _HOLDER = holder.remote()  # kept: an actor whose last handle goes is destroyed, named or not
-    ray.get(_HOLDER.put.remote({root: armed.expects for root, armed in _ARMED.items()}))
+    context = ray.get_runtime_context()
+    job = (context.gcs_address, context.get_job_id())
+    if _HOLDER is None or _HOLDER[0] != job:  # one actor per driver and cluster
+        here = NodeAffinitySchedulingStrategy(context.get_node_id(), soft=False)
+        holder = ray.remote(num_cpus=0)(_Holder).options(name=ACTOR_NAME, scheduling_strategy=here)
+        _HOLDER = (job, holder.remote())  # kept: an actor whose owner drops its handle is destroyed, named or not
+    ray.get(_HOLDER[1].put.remote({root: armed.expects for root, armed in _ARMED.items()}))
 
 
 # --- a worker ------------------------------------------------------------------------------------
