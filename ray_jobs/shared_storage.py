@@ -161,8 +161,9 @@ def look(expects: list[Expect], patience: float = TOKEN_PATIENCE_S) -> list[tupl
 
 
 def job_paths(cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(outputs, inputs) of a job config as (local path, role): the folders its workers write (``out``; and the
-    training runs ``dynamics`` reads, written by ``train`` while it reads them) and the local inputs they read.
+    """(outputs, inputs) of a job config as (local path, role): the folders its workers write (``out``; the
+    training runs ``dynamics`` reads, written by ``train`` while it reads them; the word cache the driver fills) and
+    the local inputs they read.
     Object-store URIs and packaged inputs are left out: every node sees them alike."""
     outputs, inputs = [], []
 
@@ -174,6 +175,9 @@ def job_paths(cfg) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     add(outputs, getattr(cfg, "out", None), "--out")
     for run in getattr(cfg, "runs", None) or []:
         add(outputs, run, "training run (--runs)")
+    cache = getattr(cfg, "word_cache_dir", None)  # converted word files, which workers map: beside --out
+    if callable(cache):
+        add(outputs, cache(), "word cache (--word-cache)")
     for option in ("images", "train", "val", "data"):
         source = getattr(cfg, option, None)
         if isinstance(source, str) and not source.startswith("sample:"):

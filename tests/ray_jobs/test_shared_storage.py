@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,13 @@ def test_job_paths_names_every_local_path_workers_read_or_write(tmp_path):
     )
     train = TrainConfig(data=f"cifar100:{tmp_path}/cifar", out=str(tmp_path / "t")).validate()
     assert job_paths(train) == ([(str(tmp_path / "t"), "--out")], [(f"{tmp_path}/cifar", "--data")])
+    # a config with a word cache (converted word files beside --out, which workers map): written, so a token
+    cached = types.SimpleNamespace(out=str(tmp_path / "o"), word_cache_dir=lambda: str(tmp_path / ".words"))
+    assert job_paths(cached) == (
+        [(str(tmp_path / "o"), "--out"), (str(tmp_path / ".words"), "word cache (--word-cache)")],
+        [],
+    )
+    assert job_paths(types.SimpleNamespace(out="s3://b/o", word_cache_dir=lambda: None)) == ([], [])
     affine = AffineConfig(train=str(tmp_path / "tr"), val="sample:imagenet", out=str(tmp_path / "aff")).validate()
     assert job_paths(affine) == ([(str(tmp_path / "aff"), "--out")], [(str(tmp_path / "tr"), "--train")])
 
