@@ -52,6 +52,7 @@ from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.config import ExtractConfig
 from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.progress import Progress
+from semprobe.ray_jobs.shared_storage import verify_node
 from semprobe.ray_jobs.startup import connect, model_actors, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
 from semprobe.ray_jobs.store import ShardWriter, shard_file
@@ -122,9 +123,12 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
 
 
 def decode_shard(
-    batch: pa.Table, size: int, resize_size: int, interpolation: str, precropped: bool
+    batch: pa.Table, size: int, resize_size: int, interpolation: str, precropped: bool, out: str | None = None
 ) -> dict[str, np.ndarray]:
-    """CPU stage: read and decode one shard's images; failures become error records."""
+    """CPU stage: read and decode one shard's images; failures become error records. On a node that joined after
+    the job's storage check, ``out``'s check runs first: images it cannot see must not become error records."""
+    if out is not None:
+        verify_node(out)
     (shard,), (images,) = batch["shard"].to_pylist(), batch["images"].to_pylist()
     kept, pixels, errors = [], [], []
     for image_id, uri, concept_id, set_index in json.loads(images):
@@ -363,6 +367,7 @@ def stream(
             "resize_size": pre.resize_size,
             "interpolation": pre.interpolation,
             "precropped": cfg.precropped,
+            "out": cfg.out,
         },
     )
     ds = ds.map_batches(

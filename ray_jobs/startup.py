@@ -13,6 +13,7 @@ from typing import Any
 import ray
 
 from semprobe.analysis.errors import InputError
+from semprobe.ray_jobs.shared_storage import check as check_shared_storage
 from semprobe.ray_jobs.storage import Output
 
 
@@ -89,8 +90,11 @@ def task_device() -> str:
 
 
 def write_resolved(output, cfg, **extra: Any) -> None:
-    """OUT/config.json: the fully resolved config, its identity and experiment id; unwritable output is bad input."""
+    """OUT/config.json: the fully resolved config, its identity and experiment id; unwritable output is bad input.
+    The job's first write: before it, every node of a cluster must see the job's storage as the driver does."""
     from semprobe.datasets.schema import SCHEMA_VERSION
+
+    check_shared_storage(cfg)
 
     resolved = {
         "identity": cfg.identity(),

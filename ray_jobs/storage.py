@@ -22,6 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from semprobe.datasets.images import filesystem
+from semprobe.ray_jobs.shared_storage import verify_node
 
 # Activations are dense floats: dictionary encoding and statistics cost time and buy nothing.
 PARQUET_OPTIONS = {"use_dictionary": False, "write_statistics": False}
@@ -67,6 +68,8 @@ class Output:
         self.uri = uri
         self.fs, self.root = (fs, uri) if fs is not None else filesystem(uri)
         self._local = isinstance(self.fs, pafs.LocalFileSystem)
+        if fs is None:
+            verify_node(uri)  # in a worker on a node that joined after the job's storage check: does it see uri?
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
