@@ -39,10 +39,11 @@ def test_bench_twovtwo(capsys):
 def test_bench_permutations(capsys):
     report = _report(capsys, ["bench", "permutations", "--w", "30", "--permutations", "20"])
     assert (report["w"], report["permutations"]) == (30, 20)
-    assert [(r["kernel"], r["threads"]) for r in report["results"]] == [
-        ("numpy", "1 thread"),
-        ("numpy", "all cores"),
-        ("torch", "all cores"),
+    assert [(r["kernel"], r["threads"], r["sets"], r["permutations"]) for r in report["results"]] == [
+        ("numpy", "1 thread", 1, 20),
+        ("numpy", "all cores", 1, 20),
+        ("torch", "all cores", 1, 20),
+        ("torch", "all cores", 5, 4),  # the paper's null: 5 sets' matrices per permutation, as many products
     ]
     for r in report["results"]:
         assert all(_positive(r[k]) for k in ("permutation_null_s", "ms_per_permutation", "floor_matmuls_s", "ratio"))
