@@ -98,7 +98,7 @@ def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path):
         )
     )
     assert train["max_weight_difference"] == 0.0  # Ray Train ran exactly the steps of the plain loop
-    assert by_name["affine"]["solve_maps"] == 6 and len(report["rows"]) == 1 + 4 + 3 + 6 + 2 + 1 + 1 + 1
+    assert by_name["affine"]["solve_maps"] == 6 and len(report["rows"]) == 1 + 4 + 4 + 6 + 2 + 1 + 1 + 1
     analysis = by_name["analysis"]
     assert [(k["device"], k["precision"]) for k in analysis["kernels"]] == [("cpu", "fp64"), ("cpu", "fp32")]
     assert all(_positive(k["tflops"]) and _positive(k["plain_tflops"]) for k in analysis["kernels"])

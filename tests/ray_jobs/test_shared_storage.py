@@ -149,7 +149,8 @@ def test_job_paths_names_every_local_path_workers_read_or_write(tmp_path):
         models=["efficientnet_lite0", f"timm:resnet18:checkpoint={tmp_path}/r18.pt"],
     ).validate()
     outputs, inputs = job_paths(run)
-    assert outputs == [(str(tmp_path / "out"), "--out")]
+    cache = "word cache (--word-cache)"  # converted word files, beside --out by default
+    assert outputs == [(str(tmp_path / "out"), "--out"), (str(tmp_path / ".semprobe-words"), cache)]
     assert inputs == [
         (str(tmp_path / "images"), "--images"),
         (f"{tmp_path}/w.bin", "word model file (word2vec:)"),
@@ -161,7 +162,10 @@ def test_job_paths_names_every_local_path_workers_read_or_write(tmp_path):
     assert job_paths(remote) == ([], [])
     assert job_paths(RunConfig(out="gs://b/x").validate()) == ([], [])  # sample:imagenet, glove-50d
     # the relative default resolves on the driver, which is what a node elsewhere cannot see
-    assert job_paths(RunConfig().validate())[0] == [(os.path.abspath(f"runs/{RunConfig().experiment_id()}"), "--out")]
+    assert job_paths(RunConfig().validate())[0] == [
+        (os.path.abspath(f"runs/{RunConfig().experiment_id()}"), "--out"),
+        (os.path.abspath("runs/.semprobe-words"), cache),
+    ]
     dynamics = DynamicsConfig(
         runs=[str(tmp_path / "r1"), str(tmp_path / "r2")], images=f"cifar100:{tmp_path}/c?split=test"
     )
@@ -170,6 +174,7 @@ def test_job_paths_names_every_local_path_workers_read_or_write(tmp_path):
             (str(dynamics.out), "--out"),
             (f"{tmp_path}/r1", "training run (--runs)"),
             (f"{tmp_path}/r2", "training run (--runs)"),
+            (os.path.abspath("runs/.semprobe-words"), cache),
         ],
         [(f"{tmp_path}/c", "--images")],
     )
@@ -178,7 +183,7 @@ def test_job_paths_names_every_local_path_workers_read_or_write(tmp_path):
     # a config with a word cache (converted word files beside --out, which workers map): written, so a token
     cached = types.SimpleNamespace(out=str(tmp_path / "o"), word_cache_dir=lambda: str(tmp_path / ".words"))
     assert job_paths(cached) == (
-        [(str(tmp_path / "o"), "--out"), (str(tmp_path / ".words"), "word cache (--word-cache)")],
+        [(str(tmp_path / "o"), "--out"), (str(tmp_path / ".words"), cache)],
         [],
     )
     assert job_paths(types.SimpleNamespace(out="s3://b/o", word_cache_dir=lambda: None)) == ([], [])
@@ -521,7 +526,7 @@ def test_the_driver_checks_once_per_root_and_cleans_up_a_refusal(tmp_path, monke
     out = tmp_path / "out"
     cfg = RunConfig(out=str(out), words=[f"glove:{words}"]).validate()
     shared_storage.check(cfg)
-    assert looks == [[str(out), str(words)]]
+    assert looks == [[str(out), str(words), str(tmp_path / ".semprobe-words")]]  # --out, the file, the word cache
     (token,) = out.iterdir()
     assert published[-1][str(out)].expects[0].name == token.name
     # the extraction inside run: its --out lies in the checked one, its inputs are the same: no second look
@@ -530,7 +535,7 @@ def test_the_driver_checks_once_per_root_and_cleans_up_a_refusal(tmp_path, monke
     # a token that vanished (the folder was cleared) is written again
     token.unlink()
     shared_storage.check(cfg)
-    assert looks[-1] == [str(out)] and len(list(out.iterdir())) == 1
+    assert looks[-1] == [str(out), str(tmp_path / ".semprobe-words")] and len(list(out.iterdir())) == 1
     # refused: nothing left, the folders made for the token gone, nothing published
     blind["on"] = True
     n = len(published)
