@@ -42,10 +42,10 @@ def _row_sums(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m.sum(-1) - d, n * ((m * m).sum(-1) - d * d)
 
 
-def _torch_side(m: torch.Tensor, e: torch.Tensor, f: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """:class:`_Side`'s s and r for a stack (N, w, w) of float64 matrices and their :func:`_row_sums` e, f. A
-    permuted matrix m[p][:, p] with e[p], f[p] gives exactly (bit for bit) the permuted s and r."""
+def _torch_side(m: torch.Tensor, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`_Side`'s s and r for a stack (N, w, w) of float64 matrices."""
     n = m.shape[-1] - 2
+    e, f = _row_sums(m)
     s = torch.sub(e[..., :, None], m)
     var = torch.mul(m, m).mul_(-n).add_(f[..., :, None]).addcmul_(s, s, value=-1)  # in place: one buffer
     var.diagonal(dim1=-2, dim2=-1).fill_(1.0)
@@ -97,7 +97,7 @@ class _ImageTerms:
     @classmethod
     def build(cls, a64: torch.Tensor, dtype: torch.dtype) -> _ImageTerms:
         n = a64.shape[-1] - 2
-        s, r = _torch_side(a64, *_row_sums(a64), "image")
+        s, r = _torch_side(a64, "image")
         d = torch.diagonal(a64, dim1=-2, dim2=-1)
         x = n * r
         xt = x.mT.contiguous()
@@ -117,19 +117,16 @@ class _WordTerms:
     b64: torch.Tensor
     s64: torch.Tensor
     r64: torch.Tensor
-    e: torch.Tensor  # (M, w): :func:`_row_sums`
-    f: torch.Tensor
     row_max: dict[str, torch.Tensor]  # b, s, r: (M, w) float64, over j != i
     norm: torch.Tensor  # (M, w): |b_i|
     d_abs: torch.Tensor  # (M, w): |b_ii|
 
     @classmethod
     def build(cls, b64: torch.Tensor) -> _WordTerms:
-        e, f = _row_sums(b64)
-        s, r = _torch_side(b64, e, f, "word")
+        s, r = _torch_side(b64, "word")
         row_max = {"b": _off_diagonal_row_max(b64), "s": _off_diagonal_row_max(s), "r": _off_diagonal_row_max(r)}
         d_abs = torch.diagonal(b64, dim1=-2, dim2=-1).abs()
-        return cls(b64, s, r, e, f, row_max, torch.linalg.vector_norm(b64, dim=-1), d_abs)
+        return cls(b64, s, r, row_max, torch.linalg.vector_norm(b64, dim=-1), d_abs)
 
 
 def _row_bounds(
