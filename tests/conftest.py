@@ -1,5 +1,6 @@
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -91,3 +92,14 @@ _FORWARDED = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+(, ip=[\d.]+)?\)")
 def cli_stderr(capsys) -> str:
     """What the command itself wrote to stderr since the last read, without lines forwarded from Ray workers."""
     return "".join(line for line in capsys.readouterr().err.splitlines(keepends=True) if not _FORWARDED.match(line))
+
+
+def free_ports(n: int) -> list[int]:
+    """n TCP ports free on the loopback now, for the Ray processes a test starts itself."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import free_ports
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 pytestmark = pytest.mark.ray  # a Ray cluster of its own
@@ -21,21 +21,11 @@ pytestmark = pytest.mark.ray  # a Ray cluster of its own
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def head():
     """A one-node Ray cluster as `ray up` makes one, on loopback, in its own temp dir (not the tests' Ray)."""
     temp = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    gcs, dashboard, client, agent, agent_grpc, env_agent, metrics = _free_ports(7)
+    gcs, dashboard, client, agent, agent_grpc, env_agent, metrics = free_ports(7)
     proc = subprocess.Popen(
         [
             str(Path(sys.executable).with_name("ray")),

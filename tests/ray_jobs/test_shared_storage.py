@@ -8,7 +8,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 import semprobe
 from semprobe.analysis.errors import InputError
@@ -304,18 +304,8 @@ say(late=node("late_node"), late_ip=node("late_node", "NodeManagerAddress"),
 """
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _node_args(temp: str, resource: str | None = None) -> list[str]:
-    agent, agent_grpc, env_agent, metrics = _free_ports(4)
+    agent, agent_grpc, env_agent, metrics = free_ports(4)
     return [
         "--block",
         "--node-ip-address=127.0.0.1",
@@ -428,7 +418,7 @@ def test_paths_a_node_does_not_see_are_refused_and_a_late_node_is_checked(tmp_pa
     log = base / "driver.log"
     temp = tempfile.mkdtemp(prefix="rayst-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     nodes, driver = Nodes(), None
-    gcs, dashboard, client = _free_ports(3)
+    gcs, dashboard, client = free_ports(3)
     address = f"127.0.0.1:{gcs}"
     try:
         nodes.start(
