@@ -45,7 +45,7 @@ import torchvision
 from torch import nn
 
 from semprobe.actors.fractalnet import FractalNet
-from semprobe.analysis.errors import InputError
+from semprobe.analysis.errors import InputError, require_extra
 
 MODEL_OPTIONS = {
     "weights": "weights=TAG",
@@ -203,6 +203,8 @@ def lukemelas_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> dict[
 def _lite_weights(name: str, spec: ModelSpec) -> str:
     _no_weights_option(spec, f"{name} has its packaged weights only")
     package = _LITE[name][0]
+    if spec.pretrained:
+        require_extra(package, "demo", f"model {name} (its packaged weights)")
     return f"{package} {importlib.metadata.version(package.replace('_', '-'))}" if spec.pretrained else UNTRAINED
 
 

@@ -3,6 +3,8 @@
 The CLI turns it into a one-line message and exit code 2; anything else is a bug.
 """
 
+import importlib.util
+
 
 class InputError(ValueError):
     """Bad input named by the user: an unknown name, a missing path, a malformed file.
@@ -21,3 +23,14 @@ class ZeroVarianceError(InputError):
     def __init__(self, message: str, rows: list[int]):
         super().__init__(message)
         self.rows = rows
+
+
+def require_extra(module: str, extra: str, needed_by: str) -> None:
+    """An :class:`InputError` naming the pip extra to install when the optional package ``module`` is absent.
+
+    Looked up without importing it: foolbox, for one, pulls in scipy and GitPython.
+    """
+    if importlib.util.find_spec(module) is None:
+        raise InputError(
+            f"{needed_by} needs the package {module}, which is not installed: pip install 'semprobe[{extra}]'"
+        )

@@ -29,7 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from semprobe.analysis.errors import InputError
+from semprobe.analysis.errors import InputError, require_extra
 from semprobe.datasets import cifar, schema
 from semprobe.datasets.classes import CLASS_SPACES, ClassInfo, imagenet_classes
 
@@ -117,6 +117,7 @@ def _sample_source(name: str) -> ImageSource:
     if kind not in _SAMPLES:
         raise InputError(f"unknown sample set '{name}': choose one of sample:imagenet, sample:cifar100")
     # Located without importing foolbox, which pulls in scipy and GitPython.
+    require_extra("foolbox", "demo", f"the sample images {name} (they ship with foolbox)")
     folder = Path(importlib.util.find_spec("foolbox").submodule_search_locations[0]) / "data"
     rows = []
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):

