@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,6 +116,76 @@ BLOCK_MODULES = (
 )
 
 
+BODY_CONTAINERS = ("blocks", "stages", "layers", "features")  # where networks keep their repeated units
+
+
+def _weights(m: nn.Module) -> int:
+    """How many weight matrices or kernels (parameters of two or more dimensions) ``m`` holds: a conv or linear
+    layer has one, a block at least two (norms and biases are vectors)."""
+    return sum(p.ndim >= 2 for p in m.parameters())
+
+
+def _blocks_in(module: nn.Module, path: str) -> list[str]:
+    """The blocks among ``module``'s children, descending through stages (see :func:`block_paths`)."""
+    found = []
+    for name, child in module.named_children():
+        where = f"{path}.{name}" if path else name
+        found += _unit(child, where)
+    return found
+
+
+def _unit(m: nn.Module, path: str) -> list[str]:
+    """``m`` as blocks: itself when it is one, the blocks inside it when it is a stage, none when it is a single
+    layer (a stem or head conv, a downsampling step, a norm)."""
+    if isinstance(m, BLOCK_MODULES):
+        return [path]
+    if _weights(m) < 2:
+        return []
+    heavy = [c for c in m.children() if _weights(c) >= 2]
+    # A stage: a plain sequence; a module whose one heavy child is a sequence (ConvNeXt's and Swin's stages: a
+    # downsampling layer, then their `blocks`) or holds all its weights (timm's RegStage of one block); or
+    # repeated units of one class (RegStage's b1..bn). A block has units of several kinds (attention and MLP) or
+    # weights of its own beside its one heavy child (ConvNeXt's depthwise conv beside its MLP).
+    sequences = (nn.Sequential, nn.ModuleList)
+    stage = (
+        isinstance(m, sequences)
+        or (len(heavy) == 1 and (isinstance(heavy[0], sequences) or _weights(heavy[0]) == _weights(m)))
+        or (len(heavy) >= 2 and len({type(c) for c in heavy}) == 1)
+    )
+    inner = _blocks_in(m, path) if stage else []
+    # A "stage" with no block inside is itself the unit, unless it is a bare sequence (torchvision's ConvNeXt
+    # block keeps its layers in one): then the module holding it is.
+    return inner or ([] if isinstance(m, sequences) else [path])
+
+
+def block_paths(model: nn.Module) -> list[str]:
+    """The module paths of a model's blocks, in definition order: its repeated residual (or transformer) units.
+
+    Found generically, in this order:
+
+    1. the children of the model's outermost ``blocks`` / ``stages`` / ``layers`` / ``features`` containers
+       (timm's ViT, DeiT, ConvNeXt, Swin, EfficientNet, MobileNet; torchvision's ``encoder.layers`` of ViT,
+       ``features`` of EfficientNet, MobileNet, ConvNeXt, Swin);
+    2. else the modules timm's ``feature_info`` names (the stage outputs, e.g. RegNet's ``s1``..``s4``);
+    3. else every module of the fixed list ``BLOCK_MODULES`` (torchvision's ResNet, Inception, GoogLeNet).
+
+    In 1 and 2 a stage is descended into (see :func:`_unit`); a child with fewer than two weight tensors is a
+    single layer, not a block (a stem, a downsampling step, a final 1x1 conv); a module of ``BLOCK_MODULES`` is a
+    block wherever it is met.
+    """
+    modules = dict(model.named_modules())
+    containers = [p for p in modules if p.rpartition(".")[2] in BODY_CONTAINERS]
+    outer = [p for p in containers if not any(p.startswith(c + ".") for c in containers)]
+    found = [b for p in outer for b in _blocks_in(modules[p], p)]
+    if not found:
+        info = getattr(model, "feature_info", None)
+        named = [f.get("module") for f in info] if isinstance(info, list) else []
+        found = [b for p in named if p in modules for b in _unit(modules[p], p)]
+    if not found:
+        found = [p for p, m in modules.items() if isinstance(m, BLOCK_MODULES)]
+    return found
+
+
 @dataclass(frozen=True)
 class Layer:
     """One capturable layer: its node name, position among the chosen layers, kind and per-image shape."""
@@ -138,6 +209,16 @@ def _tracer() -> NodePathTracer:
     )
 
 
+def _optional_arguments(model: nn.Module) -> dict[str, object]:
+    """The model's forward arguments after the image that have defaults, traced at those defaults."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+
+
 def _is_activation_module(m: nn.Module) -> bool:
     # timm's norm+act layers are traced as one leaf: their output is the activation's.
     return isinstance(m, ACTIVATION_MODULES) or isinstance(getattr(m, "act", None), ACTIVATION_MODULES)
@@ -157,16 +238,18 @@ class LayerCatalog:
     def __init__(self, model: nn.Module, input_size: int):
         model.eval()
         tracer = _tracer()
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_arguments(model))
         self.module = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
         self.architecture = type(model).__name__
-        # The input is the first node in execution order; it takes one name whatever forward calls it.
+        # The input is the first node in execution order; it takes one name whatever forward calls it. Optional
+        # arguments traced at their defaults (timm ViT's attn_mask) stay placeholders with a default: no layers.
+        first = next((node for node in graph.nodes if node.op == "placeholder"), None)
         self._qualname = {
-            node: PIXELS if node.op == "placeholder" else tracer.node_to_qualname[node]
+            node: PIXELS if node is first else tracer.node_to_qualname[node]
             for node in graph.nodes
-            if node in tracer.node_to_qualname
+            if node in tracer.node_to_qualname and (node.op != "placeholder" or node is first)
         }
-        inputs = sum(node.op == "placeholder" for node in graph.nodes)
+        inputs = sum(node.op == "placeholder" and not node.args for node in graph.nodes)
         if inputs != 1 or PIXELS not in self._qualname.values():
             raise InputError(f"cannot catalog {model.__class__.__name__}: its forward takes {inputs} inputs, not one")
         self._node = {q: n for n, q in self._qualname.items()}
@@ -185,7 +268,7 @@ class LayerCatalog:
 
     def _classify(self, model: nn.Module) -> dict[str, list[str]]:
         modules = dict(model.named_modules())
-        blocks = [path for path, m in modules.items() if isinstance(m, BLOCK_MODULES)]
+        blocks = block_paths(model)
         kinds: dict[str, list[str]] = {k: [] for k in LAYER_KINDS if k != "deepest"}
         block_outputs = {self._module_output(path) for path in blocks}
         inception_outputs = {
