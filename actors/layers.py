@@ -32,10 +32,12 @@ Kinds, listed here in execution order:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,6 +64,7 @@ from semprobe.analysis.similarity import zscore_rows
 timm_inception = importlib.import_module("timm.models.inception_v3")
 tv_googlenet = importlib.import_module("torchvision.models.googlenet")  # likewise
 
+TOKENS = ("all", "class")  # how a transformer's token sequence (tokens, features) is flattened: see select()
 LAYER_KINDS = ("pixels", "activations", "concat", "mixed", "blocks", "pool", "logits", "softmax", "deepest")
 
 PIXELS = "pixels"  # the name of the input layer (the graph's placeholder)
@@ -193,7 +196,8 @@ class Layer:
     name: str
     layer_index: int
     kind: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # as captured: with ``token``, one token's features
+    token: int | None = None  # a token sequence's row kept (0: the class token); None: the whole output
 
     @property
     def dim(self) -> int:
@@ -260,6 +264,8 @@ class LayerCatalog:
         # computed after the model: no node of it, so a name no node has
         self._softmax = next(n for n in ("softmax", "softmax_of_logits", "softmax_") if n not in self._node)
         self.kinds = self._classify(model)
+        # timm's ViT/DeiT (cls_token) and torchvision's (class_token) put the class token first in the sequence
+        self.class_token = any(getattr(model, a, None) is not None for a in ("cls_token", "class_token"))
 
     def _shape(self, node: fx.Node | None) -> tuple[int, ...] | None:
         node = self._logits if node is None else node  # the softmax has the logits' shape
@@ -336,11 +342,18 @@ class LayerCatalog:
         """Every layer name, in execution order: the nodes, then the softmax computed after them."""
         return [*self._qualname.values(), self._softmax]
 
-    def select(self, spec: str | Sequence[str]) -> list[Layer]:
+    def select(self, spec: str | Sequence[str], tokens: str = "all") -> list[Layer]:
         """Resolve a layer spec: comma-separated kinds and/or node or module names.
 
         Returns the union in execution order, numbered ``layer_index`` 0..n-1.
+
+        ``tokens``: how a layer whose output is a token sequence, (tokens, features) per image in a model with
+        a class token (a ViT block's), is flattened: ``all`` tokens, token-major (row t holds token t's
+        features; the class token first), or only the ``class`` token's features. Other layers (CNN feature
+        maps, logits) are flattened whole either way.
         """
+        if tokens not in TOKENS:
+            raise InputError(f"unknown token flattening '{tokens}': choose one of {', '.join(TOKENS)}")
         items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
         chosen: dict[str, str] = {}
         for item in filter(None, items):
@@ -368,7 +381,19 @@ class LayerCatalog:
             )
         order = {q: i for i, q in enumerate(self.names())}
         names = sorted(chosen, key=order.__getitem__)
-        return [Layer(q, i, chosen[q], self._shape(self._node.get(q))) for i, q in enumerate(names)]
+        layers = [Layer(q, i, chosen[q], self._shape(self._node.get(q))) for i, q in enumerate(names)]
+        if tokens == "all":
+            return layers
+        sequences = [layer for layer in layers if len(layer.shape) == 2]
+        if sequences and not self.class_token:
+            raise InputError(
+                f"--tokens class: {self.architecture} has no class token (layer {sequences[0].name} is a sequence "
+                f"{sequences[0].shape}); choose --tokens all"
+            )
+        return [
+            dataclasses.replace(layer, shape=layer.shape[1:], token=0) if layer in sequences else layer
+            for layer in layers
+        ]
 
     def capture_module(self, layers: Sequence[Layer], dtype: torch.dtype = torch.float32) -> fx.GraphModule:
         """A copy of the traced model whose forward returns ``(logits, [z-scored rows per layer])``.
@@ -387,6 +412,9 @@ class LayerCatalog:
                 node = graph.call_function(torch.softmax, (logits,), {"dim": 1})  # appended: after every node
             else:
                 node = copied[self._node[layer.name]]
+            if layer.token is not None:  # one token's row, taken before any later in-place op too
+                with graph.inserting_after(node):
+                    node = graph.call_function(operator.getitem, (node, (slice(None), layer.token)))
             with graph.inserting_after(node):
                 captures.append(graph.call_function(zscore_rows, (node,), {"out_dtype": dtype}))
         graph.output((logits, tuple(captures)))

@@ -113,7 +113,7 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
     shard = pa.array(np.arange(images.num_rows) // cfg.shard_size, pa.int32())
     manifest = images.append_column("shard", shard).select(schema.MANIFEST.names).cast(schema.MANIFEST)
     loaded = load_model(cfg.model)
-    layers = LayerCatalog(loaded.module, loaded.preprocess.size).select(cfg.layers)
+    layers = LayerCatalog(loaded.module, loaded.preprocess.size).select(cfg.layers, cfg.tokens)
     return ExtractionPlan(
         cfg, source, concepts, dropped, manifest, loaded.name, loaded.preprocess, layers, loaded.weights
     )
@@ -160,11 +160,12 @@ class ExtractShards:
         torch_threads: int | None,
         store_format: str = "arrow",
         compression: str = "none",
+        tokens: str = "all",
     ):
         if torch_threads is None and not gpus:
             # Ray pins OMP_NUM_THREADS to the actor's CPU request; a CPU-only forward pass wants the node.
             torch_threads = len(os.sched_getaffinity(0))
-        self.extractor = ActivationExtractor(model, layers, dtype=dtype, threads=torch_threads)
+        self.extractor = ActivationExtractor(model, layers, dtype=dtype, threads=torch_threads, tokens=tokens)
         self.output = Output(out)
         self.key = model_key(self.extractor.model_name)
         self.dtype, self.format, self.compression, self.batch_size = dtype, store_format, compression, batch_size
@@ -382,6 +383,7 @@ def stream(
             "out": cfg.out,
             "model": cfg.model,
             "layers": cfg.layers,
+            "tokens": cfg.tokens,
             "dtype": cfg.dtype,
             "batch_size": cfg.batch_size,
             "gpus": resources["gpus_per_actor"],
