@@ -42,7 +42,7 @@ PRECISIONS = ("fp64", "fp32")  # analysis.kernels.PRECISIONS (config imports no 
 STORE_MODES = ("auto", "activations", "similarity")  # ray_jobs.fused: where an extraction's results go
 AUTO_TASK_GPUS = 0.25  # an analysis task's share of a GPU when the cluster has GPUs and --task-gpus is unset
 MODEL_HELP = (
-    "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH, each optionally "
+    "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, timm:hf-hub:ORG/NAME, NAME:checkpoint=PATH, each optionally "
     "NAME?weights=TAG&pretrained=false&input_size=N"
 )
 LAYERS_HELP = (

@@ -133,3 +133,74 @@ def test_tokens_class_needs_a_class_token_and_leaves_cnn_layers_whole():
     assert resnet.select("blocks", tokens="class") == resnet.select("blocks")
     with pytest.raises(InputError, match="unknown token flattening 'cls': choose one of all, class"):
         resnet.select("blocks", tokens="cls")
+
+
+# --- timm:hf-hub:ORG/NAME --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, and a Hub that cannot be reached (whatever this machine's network)."""
+    import huggingface_hub.constants
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("semprobe.actors.zoo.socket.create_connection", unreachable)
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    return tmp_path
+
+
+def _cache_hub_repo(cache, repo: str, files: dict) -> None:
+    """Put ``files`` (name -> writer of that path) into the Hugging Face cache layout of ``repo``."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0" * 40)
+    for name, write in files.items():
+        write(snapshot / name)
+
+
+def test_hub_names_fail_fast_offline_naming_the_choices(offline_hub):
+    import time
+
+    for name in ("timm:hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", "hf-hub:org/none?pretrained=false"):
+        start = time.monotonic()
+        with pytest.raises(InputError, match=r"unknown model '.*': its config.json is not cached .*offline.*choose one "
+                           r"of efficientnet_lite0.*timm:hf-hub:ORG/NAME"):  # fmt: skip
+            load_model(name)
+        # huggingface_hub alone retries for ~25 s offline; the one reachability check answers at once
+        assert time.monotonic() - start < 10
+    with pytest.raises(InputError, match="unknown model 'timm:hf-hub:no-slash': choose one of efficientnet_lite0"):
+        load_model("timm:hf-hub:no-slash")
+    with pytest.raises(InputError, match="repository holds its weights; drop weights="):
+        load_model("timm:hf-hub:org/x?weights=a1")
+
+
+def test_hub_names_load_through_timm_from_the_cache(offline_hub):
+    import json
+
+    import safetensors.torch
+
+    config = {"architecture": "test_resnet", "num_classes": 7, "pretrained_cfg": {"input_size": [3, 160, 160]}}
+    torch.manual_seed(3)
+    state = timm.create_model("test_resnet", num_classes=7).state_dict()
+    _cache_hub_repo(
+        offline_hub,
+        "someone/tiny-resnet",
+        {
+            "config.json": lambda p: p.write_text(json.dumps(config)),
+            "model.safetensors": lambda p: safetensors.torch.save_file(state, p),
+        },
+    )
+    loaded = load_model("timm:hf-hub:someone/tiny-resnet")
+    assert loaded.num_classes == 7 and loaded.preprocess.size == 160
+    assert loaded.weights == "timm:hf-hub:someone/tiny-resnet"
+    for key, value in loaded.module.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    bare = load_model("timm:hf-hub:someone/tiny-resnet?pretrained=false")
+    assert bare.weights == "untrained (seed 0)"
+    assert not torch.equal(bare.module.state_dict()["fc.weight"], state["fc.weight"])
