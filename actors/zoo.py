@@ -75,6 +75,22 @@ class Preprocess:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop_mode: str = "center"  # timm's: center, squash or border (see semprobe.datasets.decode.decode_image)
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """The colour ``border`` pads with: the mean, as timm's CenterCropOrPad has it."""
+        return tuple(round(255 * m) for m in self.mean)
+
+    def decode_args(self) -> dict:
+        """The keyword arguments of :func:`semprobe.datasets.decode.decode_image` this preprocessing takes."""
+        return {
+            "size": self.size,
+            "resize_size": self.resize_size,
+            "interpolation": self.interpolation,
+            "crop_mode": self.crop_mode,
+            "fill": self.fill,
+        }
 
 
 @dataclass
@@ -148,6 +164,7 @@ def _preprocess(
     std,
     input_size: int | None,
     resize_size: int | None = None,
+    crop_mode: str = "center",
 ) -> Preprocess:
     """The model's own preprocessing (``resize_size`` default ``int(size / crop_ratio)``), or with ``input_size``
     N: crops of N, the shorter side resized to ``round(N / crop_ratio)``."""
@@ -155,7 +172,22 @@ def _preprocess(
         size, resize_size = input_size, round(input_size / crop_ratio)
     elif resize_size is None:
         resize_size = int(size / crop_ratio)
-    return Preprocess(size, resize_size, interpolation, tuple(mean), tuple(std))
+    return Preprocess(size, resize_size, interpolation, tuple(mean), tuple(std), crop_mode)
+
+
+def timm_preprocess(cfg: dict, input_size: int | None = None) -> Preprocess:
+    """timm's own evaluation preprocessing from a resolved data config (``timm.data.resolve_data_config``):
+    its size, ``crop_pct`` (resize to ``floor(size / crop_pct)``), ``crop_mode``, interpolation, mean and std,
+    as ``timm.data.create_transform`` builds it."""
+    return _preprocess(
+        cfg["input_size"][-1],
+        cfg["crop_pct"],
+        cfg["interpolation"],
+        cfg["mean"],
+        cfg["std"],
+        input_size,
+        crop_mode=cfg.get("crop_mode") or "center",
+    )
 
 
 def _no_weights_option(spec: ModelSpec, what: str) -> None:
@@ -396,10 +428,7 @@ def _timm(name: str, spec: ModelSpec) -> LoadedModel:
                     f"pretrained weights for timm:{arch} are not cached and could not be downloaded from {source} "
                     f"({type(err).__name__}); pass {name}:checkpoint=PATH"
                 ) from None
-    cfg = timm.data.resolve_data_config({}, model=model)
-    pre = _preprocess(
-        cfg["input_size"][-1], cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"], spec.input_size
-    )
+    pre = timm_preprocess(timm.data.resolve_data_config({}, model=model), spec.input_size)
     return LoadedModel(f"timm:{name}", model.eval(), pre, model.num_classes, _timm_weights(name, spec))
 
 

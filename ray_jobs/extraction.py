@@ -123,7 +123,14 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
 
 
 def decode_shard(
-    batch: pa.Table, size: int, resize_size: int, interpolation: str, precropped: bool, out: str | None = None
+    batch: pa.Table,
+    size: int,
+    resize_size: int,
+    interpolation: str,
+    precropped: bool,
+    out: str | None = None,
+    crop_mode: str = "center",
+    fill: tuple[int, int, int] = (0, 0, 0),
 ) -> dict[str, np.ndarray]:
     """CPU stage: read and decode one shard's images; failures become error records. On a node that joined after
     the job's storage check, ``out``'s check runs first: images it cannot see must not become error records."""
@@ -133,7 +140,7 @@ def decode_shard(
     kept, pixels, errors = [], [], []
     for image_id, uri, concept_id, set_index in json.loads(images):
         try:
-            pixels.append(decode_image(read_bytes(uri), size, resize_size, interpolation, precropped))
+            pixels.append(decode_image(read_bytes(uri), size, resize_size, interpolation, precropped, crop_mode, fill))
             kept.append([image_id, concept_id, set_index])
         except ImageError as err:
             errors.append({"image_id": image_id, "uri": uri, "stage": err.stage, "message": str(err)})
@@ -367,6 +374,8 @@ def stream(
             "size": pre.size,
             "resize_size": pre.resize_size,
             "interpolation": pre.interpolation,
+            "crop_mode": pre.crop_mode,
+            "fill": pre.fill,
             "precropped": cfg.precropped,
             "out": cfg.out,
         },

@@ -204,3 +204,84 @@ def test_hub_names_load_through_timm_from_the_cache(offline_hub):
     bare = load_model("timm:hf-hub:someone/tiny-resnet?pretrained=false")
     assert bare.weights == "untrained (seed 0)"
     assert not torch.equal(bare.module.state_dict()["fc.weight"], state["fc.weight"])
+
+
+# --- timm's own preprocessing: crop_pct and crop_mode ----------------------------------------------------------
+
+
+def _images() -> list[bytes]:
+    """Two foolbox ImageNet samples (square) and three generated ones of other shapes (where the crop modes
+    differ), as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    from semprobe.datasets.decode import read_bytes
+    from semprobe.datasets.images import resolve_images
+
+    uris = resolve_images("sample:imagenet").images["uri"].to_pylist()[:2]
+    out = [read_bytes(u) for u in uris]
+    rng = np.random.default_rng(0)
+    for w, h in [(320, 200), (150, 260), (500, 499)]:
+        # smooth colour ramps plus noise: resampling differences show, as on photographs
+        yy, xx = np.mgrid[0:h, 0:w]
+        ramp = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], axis=-1)
+        pixels = np.clip(ramp + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def _ours(data: bytes, pre) -> np.ndarray:
+    """semprobe's model input for one image: decode_image's crop, then the extractor's normalisation."""
+    from semprobe.actors.extractor import normalise
+    from semprobe.datasets.decode import decode_image
+
+    pixels = decode_image(data, **pre.decode_args())
+    return normalise(pixels[None].copy(), pre, torch.device("cpu"))[0].numpy()
+
+
+def _timms(data: bytes, cfg: dict) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    transform = timm.data.create_transform(**cfg)
+    with Image.open(io.BytesIO(data)) as im:
+        return transform(im.convert("RGB")).numpy()
+
+
+@pytest.mark.parametrize(
+    "name, crop_mode",
+    [
+        ("vit_tiny_patch16_224", "center"),  # crop_pct 0.9, bicubic
+        ("regnety_002", "center"),  # crop_pct 0.875, bicubic
+        ("dm_nfnet_f0", "squash"),  # 192 px, crop_pct 0.9
+        ("deepseek_vit_412m", "border"),  # 546 px, crop_pct 1.0: the longer side fits, the rest padded
+    ],
+)
+def test_timm_crop_mode_and_crop_pct_match_timms_create_transform(name, crop_mode):
+    from timm.data import resolve_data_config
+
+    from semprobe.actors.zoo import timm_preprocess
+
+    cfg = resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(name).to_dict())
+    assert cfg["crop_mode"] == crop_mode
+    pre = timm_preprocess(cfg)
+    assert pre.crop_mode == crop_mode and pre.size == cfg["input_size"][-1]
+    assert pre.resize_size == int(pre.size / cfg["crop_pct"])  # timm's floor(size / crop_pct)
+    for data in _images():
+        ours, theirs = _ours(data, pre), _timms(data, cfg)
+        assert ours.shape == theirs.shape == (3, pre.size, pre.size)
+        # the same PIL resize and crop: equal up to float rounding of the normalisation
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_the_zoo_gives_timm_models_their_own_preprocessing():
+    from timm.data import resolve_data_config
+
+    loaded, _ = built("timm:vit_tiny_patch16_224")
+    cfg = resolve_data_config({}, model=loaded.module)
+    for data in _images():
+        np.testing.assert_allclose(_ours(data, loaded.preprocess), _timms(data, cfg), atol=1e-4)
