@@ -161,6 +161,28 @@ def _unit(m: nn.Module, path: str) -> list[str]:
     return inner or ([] if isinstance(m, sequences) else [path])
 
 
+def _feature_info_blocks(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """The blocks of the body timm's ``feature_info`` marks: the children of the modules' common parent from the
+    first named one to the last (feature_info names only the stages where the resolution drops: Inception-v3's
+    Mixed_5d, Mixed_6e, Mixed_7c of its 11 blocks), each taken as a unit."""
+    info = getattr(model, "feature_info", None)
+    named = [f.get("module") for f in info if f.get("module") in modules] if isinstance(info, list) else []
+    if not named:
+        return []
+    parts = [p.split(".") for p in named]
+    depth = next((i for i in range(min(map(len, parts))) if len({q[i] for q in parts}) > 1), min(map(len, parts)))
+    depth = min(depth, min(map(len, parts)) - 1)  # the parent of the named modules, not one of them
+    parent = ".".join(parts[0][:depth])
+    children = list(modules[parent].named_children())
+    names = [name for name, _ in children]
+    marked = [names.index(q[depth]) for q in parts if q[depth] in names]
+    return [
+        b
+        for name, child in children[min(marked) : max(marked) + 1]
+        for b in _unit(child, f"{parent}.{name}" if parent else name)
+    ]
+
+
 def block_paths(model: nn.Module) -> list[str]:
     """The module paths of a model's blocks, in definition order: its repeated residual (or transformer) units.
 
@@ -169,7 +191,8 @@ def block_paths(model: nn.Module) -> list[str]:
     1. the children of the model's outermost ``blocks`` / ``stages`` / ``layers`` / ``features`` containers
        (timm's ViT, DeiT, ConvNeXt, Swin, EfficientNet, MobileNet; torchvision's ``encoder.layers`` of ViT,
        ``features`` of EfficientNet, MobileNet, ConvNeXt, Swin);
-    2. else the modules timm's ``feature_info`` names (the stage outputs, e.g. RegNet's ``s1``..``s4``);
+    2. else the modules of the body timm's ``feature_info`` marks (its stage outputs, e.g. RegNet's ``s1``..``s4``):
+       the children of their parent from the first marked to the last;
     3. else every module of the fixed list ``BLOCK_MODULES`` (torchvision's ResNet, Inception, GoogLeNet).
 
     In 1 and 2 a stage is descended into (see :func:`_unit`); a child with fewer than two weight tensors is a
@@ -181,9 +204,7 @@ def block_paths(model: nn.Module) -> list[str]:
     outer = [p for p in containers if not any(p.startswith(c + ".") for c in containers)]
     found = [b for p in outer for b in _blocks_in(modules[p], p)]
     if not found:
-        info = getattr(model, "feature_info", None)
-        named = [f.get("module") for f in info] if isinstance(info, list) else []
-        found = [b for p in named if p in modules for b in _unit(modules[p], p)]
+        found = _feature_info_blocks(model, modules)
     if not found:
         found = [p for p, m in modules.items() if isinstance(m, BLOCK_MODULES)]
     return found

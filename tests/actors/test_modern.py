@@ -285,3 +285,13 @@ def test_the_zoo_gives_timm_models_their_own_preprocessing():
     cfg = resolve_data_config({}, model=loaded.module)
     for data in _images():
         np.testing.assert_allclose(_ours(data, loaded.preprocess), _timms(data, cfg), atol=1e-4)
+
+
+def test_feature_info_marks_the_body_not_only_its_stage_outputs():
+    # timm's Inception-v3 has no block container; its feature_info names the stages where the resolution drops
+    # (Conv2d_2b_3x3, Conv2d_4a_3x3, Mixed_5d, Mixed_6e, Mixed_7c), while its blocks are the 11 Inception modules
+    # Mixed_5b .. Mixed_7c (Szegedy et al. 2016: 3 x A, B, 4 x C, D, 2 x E), as the fixed list found them before
+    model = timm.create_model("inception_v3").eval()
+    assert [f["module"] for f in model.feature_info][2:] == ["Mixed_5d", "Mixed_6e", "Mixed_7c"]
+    mixed = ["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"]
+    assert block_paths(model) == [f"Mixed_{m}" for m in mixed]
