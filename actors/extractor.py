@@ -45,10 +45,17 @@ class ActivationExtractor:
     dtype : "float16" or "float32", the dtype of the returned rows
     device : "auto" (CUDA when present), "cpu", "cuda:1", ...
     threads : torch intra-op threads on the CPU (None: leave torch's choice)
+    tokens : "all" or "class": how a transformer's token sequences are flattened (see ``LayerCatalog.select``)
     """
 
     def __init__(
-        self, model: str, layers: str, dtype: str = "float16", device: str = "auto", threads: int | None = None
+        self,
+        model: str,
+        layers: str,
+        dtype: str = "float16",
+        device: str = "auto",
+        threads: int | None = None,
+        tokens: str = "all",
     ):
         if threads:
             torch.set_num_threads(threads)
@@ -56,7 +63,7 @@ class ActivationExtractor:
         self.model_name = loaded.name
         self.preprocess = loaded.preprocess
         self.catalog = LayerCatalog(loaded.module, loaded.preprocess.size)
-        self.layers = self.catalog.select(layers)
+        self.layers = self.catalog.select(layers, tokens)
         self.device = pick_device(device)
         self.dtype = TORCH_DTYPES[dtype]
         self.net = self.catalog.capture_module(self.layers, self.dtype).to(self.device).eval()

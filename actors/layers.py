@@ -32,9 +32,12 @@ Kinds, listed here in execution order:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
+import inspect
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,6 +64,7 @@ from semprobe.analysis.similarity import zscore_rows
 timm_inception = importlib.import_module("timm.models.inception_v3")
 tv_googlenet = importlib.import_module("torchvision.models.googlenet")  # likewise
 
+TOKENS = ("all", "class")  # how a transformer's token sequence (tokens, features) is flattened: see select()
 LAYER_KINDS = ("pixels", "activations", "concat", "mixed", "blocks", "pool", "logits", "softmax", "deepest")
 
 PIXELS = "pixels"  # the name of the input layer (the graph's placeholder)
@@ -115,6 +119,97 @@ BLOCK_MODULES = (
 )
 
 
+BODY_CONTAINERS = ("blocks", "stages", "layers", "features")  # where networks keep their repeated units
+
+
+def _weights(m: nn.Module) -> int:
+    """How many weight matrices or kernels (parameters of two or more dimensions) ``m`` holds: a conv or linear
+    layer has one, a block at least two (norms and biases are vectors)."""
+    return sum(p.ndim >= 2 for p in m.parameters())
+
+
+def _blocks_in(module: nn.Module, path: str) -> list[str]:
+    """The blocks among ``module``'s children, descending through stages (see :func:`block_paths`)."""
+    found = []
+    for name, child in module.named_children():
+        where = f"{path}.{name}" if path else name
+        found += _unit(child, where)
+    return found
+
+
+def _unit(m: nn.Module, path: str) -> list[str]:
+    """``m`` as blocks: itself when it is one, the blocks inside it when it is a stage, none when it is a single
+    layer (a stem or head conv, a downsampling step, a norm)."""
+    if isinstance(m, BLOCK_MODULES):
+        return [path]
+    if _weights(m) < 2:
+        return []
+    heavy = [c for c in m.children() if _weights(c) >= 2]
+    # A stage: a plain sequence; a module whose one heavy child is a sequence (ConvNeXt's and Swin's stages: a
+    # downsampling layer, then their `blocks`) or holds all its weights (timm's RegStage of one block); or
+    # repeated units of one class (RegStage's b1..bn). A block has units of several kinds (attention and MLP) or
+    # weights of its own beside its one heavy child (ConvNeXt's depthwise conv beside its MLP).
+    sequences = (nn.Sequential, nn.ModuleList)
+    stage = (
+        isinstance(m, sequences)
+        or (len(heavy) == 1 and (isinstance(heavy[0], sequences) or _weights(heavy[0]) == _weights(m)))
+        or (len(heavy) >= 2 and len({type(c) for c in heavy}) == 1)
+    )
+    inner = _blocks_in(m, path) if stage else []
+    # A "stage" with no block inside is itself the unit, unless it is a bare sequence (torchvision's ConvNeXt
+    # block keeps its layers in one): then the module holding it is.
+    return inner or ([] if isinstance(m, sequences) else [path])
+
+
+def _feature_info_blocks(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """The blocks of the body timm's ``feature_info`` marks: the children of the modules' common parent from the
+    first named one to the last (feature_info names only the stages where the resolution drops: Inception-v3's
+    Mixed_5d, Mixed_6e, Mixed_7c of its 11 blocks), each taken as a unit."""
+    info = getattr(model, "feature_info", None)
+    named = [f.get("module") for f in info if f.get("module") in modules] if isinstance(info, list) else []
+    if not named:
+        return []
+    parts = [p.split(".") for p in named]
+    depth = next((i for i in range(min(map(len, parts))) if len({q[i] for q in parts}) > 1), min(map(len, parts)))
+    depth = min(depth, min(map(len, parts)) - 1)  # the parent of the named modules, not one of them
+    parent = ".".join(parts[0][:depth])
+    children = list(modules[parent].named_children())
+    names = [name for name, _ in children]
+    marked = [names.index(q[depth]) for q in parts if q[depth] in names]
+    return [
+        b
+        for name, child in children[min(marked) : max(marked) + 1]
+        for b in _unit(child, f"{parent}.{name}" if parent else name)
+    ]
+
+
+def block_paths(model: nn.Module) -> list[str]:
+    """The module paths of a model's blocks, in definition order: its repeated residual (or transformer) units.
+
+    Found generically, in this order:
+
+    1. the children of the model's outermost ``blocks`` / ``stages`` / ``layers`` / ``features`` containers
+       (timm's ViT, DeiT, ConvNeXt, Swin, EfficientNet, MobileNet; torchvision's ``encoder.layers`` of ViT,
+       ``features`` of EfficientNet, MobileNet, ConvNeXt, Swin);
+    2. else the modules of the body timm's ``feature_info`` marks (its stage outputs, e.g. RegNet's ``s1``..``s4``):
+       the children of their parent from the first marked to the last;
+    3. else every module of the fixed list ``BLOCK_MODULES`` (torchvision's ResNet, Inception, GoogLeNet).
+
+    In 1 and 2 a stage is descended into (see :func:`_unit`); a child with fewer than two weight tensors is a
+    single layer, not a block (a stem, a downsampling step, a final 1x1 conv); a module of ``BLOCK_MODULES`` is a
+    block wherever it is met.
+    """
+    modules = dict(model.named_modules())
+    containers = [p for p in modules if p.rpartition(".")[2] in BODY_CONTAINERS]
+    outer = [p for p in containers if not any(p.startswith(c + ".") for c in containers)]
+    found = [b for p in outer for b in _blocks_in(modules[p], p)]
+    if not found:
+        found = _feature_info_blocks(model, modules)
+    if not found:
+        found = [p for p, m in modules.items() if isinstance(m, BLOCK_MODULES)]
+    return found
+
+
 @dataclass(frozen=True)
 class Layer:
     """One capturable layer: its node name, position among the chosen layers, kind and per-image shape."""
@@ -122,7 +217,8 @@ class Layer:
     name: str
     layer_index: int
     kind: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # as captured: with ``token``, one token's features
+    token: int | None = None  # a token sequence's row kept (0: the class token); None: the whole output
 
     @property
     def dim(self) -> int:
@@ -136,6 +232,16 @@ def _tracer() -> NodePathTracer:
         autowrap_functions=tuple(f for f in timm.layers.get_notrace_functions() if callable(f)),
         leaf_modules=leaves + list(timm.layers.get_notrace_modules()),
     )
+
+
+def _optional_arguments(model: nn.Module) -> dict[str, object]:
+    """The model's forward arguments after the image that have defaults, traced at those defaults."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
 
 
 def _is_activation_module(m: nn.Module) -> bool:
@@ -157,16 +263,18 @@ class LayerCatalog:
     def __init__(self, model: nn.Module, input_size: int):
         model.eval()
         tracer = _tracer()
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_arguments(model))
         self.module = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
         self.architecture = type(model).__name__
-        # The input is the first node in execution order; it takes one name whatever forward calls it.
+        # The input is the first node in execution order; it takes one name whatever forward calls it. Optional
+        # arguments traced at their defaults (timm ViT's attn_mask) stay placeholders with a default: no layers.
+        first = next((node for node in graph.nodes if node.op == "placeholder"), None)
         self._qualname = {
-            node: PIXELS if node.op == "placeholder" else tracer.node_to_qualname[node]
+            node: PIXELS if node is first else tracer.node_to_qualname[node]
             for node in graph.nodes
-            if node in tracer.node_to_qualname
+            if node in tracer.node_to_qualname and (node.op != "placeholder" or node is first)
         }
-        inputs = sum(node.op == "placeholder" for node in graph.nodes)
+        inputs = sum(node.op == "placeholder" and not node.args for node in graph.nodes)
         if inputs != 1 or PIXELS not in self._qualname.values():
             raise InputError(f"cannot catalog {model.__class__.__name__}: its forward takes {inputs} inputs, not one")
         self._node = {q: n for n, q in self._qualname.items()}
@@ -177,6 +285,8 @@ class LayerCatalog:
         # computed after the model: no node of it, so a name no node has
         self._softmax = next(n for n in ("softmax", "softmax_of_logits", "softmax_") if n not in self._node)
         self.kinds = self._classify(model)
+        # timm's ViT/DeiT (cls_token) and torchvision's (class_token) put the class token first in the sequence
+        self.class_token = any(getattr(model, a, None) is not None for a in ("cls_token", "class_token"))
 
     def _shape(self, node: fx.Node | None) -> tuple[int, ...] | None:
         node = self._logits if node is None else node  # the softmax has the logits' shape
@@ -185,7 +295,7 @@ class LayerCatalog:
 
     def _classify(self, model: nn.Module) -> dict[str, list[str]]:
         modules = dict(model.named_modules())
-        blocks = [path for path, m in modules.items() if isinstance(m, BLOCK_MODULES)]
+        blocks = block_paths(model)
         kinds: dict[str, list[str]] = {k: [] for k in LAYER_KINDS if k != "deepest"}
         block_outputs = {self._module_output(path) for path in blocks}
         inception_outputs = {
@@ -253,11 +363,18 @@ class LayerCatalog:
         """Every layer name, in execution order: the nodes, then the softmax computed after them."""
         return [*self._qualname.values(), self._softmax]
 
-    def select(self, spec: str | Sequence[str]) -> list[Layer]:
+    def select(self, spec: str | Sequence[str], tokens: str = "all") -> list[Layer]:
         """Resolve a layer spec: comma-separated kinds and/or node or module names.
 
         Returns the union in execution order, numbered ``layer_index`` 0..n-1.
+
+        ``tokens``: how a layer whose output is a token sequence, (tokens, features) per image in a model with
+        a class token (a ViT block's), is flattened: ``all`` tokens, token-major (row t holds token t's
+        features; the class token first), or only the ``class`` token's features. Other layers (CNN feature
+        maps, logits) are flattened whole either way.
         """
+        if tokens not in TOKENS:
+            raise InputError(f"unknown token flattening '{tokens}': choose one of {', '.join(TOKENS)}")
         items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
         chosen: dict[str, str] = {}
         for item in filter(None, items):
@@ -285,7 +402,19 @@ class LayerCatalog:
             )
         order = {q: i for i, q in enumerate(self.names())}
         names = sorted(chosen, key=order.__getitem__)
-        return [Layer(q, i, chosen[q], self._shape(self._node.get(q))) for i, q in enumerate(names)]
+        layers = [Layer(q, i, chosen[q], self._shape(self._node.get(q))) for i, q in enumerate(names)]
+        if tokens == "all":
+            return layers
+        sequences = [layer for layer in layers if len(layer.shape) == 2]
+        if sequences and not self.class_token:
+            raise InputError(
+                f"--tokens class: {self.architecture} has no class token (layer {sequences[0].name} is a sequence "
+                f"{sequences[0].shape}); choose --tokens all"
+            )
+        return [
+            dataclasses.replace(layer, shape=layer.shape[1:], token=0) if layer in sequences else layer
+            for layer in layers
+        ]
 
     def capture_module(self, layers: Sequence[Layer], dtype: torch.dtype = torch.float32) -> fx.GraphModule:
         """A copy of the traced model whose forward returns ``(logits, [z-scored rows per layer])``.
@@ -304,6 +433,9 @@ class LayerCatalog:
                 node = graph.call_function(torch.softmax, (logits,), {"dim": 1})  # appended: after every node
             else:
                 node = copied[self._node[layer.name]]
+            if layer.token is not None:  # one token's row, taken before any later in-place op too
+                with graph.inserting_after(node):
+                    node = graph.call_function(operator.getitem, (node, (slice(None), layer.token)))
             with graph.inserting_after(node):
                 captures.append(graph.call_function(zscore_rows, (node,), {"out_dtype": dtype}))
         graph.output((logits, tuple(captures)))

@@ -31,10 +31,15 @@ name loads without loading them (``torchvision:ResNet50_Weights.IMAGENET1K_V1``,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.metadata
 import os
+import socket
+import unittest.mock
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,7 +59,8 @@ MODEL_OPTIONS = {
 }
 MODEL_CHOICES = (
     "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, fractalnet, fractalnet_tiny, "
-    "torchvision:NAME, timm:NAME, NAME:checkpoint=PATH, each optionally NAME?weights=TAG&pretrained=false&input_size=N"
+    "torchvision:NAME, timm:NAME, timm:hf-hub:ORG/NAME (online or cached), NAME:checkpoint=PATH, each optionally "
+    "NAME?weights=TAG&pretrained=false&input_size=N"
 )
 UNTRAINED = "untrained (seed 0)"  # the weights of a network built with torch.manual_seed(0) and nothing loaded
 
@@ -69,6 +75,22 @@ class Preprocess:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop_mode: str = "center"  # timm's: center, squash or border (see semprobe.datasets.decode.decode_image)
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """The colour ``border`` pads with: the mean, as timm's CenterCropOrPad has it."""
+        return tuple(round(255 * m) for m in self.mean)
+
+    def decode_args(self) -> dict:
+        """The keyword arguments of :func:`semprobe.datasets.decode.decode_image` this preprocessing takes."""
+        return {
+            "size": self.size,
+            "resize_size": self.resize_size,
+            "interpolation": self.interpolation,
+            "crop_mode": self.crop_mode,
+            "fill": self.fill,
+        }
 
 
 @dataclass
@@ -142,6 +164,7 @@ def _preprocess(
     std,
     input_size: int | None,
     resize_size: int | None = None,
+    crop_mode: str = "center",
 ) -> Preprocess:
     """The model's own preprocessing (``resize_size`` default ``int(size / crop_ratio)``), or with ``input_size``
     N: crops of N, the shorter side resized to ``round(N / crop_ratio)``."""
@@ -149,7 +172,22 @@ def _preprocess(
         size, resize_size = input_size, round(input_size / crop_ratio)
     elif resize_size is None:
         resize_size = int(size / crop_ratio)
-    return Preprocess(size, resize_size, interpolation, tuple(mean), tuple(std))
+    return Preprocess(size, resize_size, interpolation, tuple(mean), tuple(std), crop_mode)
+
+
+def timm_preprocess(cfg: dict, input_size: int | None = None) -> Preprocess:
+    """timm's own evaluation preprocessing from a resolved data config (``timm.data.resolve_data_config``):
+    its size, ``crop_pct`` (resize to ``floor(size / crop_pct)``), ``crop_mode``, interpolation, mean and std,
+    as ``timm.data.create_transform`` builds it."""
+    return _preprocess(
+        cfg["input_size"][-1],
+        cfg["crop_pct"],
+        cfg["interpolation"],
+        cfg["mean"],
+        cfg["std"],
+        input_size,
+        crop_mode=cfg.get("crop_mode") or "center",
+    )
 
 
 def _no_weights_option(spec: ModelSpec, what: str) -> None:
@@ -298,8 +336,55 @@ def _torchvision(name: str, spec: ModelSpec) -> LoadedModel:
     return LoadedModel(f"torchvision:{name}", model.eval(), pre, len(weights.meta["categories"]), tag)
 
 
+HF_HUB = "hf-hub:"  # timm's prefix of a model kept on the Hugging Face Hub: hf-hub:ORG/NAME
+HUB_TIMEOUT_S = 3.0  # how long the one reachability check waits for the Hub
+
+
+def _is_hub_name(name: str) -> bool:
+    org, slash, repo = name.removeprefix(HF_HUB).partition("/")
+    return name.startswith(HF_HUB) and bool(org and slash and repo)
+
+
+def _timm_has(name: str) -> bool:
+    return _is_hub_name(name) or timm.is_model(name)
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub can be reached, asked once with a short timeout. Offline, huggingface_hub
+    retries every file for about 25 s before it gives up; a proxy (``https_proxy``) is trusted to reach it."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    if urllib.request.getproxies().get("https"):
+        return True
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_TIMEOUT_S).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_or_cache():
+    """timm's Hub downloads as they are when the Hub answers, else from the local cache alone, failing at once
+    on a file it lacks (huggingface_hub's offline mode) instead of after its retries."""
+    from huggingface_hub import constants
+
+    if hub_reachable():
+        yield
+        return
+    with unittest.mock.patch.object(constants, "HF_HUB_OFFLINE", True):
+        yield
+
+
 def _timm_arch(name: str, spec: ModelSpec) -> str:
     """``NAME.TAG`` for ``weights=TAG``; a tag, given either way, checked against timm's list."""
+    if _is_hub_name(name):
+        if spec.weights is not None:
+            raise InputError(f"model '{spec.name}': a {HF_HUB}ORG/NAME repository holds its weights; drop weights=")
+        return name
     if spec.weights is not None:
         if "." in name:
             raise InputError(f"model '{spec.name}' names a timm tag twice: write NAME?weights=TAG or NAME.TAG")
@@ -317,26 +402,35 @@ def _timm_weights(name: str, spec: ModelSpec) -> str:
     name = _timm_arch(name, spec)
     if not spec.pretrained:
         return UNTRAINED
+    if _is_hub_name(name):
+        return f"timm:{name}"
     cfg = timm.models.get_pretrained_cfg(name)
     return f"timm:{cfg.architecture}.{cfg.tag}" if cfg is not None and cfg.tag else f"timm:{name}"
 
 
 def _timm(name: str, spec: ModelSpec) -> LoadedModel:
     arch = _timm_arch(name, spec)
-    model = timm.create_model(arch, pretrained=False)
-    if spec.pretrained:
-        try:
-            model = timm.create_model(arch, pretrained=True)
-        except Exception as err:  # offline: huggingface_hub and urllib raise their own errors
-            source = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url")
+    with _hub_or_cache():
+        try:  # a Hub model's architecture is in its config.json, on the Hub
+            model = timm.create_model(arch, pretrained=False)
+        except Exception as err:  # huggingface_hub's errors: offline, no such repository, no config.json
+            if not _is_hub_name(arch):
+                raise
             raise InputError(
-                f"pretrained weights for timm:{arch} are not cached and could not be downloaded from {source} "
-                f"({type(err).__name__}); pass {name}:checkpoint=PATH"
+                f"unknown model '{spec.name}': its config.json is not cached and could not be fetched from the "
+                f"Hugging Face Hub ({type(err).__name__}{'' if hub_reachable() else ', offline'}); choose one of "
+                f"{MODEL_CHOICES}"
             ) from None
-    cfg = timm.data.resolve_data_config({}, model=model)
-    pre = _preprocess(
-        cfg["input_size"][-1], cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"], spec.input_size
-    )
+        if spec.pretrained:
+            try:
+                model = timm.create_model(arch, pretrained=True)
+            except Exception as err:  # offline: huggingface_hub and urllib raise their own errors
+                source = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("url")
+                raise InputError(
+                    f"pretrained weights for timm:{arch} are not cached and could not be downloaded from {source} "
+                    f"({type(err).__name__}); pass {name}:checkpoint=PATH"
+                ) from None
+    pre = timm_preprocess(timm.data.resolve_data_config({}, model=model), spec.input_size)
     return LoadedModel(f"timm:{name}", model.eval(), pre, model.num_classes, _timm_weights(name, spec))
 
 
@@ -357,7 +451,7 @@ BACKENDS: dict[str, Backend] = {
     "packaged": Backend(_LITE.__contains__, _lite, _lite_weights),
     "own": Backend(_OWN.__contains__, _own, _own_weights),
     "torchvision": Backend(lambda n: n in _torchvision_names(), _torchvision, _torchvision_weights),
-    "timm": Backend(timm.is_model, _timm, _timm_weights),
+    "timm": Backend(_timm_has, _timm, _timm_weights),
 }
 
 

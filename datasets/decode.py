@@ -17,6 +17,7 @@ from semprobe.datasets import cifar
 from semprobe.datasets.images import filesystem
 
 _INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+CROP_MODES = ("center", "squash", "border")  # timm's eval crop modes (timm.data.transforms_imagenet_eval)
 
 
 class ImageError(Exception):
@@ -40,12 +41,23 @@ def read_bytes(uri: str) -> bytes:
 
 
 def decode_image(
-    data: bytes, size: int, resize_size: int, interpolation: str = "bicubic", precropped: bool = False
+    data: bytes,
+    size: int,
+    resize_size: int,
+    interpolation: str = "bicubic",
+    precropped: bool = False,
+    crop_mode: str = "center",
+    fill: tuple[int, int, int] = (0, 0, 0),
 ) -> np.ndarray:
     """Decode, resize the shorter side to ``resize_size``, centre-crop ``size`` x ``size``.
 
     ``precropped``: the image is already the model's ``size`` x ``size`` input
     (an adversarial example, say) and is taken as it is; any other size is an error.
+
+    ``crop_mode``: timm's evaluation crops. ``center`` (torchvision's and timm's default) as above;
+    ``squash``: both sides resized to ``resize_size`` (the aspect ratio is not kept), then the centre crop;
+    ``border``: the longer side resized to ``resize_size`` (aspect kept), then centre-cropped or padded with
+    ``fill`` (timm pads with the model's mean colour) to ``size`` x ``size``.
 
     Returns
     -------
@@ -65,10 +77,20 @@ def decode_image(
         if (w, h) != (size, size):
             raise ImageError("decode", f"a pre-cropped image must be {size}x{size}, got {w}x{h}")
         return np.asarray(rgb, dtype=np.uint8)
-    scale = resize_size / min(w, h)
-    # torchvision's Resize(int): the shorter side becomes resize_size, the other is truncated.
-    new_w, new_h = (resize_size, int(resize_size * h / w)) if w <= h else (int(resize_size * w / h), resize_size)
-    if scale != 1:
+    if crop_mode == "squash":  # torchvision's Resize((s, s))
+        new_w, new_h = resize_size, resize_size
+    elif crop_mode == "border":  # timm's ResizeKeepRatio(longest=1): the longer side becomes resize_size
+        ratio = max(w, h) / resize_size
+        new_w, new_h = round(w / ratio), round(h / ratio)
+    elif w <= h:  # torchvision's Resize(int): the shorter side becomes resize_size, the other is truncated
+        new_w, new_h = resize_size, int(resize_size * h / w)
+    else:
+        new_w, new_h = int(resize_size * w / h), resize_size
+    if (new_w, new_h) != (w, h):
         rgb = rgb.resize((new_w, new_h), _INTERPOLATION[interpolation])
+    if crop_mode == "border" and (new_w < size or new_h < size):  # timm's CenterCropOrPad: pad, then crop
+        padded = Image.new("RGB", (max(new_w, size), max(new_h, size)), tuple(fill))
+        padded.paste(rgb, ((size - new_w) // 2 if new_w < size else 0, (size - new_h) // 2 if new_h < size else 0))
+        rgb, (new_w, new_h) = padded, padded.size
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return np.asarray(rgb.crop((left, top, left + size, top + size)), dtype=np.uint8)

@@ -127,7 +127,7 @@ class AttackWorker:
         results, decoded = [], []
         for pair in pairs:
             try:
-                decoded.append((pair, decode_image(read_bytes(pair.uri), pre.size, pre.resize_size, pre.interpolation)))
+                decoded.append((pair, decode_image(read_bytes(pair.uri), **pre.decode_args())))
             except ImageError as err:  # this pair's failure, not the job's
                 results.append({"pair": pair.pair, "status": "skipped", "note": f"{err.stage}: {err}"})
         for lo in range(0, len(decoded), self.batch_size):
@@ -382,7 +382,7 @@ def _examples(ctx: FailureContext, rows: list[dict[str, Any]], n_sources: int = 
     panel = []
     for image_id in dict.fromkeys(row["image_id"] for row in rows if row["status"] == "success"):
         mine = [row for row in rows if row["image_id"] == image_id and row.get("png")]
-        clean = decode_image(read_bytes(mine[0]["uri"]), pre.size, pre.resize_size, pre.interpolation)
+        clean = decode_image(read_bytes(mine[0]["uri"]), **pre.decode_args())
         attacked = [
             (
                 np.asarray(Image.open(io.BytesIO(row["png"])).convert("RGB")),

@@ -90,22 +90,20 @@ class ValidationCounts:
 
 def _decode(encoder: FeatureEncoder, rows: list[list[Any]]) -> tuple[list[np.ndarray], list[int], list[dict]]:
     """Each image decoded once per distinct model input; failures become error records."""
-    kinds = {(p.size, p.resize_size, p.interpolation) for p in encoder.preprocesses}
+    kinds = {tuple(p.decode_args().items()) for p in encoder.preprocesses}
     decoded: dict[tuple, list[np.ndarray]] = {k: [] for k in kinds}
     labels, errors = [], []
     for image_id, uri, label in rows:
         try:
             data = read_bytes(uri)
-            pixels = {k: decode_image(data, *k) for k in kinds}
+            pixels = {k: decode_image(data, **dict(k)) for k in kinds}
         except ImageError as err:
             errors.append({"image_id": image_id, "uri": uri, "stage": err.stage, "message": str(err)})
             continue
         for k, x in pixels.items():
             decoded[k].append(x)
         labels.append(label)
-    batch = [
-        np.stack(decoded[(p.size, p.resize_size, p.interpolation)]) if labels else None for p in encoder.preprocesses
-    ]
+    batch = [np.stack(decoded[tuple(p.decode_args().items())]) if labels else None for p in encoder.preprocesses]
     return batch, labels, errors
 
 

@@ -33,7 +33,7 @@ def bare_forward(model: str, images: str, batch_size: int, min_images: int = 128
     loaded = load_model(model)
     module, pre = loaded.module, loaded.preprocess
     uris = resolve_images(images).images["uri"].to_pylist()
-    pixels = np.stack([decode_image(read_bytes(u), pre.size, pre.resize_size, pre.interpolation) for u in uris])
+    pixels = np.stack([decode_image(read_bytes(u), **pre.decode_args()) for u in uris])
     cpu = torch.device("cpu")
     batches = [normalise(pixels[i : i + batch_size], pre, cpu) for i in range(0, len(pixels), batch_size)]
     with torch.inference_mode():
@@ -416,10 +416,7 @@ def bench_attack(args: argparse.Namespace) -> dict:
     pre, module = attacker.preprocess, attacker.fmodel._model
     uris = resolve_images(args.images).images["uri"].to_pylist()
     pixels = np.stack(
-        [
-            decode_image(read_bytes(uris[i % len(uris)]), pre.size, pre.resize_size, pre.interpolation)
-            for i in range(args.batch_size)
-        ]
+        [decode_image(read_bytes(uris[i % len(uris)]), **pre.decode_args()) for i in range(args.batch_size)]
     )
     targets = np.random.default_rng(0).integers(0, 1000, args.batch_size)
     attacker(pixels[:2], targets[:2])  # warm-up
@@ -605,12 +602,7 @@ def real_matrices(images: str, model: str = "efficientnet_lite0", word_model: st
     pre = extractor.preprocess
     rows = {layer.name: [] for layer in extractor.layers}
     for lo in range(0, len(concepts), 32):
-        pixels = np.stack(
-            [
-                decode_image(read_bytes(first[c]), pre.size, pre.resize_size, pre.interpolation)
-                for c in concepts[lo : lo + 32]
-            ]
-        )
+        pixels = np.stack([decode_image(read_bytes(first[c]), **pre.decode_args()) for c in concepts[lo : lo + 32]])
         out = extractor({"pixels": pixels})
         for name in rows:
             rows[name].append(out[name])

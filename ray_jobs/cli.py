@@ -120,6 +120,39 @@ def _words(args: argparse.Namespace) -> int:
     return 0
 
 
+MODELS_HELP = (
+    "list a model's layers of the chosen kinds with their output shapes and feature counts, from one forward pass "
+    "of a zero image at the model's input size (no weights loaded, no images read): choose --layers before a job"
+)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from semprobe.actors.layers import LAYER_KINDS, LayerCatalog
+    from semprobe.actors.zoo import untrained
+
+    loaded = untrained(args.name)  # shapes do not depend on the weights: nothing is downloaded
+    size = loaded.preprocess.size
+    catalog = LayerCatalog(loaded.module, size)
+    layers = catalog.select(args.layers, args.tokens)
+    rows = [
+        {"layer_index": x.layer_index, "name": x.name, "kind": x.kind, "shape": list(x.shape), "features": x.dim}
+        for x in layers
+    ]
+    counts = {k: len(catalog.kinds[k]) for k in LAYER_KINDS if k in catalog.kinds}
+    if args.json:
+        print(json.dumps({"model": loaded.name, "input": [3, size, size], "layers": rows, "kinds": counts}, indent=2))
+        return 0
+    print(f"{loaded.name}: {len(rows)} layers of '{args.layers}', input 3x{size}x{size} (tokens: {args.tokens})")
+    table = [("index", "layer", "kind", "shape", "features")] + [
+        (str(r["layer_index"]), r["name"], r["kind"], "x".join(map(str, r["shape"])), str(r["features"])) for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    for row in table:
+        print("  ".join(c.rjust(w) if i in (0, 4) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    print("kinds: " + ", ".join(f"{k} {n}" for k, n in counts.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")  # foolbox imports GitPython; git may be absent
     parser = argparse.ArgumentParser(
@@ -181,6 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("src", metavar="SRC", help="word2vec:PATH, glove:PATH or fasttext:PATH")
     convert.add_argument("dest", metavar="DEST", help="a new (or empty) folder, local or a URI; written whole or not")
     convert.set_defaults(func=_words)
+    m = sub.add_parser("models", help=MODELS_HELP, description=MODELS_HELP)
+    m.add_argument("name", metavar="NAME", help=f"the model: {config.MODEL_HELP}")
+    m.add_argument("--layers", default="blocks", help=f"{config.LAYERS_HELP} (default: blocks)")
+    m.add_argument(
+        "--tokens",
+        default="all",
+        choices=config.TOKENS,
+        help="a transformer's token sequences: all tokens, or the class token alone (default: all)",
+    )
+    m.add_argument("--json", action="store_true", help="print the listing as JSON")
+    m.set_defaults(func=_models)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

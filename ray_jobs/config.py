@@ -37,11 +37,12 @@ INPUT_SPACES = ("[0,1]", "[-1,1]")  # the spaces actors.attack.SPACES knows (con
 BHY_FAMILIES = ("all", "model", "model,word_model")  # analysis.scores.FAMILIES (config imports no torch)
 ONE_VS_TWO_NULLS = ("rows", "columns")  # analysis.onevtwo.NULLS
 TARGET_SIMILARITIES = ("pearson", "cosine")
+TOKENS = ("all", "class")  # actors.layers.TOKENS (config imports no torch)
 PRECISIONS = ("fp64", "fp32")  # analysis.kernels.PRECISIONS (config imports no torch)
 STORE_MODES = ("auto", "activations", "similarity")  # ray_jobs.fused: where an extraction's results go
 AUTO_TASK_GPUS = 0.25  # an analysis task's share of a GPU when the cluster has GPUs and --task-gpus is unset
 MODEL_HELP = (
-    "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, NAME:checkpoint=PATH, each optionally "
+    "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, timm:hf-hub:ORG/NAME, NAME:checkpoint=PATH, each optionally "
     "NAME?weights=TAG&pretrained=false&input_size=N"
 )
 LAYERS_HELP = (
@@ -334,6 +335,14 @@ class _Extraction(Resources):
         64, "images per unit of work and per activation file (a multiple of --batch-size)", minimum=1, identity=True
     )
     dtype: str = option("float16", "precision of the stored activations", choices=DTYPE_CHOICES, identity=True)
+    tokens: str = option(
+        "all",
+        "how a transformer layer's token sequence (a ViT block's tokens x features) is flattened: all tokens, "
+        "token-major, or the class token's features alone; CNN layers are flattened whole either way",
+        choices=TOKENS,
+        noun="token flattening",
+        identity=True,
+    )
     concept_words: str | None = option(None, CONCEPT_WORDS_HELP, identity=True, none=CONCEPT_WORDS_NONE)
     word_cache: str | None = option(
         None,
@@ -351,6 +360,12 @@ class _Extraction(Resources):
             self.word_cache = absolute(self.word_cache)
         if self.shard_size % self.batch_size:
             raise InputError(f"--shard-size {self.shard_size} must be a multiple of --batch-size {self.batch_size}")
+
+    def identity(self) -> dict[str, Any]:
+        ident = super().identity()
+        if self.tokens == "all":  # the default: every layer flattened whole, as runs were before the option
+            del ident["tokens"]
+        return ident
 
     def word_cache_dir(self) -> str | None:
         """The word cache (``--word-cache``, by default beside --out); None when 'off'."""

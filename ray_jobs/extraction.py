@@ -113,7 +113,7 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
     shard = pa.array(np.arange(images.num_rows) // cfg.shard_size, pa.int32())
     manifest = images.append_column("shard", shard).select(schema.MANIFEST.names).cast(schema.MANIFEST)
     loaded = load_model(cfg.model)
-    layers = LayerCatalog(loaded.module, loaded.preprocess.size).select(cfg.layers)
+    layers = LayerCatalog(loaded.module, loaded.preprocess.size).select(cfg.layers, cfg.tokens)
     return ExtractionPlan(
         cfg, source, concepts, dropped, manifest, loaded.name, loaded.preprocess, layers, loaded.weights
     )
@@ -123,7 +123,14 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
 
 
 def decode_shard(
-    batch: pa.Table, size: int, resize_size: int, interpolation: str, precropped: bool, out: str | None = None
+    batch: pa.Table,
+    size: int,
+    resize_size: int,
+    interpolation: str,
+    precropped: bool,
+    out: str | None = None,
+    crop_mode: str = "center",
+    fill: tuple[int, int, int] = (0, 0, 0),
 ) -> dict[str, np.ndarray]:
     """CPU stage: read and decode one shard's images; failures become error records. On a node that joined after
     the job's storage check, ``out``'s check runs first: images it cannot see must not become error records."""
@@ -133,7 +140,7 @@ def decode_shard(
     kept, pixels, errors = [], [], []
     for image_id, uri, concept_id, set_index in json.loads(images):
         try:
-            pixels.append(decode_image(read_bytes(uri), size, resize_size, interpolation, precropped))
+            pixels.append(decode_image(read_bytes(uri), size, resize_size, interpolation, precropped, crop_mode, fill))
             kept.append([image_id, concept_id, set_index])
         except ImageError as err:
             errors.append({"image_id": image_id, "uri": uri, "stage": err.stage, "message": str(err)})
@@ -160,11 +167,12 @@ class ExtractShards:
         torch_threads: int | None,
         store_format: str = "arrow",
         compression: str = "none",
+        tokens: str = "all",
     ):
         if torch_threads is None and not gpus:
             # Ray pins OMP_NUM_THREADS to the actor's CPU request; a CPU-only forward pass wants the node.
             torch_threads = len(os.sched_getaffinity(0))
-        self.extractor = ActivationExtractor(model, layers, dtype=dtype, threads=torch_threads)
+        self.extractor = ActivationExtractor(model, layers, dtype=dtype, threads=torch_threads, tokens=tokens)
         self.output = Output(out)
         self.key = model_key(self.extractor.model_name)
         self.dtype, self.format, self.compression, self.batch_size = dtype, store_format, compression, batch_size
@@ -366,6 +374,8 @@ def stream(
             "size": pre.size,
             "resize_size": pre.resize_size,
             "interpolation": pre.interpolation,
+            "crop_mode": pre.crop_mode,
+            "fill": pre.fill,
             "precropped": cfg.precropped,
             "out": cfg.out,
         },
@@ -382,6 +392,7 @@ def stream(
             "out": cfg.out,
             "model": cfg.model,
             "layers": cfg.layers,
+            "tokens": cfg.tokens,
             "dtype": cfg.dtype,
             "batch_size": cfg.batch_size,
             "gpus": resources["gpus_per_actor"],

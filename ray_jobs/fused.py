@@ -109,8 +109,9 @@ class FuseSets(ExtractShards):
         units: dict[int, Any],
         compute: str = "float32",
         gram_memory_mb: int = 256,
+        tokens: str = "all",
     ):
-        super().__init__(out, model, layers, dtype, batch_size, gpus, torch_threads)
+        super().__init__(out, model, layers, dtype, batch_size, gpus, torch_threads, tokens=tokens)
         self.units, self.compute = units, compute
         self.block_values = gram_memory_mb * 2**20 // 4  # float32 values per Gram chunk, as the Gram tasks read
         self.by_name = {layer.name: layer for layer in self.extractor.layers}
