@@ -298,6 +298,7 @@ def architecture_svg(lay: Layout, rows: Sequence[dict[str, Any]], title: str, id
     width, height = lay.width + 110.0, max(lay.height, 260.0)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" id="{escape(ident)}" class="architecture" width="{width:.0f}" '
+        'style="overflow:visible" '  # a tooltip wider than a small diagram stays readable in the page
         f'height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" font-family="DejaVu Sans, sans-serif" '
         f'font-size="{FONT:.0f}">',
         f'<defs><marker id="{escape(ident)}-arrow" viewBox="0 0 6 6" refX="6" refY="3" markerWidth="5" '
