@@ -148,13 +148,20 @@ def _place(ranks: list[list[int]], nodes: list[Node], preds, succs, passes: int 
             neighbours = preds if down else succs
             want = []
             for n in rank:
-                near = [nodes[m].x for m in neighbours[n]]
+                # a real node follows its real neighbours: bend points beside it must not pull the main path
+                near = [nodes[m].x for m in neighbours[n] if nodes[n].dummy or not nodes[m].dummy] or [
+                    nodes[m].x for m in neighbours[n]
+                ]
                 want.append(sum(near) / len(near) if near else nodes[n].x)
             xs = list(want)
             for i in range(1, len(rank)):
                 lo = xs[i - 1] + (nodes[rank[i - 1]].width + nodes[rank[i]].width) / 2 + GAP
                 xs[i] = max(xs[i], lo)
-            shift = sum(w - x for w, x in zip(want, xs)) / len(xs)  # keep the rank centred on what it wanted
+            # keep the rank's real nodes where they wanted to be, so the main path runs straight past bend points
+            moved = [(w - x) for n, w, x in zip(rank, want, xs) if not nodes[n].dummy] or [
+                w - x for w, x in zip(want, xs)
+            ]
+            shift = sum(moved) / len(moved)
             for n, x in zip(rank, xs):
                 nodes[n].x = x + shift
 
@@ -188,6 +195,17 @@ def layout(graph: OpGraph, probed: Sequence[str], ranks_per_column: int = 40) ->
         ranks[n.rank].append(i)
     _order(ranks, preds, succs)
     _place(ranks, nodes, preds, succs)
+    # A skipping edge whose bend points are the last of their ranks runs clear of the boxes it passes, on their
+    # right, as a bracket: how residual connections are drawn in papers.
+    side: set[int] = set()
+    for k, chain in enumerate(chains):
+        inner = chain[1:-1]
+        if inner and all(ranks[nodes[d].rank][-1] == d for d in inner):
+            span = range(nodes[chain[0]].rank, nodes[chain[-1]].rank + 1)
+            right = max(nodes[i].x + nodes[i].width / 2 for r in span for i in ranks[r] if not nodes[i].dummy)
+            for d in inner:
+                nodes[d].x = max(nodes[d].x, right + GAP)
+            side.add(k)
 
     # Columns: cut after ranks that hold one real node and nothing passing it, near even shares of the ranks.
     cuts = [r for r in range(n_ranks - 1) if len(ranks[r]) == 1 and not nodes[ranks[r][0]].dummy]
@@ -217,9 +235,12 @@ def layout(graph: OpGraph, probed: Sequence[str], ranks_per_column: int = 40) ->
         n.y = top + (n.rank - starts[n.column]) * RANK
     height = top + max(n.rank - starts[n.column] for n in nodes) * RANK + 30.0 if nodes else top
     out = Layout(nodes, width=x0 - COLUMN_GAP + 20.0, height=height)
-    for chain in chains:
+    for k, chain in enumerate(chains):
         points = [(nodes[i].x, nodes[i].y) for i in chain]
         a, b = nodes[chain[0]], nodes[chain[-1]]
+        if k in side and a.column == b.column:
+            x = max(p[0] for p in points[1:-1])
+            points = [(a.x, a.y), (x, a.y), (x, b.y), (b.x, b.y)]
         if a.column != b.column:  # the edge that leaves a column: down, across the gap, into the next one's top
             gap_x = rights[a.column] + offset[a.column] + COLUMN_GAP / 2
             points = [
@@ -230,8 +251,18 @@ def layout(graph: OpGraph, probed: Sequence[str], ranks_per_column: int = 40) ->
                 (b.x, b.y - RANK / 2),
                 (b.x, b.y),
             ]
+        points[0] = _border(a, points[1])
+        points[-1] = _border(b, points[-2])
         out.edges.append(points)
     return out
+
+
+def _border(node: Node, toward: tuple[float, float]) -> tuple[float, float]:
+    """Where the segment from the node's centre to ``toward`` leaves its box (or dot): edges end at the border."""
+    half_w, half_h = (node.width / 2, BOX_H / 2) if node.probed else (DOT, DOT) if not node.dummy else (0, 0)
+    dx, dy = toward[0] - node.x, toward[1] - node.y
+    s = min(half_w / abs(dx) if dx else math.inf, half_h / abs(dy) if dy else math.inf, 1.0)
+    return (node.x + s * dx, node.y + s * dy)
 
 
 def accuracy_norm(accuracies: Sequence[float]) -> Normalize:
@@ -294,8 +325,9 @@ def architecture_svg(lay: Layout, rows: Sequence[dict[str, Any]], title: str, id
         raise InputError(f"diagram id '{ident}' must be a letter then letters, digits, '-' or '_'")
     by_layer, colours = _check(rows, lay), layer_colours(rows)
     norm = accuracy_norm([r["accuracy"] for r in rows])
+    content = max(lay.width, 8.0 * len(title) - 70)  # the title fits (over the key), however narrow the network
     bar_w = 16.0
-    width, height = lay.width + 110.0, max(lay.height, 260.0)
+    width, height = content + 110.0, max(lay.height, 260.0)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" id="{escape(ident)}" class="architecture" width="{width:.0f}" '
         'style="overflow:visible" '  # a tooltip wider than a small diagram stays readable in the page
@@ -339,7 +371,7 @@ def architecture_svg(lay: Layout, rows: Sequence[dict[str, Any]], title: str, id
             f'<text x="{n.x:.1f}" y="{n.y + FONT / 2 - 1.5:.1f}" text-anchor="middle" fill="{ink}">'
             f"{escape(n.label)}</text></g>"
         )
-    bx, by, bh = lay.width + 30.0, 50.0, 160.0
+    bx, by, bh = content + 30.0, 50.0, 160.0
     out += [
         f'<g class="colorbar"><rect x="{bx:.0f}" y="{by:.0f}" width="{bar_w:.0f}" height="{bh:.0f}" '
         f'fill="url(#{escape(ident)}-bar)" stroke="#444" stroke-width="0.6"/>',
@@ -368,10 +400,11 @@ def architecture_figure(lay: Layout, rows: Sequence[dict[str, Any]], title: str)
     bar and a key; 100 drawing units to the inch."""
     by_layer, colours = _check(rows, lay), layer_colours(rows)
     norm = accuracy_norm([r["accuracy"] for r in rows])
+    content = max(lay.width, 8.0 * len(title) - 70)  # the title fits (over the key), however narrow the network
     scale = 100.0
-    fig = Figure(figsize=((lay.width + 90) / scale, max(lay.height, 260) / scale))
-    ax = fig.add_axes((0, 0, lay.width / (lay.width + 90), 1))
-    ax.set_xlim(0, lay.width)
+    fig = Figure(figsize=((content + 90) / scale, max(lay.height, 260) / scale))
+    ax = fig.add_axes((0, 0, content / (content + 90), 1))
+    ax.set_xlim(0, content)
     ax.set_ylim(max(lay.height, 260), 0)  # y runs down, as in the SVG
     ax.axis("off")
     font = FONT * 72 / scale  # drawing units to points
@@ -382,7 +415,7 @@ def architecture_figure(lay: Layout, rows: Sequence[dict[str, Any]], title: str)
             "",
             xy=points[-1],
             xytext=points[-2],
-            arrowprops={"arrowstyle": "-|>", "color": "#888", "lw": 0.7, "shrinkA": 0, "shrinkB": BOX_H * 0.36},
+            arrowprops={"arrowstyle": "-|>", "color": "#888", "lw": 0.7, "shrinkA": 0, "shrinkB": 0},
             zorder=1,
         )
     for n in lay.nodes:
@@ -407,12 +440,12 @@ def architecture_figure(lay: Layout, rows: Sequence[dict[str, Any]], title: str)
         ink = "white" if norm(r["accuracy"]) < 0.55 else "black"
         ax.text(n.x, n.y, n.label, ha="center", va="center", fontsize=font, color=ink, zorder=4)
     ax.text(20, 22, title, fontsize=13 * 72 / scale, weight="bold", va="baseline")
-    cax = fig.add_axes((1 - 60 / (lay.width + 90), 0.55, 14 / (lay.width + 90), 0.35))
+    cax = fig.add_axes((1 - 60 / (content + 90), 0.55, 14 / (content + 90), 0.35))
     fig.colorbar(matplotlib.cm.ScalarMappable(norm, CMAP), cax=cax, label="2 vs. 2 accuracy")
     cax.tick_params(labelsize=6)
     cax.yaxis.label.set_size(7)
     fig.text(
-        1 - 75 / (lay.width + 90),
+        1 - 75 / (content + 90),
         0.5,
         "black outline:\nsignificant\nafter BHY\n\ngrey dots:\nunprobed ops",
         fontsize=6,

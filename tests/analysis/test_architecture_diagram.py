@@ -108,13 +108,27 @@ def test_layout_ranks_branches_side_by_side_and_routes_the_residual_beside_the_b
     # the residual cat -> add spans two ranks: one bend point, off the main path (beside conv3/bn3)
     (bend,) = [n for n in lay.nodes if n.dummy]
     assert bend.rank == by["conv3"].rank and abs(bend.x - by["conv3"].x) >= by["conv3"].width / 2
-    # one polyline per edge, from source to target, through the bend point for the residual
+    # one polyline per edge, from the source's border to the target's, in order
     assert len(lay.edges) == len(edges)
-    starts = {(round(p[0][0], 6), round(p[0][1], 6), round(p[-1][0], 6), round(p[-1][1], 6)) for p in lay.edges}
+
+    def on_border(point, node):
+        half_w, half_h = (node.width / 2, 9) if node.probed else (4, 4)
+        dx, dy = abs(point[0] - node.x), abs(point[1] - node.y)
+        inside = dx <= half_w + 1e-9 and dy <= half_h + 1e-9
+        return inside and (abs(dx - half_w) < 1e-9 or abs(dy - half_h) < 1e-9)
+
     for a, b in edges:
-        assert (round(real[a].x, 6), round(real[a].y, 6), round(real[b].x, 6), round(real[b].y, 6)) in starts
-    residual = next(p for p in lay.edges if p[0] == (by["cat"].x, by["cat"].y) and p[-1] == (by["add"].x, by["add"].y))
-    assert residual[1] == (bend.x, bend.y)
+        assert sum(on_border(p[0], real[a]) and on_border(p[-1], real[b]) for p in lay.edges) == 1
+    # the residual: a bracket on the right, out of cat's right side, down past conv3/bn3 and into add's
+    residual = next(p for p in lay.edges if on_border(p[0], by["cat"]) and on_border(p[-1], by["add"]))
+    cat, add = by["cat"], by["add"]
+    assert residual == [
+        (cat.x + cat.width / 2, cat.y),
+        (bend.x, cat.y),
+        (bend.x, add.y),
+        (add.x + add.width / 2, add.y),
+    ]
+    assert bend.x >= max(by[n].x + by[n].width / 2 for n in ("cat", "conv3", "add")) + 14
 
 
 def test_a_long_chain_wraps_into_columns_read_left_to_right():
