@@ -19,12 +19,10 @@ from dataclasses import dataclass, field
 from html import escape
 from typing import Any
 
-import matplotlib
-from matplotlib.colors import Normalize, to_hex
-from matplotlib.figure import Figure
-from matplotlib.patches import Circle, FancyBboxPatch
-
 from semprobe.analysis.errors import InputError
+
+# matplotlib is imported inside the drawing functions: the graph and its layout import where only numpy and torch
+# are (the layer catalog imports OpGraph on every model actor).
 
 CMAP = "viridis"
 # Drawing units (SVG pixels; the PNG scales them): rank pitch, box height, font size and a character's width.
@@ -265,8 +263,11 @@ def _border(node: Node, toward: tuple[float, float]) -> tuple[float, float]:
     return (node.x + s * dx, node.y + s * dy)
 
 
-def accuracy_norm(accuracies: Sequence[float]) -> Normalize:
-    """The colour bar's range: from chance (0.5), or below it if a layer is, to the best accuracy, in steps of 0.05."""
+def accuracy_norm(accuracies: Sequence[float]):
+    """The colour bar's range, a ``matplotlib.colors.Normalize``: from chance (0.5), or below it if a layer is, to
+    the best accuracy, in steps of 0.05."""
+    from matplotlib.colors import Normalize
+
     lo = min([0.5, *(math.floor(a * 20) / 20 for a in accuracies)])
     hi = max([lo + 0.1, *(math.ceil(a * 20) / 20 for a in accuracies)])
     return Normalize(lo, hi)
@@ -274,6 +275,9 @@ def accuracy_norm(accuracies: Sequence[float]) -> Normalize:
 
 def layer_colours(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     """Each layer's fill, ``#rrggbb``: its accuracy on the colour bar (:func:`accuracy_norm`, viridis)."""
+    import matplotlib
+    from matplotlib.colors import to_hex
+
     norm, cmap = accuracy_norm([r["accuracy"] for r in rows]), matplotlib.colormaps[CMAP]
     return {r["layer"]: to_hex(cmap(norm(r["accuracy"]))) for r in rows}
 
@@ -321,6 +325,9 @@ def architecture_svg(lay: Layout, rows: Sequence[dict[str, Any]], title: str, id
     is the SVG's id and prefixes the others (letters, digits, ``-`` and ``_``), so several diagrams can sit in one
     HTML page. Without scripts, each layer's ``<title>``
     gives the same text as the browser's own tooltip."""
+    import matplotlib
+    from matplotlib.colors import to_hex
+
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", ident):
         raise InputError(f"diagram id '{ident}' must be a letter then letters, digits, '-' or '_'")
     by_layer, colours = _check(rows, lay), layer_colours(rows)
@@ -395,9 +402,13 @@ def architecture_svg(lay: Layout, rows: Sequence[dict[str, Any]], title: str, id
     return "\n".join(out)
 
 
-def architecture_figure(lay: Layout, rows: Sequence[dict[str, Any]], title: str) -> Figure:
+def architecture_figure(lay: Layout, rows: Sequence[dict[str, Any]], title: str):
     """The diagram as a matplotlib Figure for papers: the SVG's drawing (:func:`architecture_svg`), with a colour
-    bar and a key; 100 drawing units to the inch."""
+    bar and a key; 100 drawing units to the inch. Returns a ``matplotlib.figure.Figure``."""
+    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle, FancyBboxPatch
+
     by_layer, colours = _check(rows, lay), layer_colours(rows)
     norm = accuracy_norm([r["accuracy"] for r in rows])
     content = max(lay.width, 8.0 * len(title) - 70)  # the title fits (over the key), however narrow the network
