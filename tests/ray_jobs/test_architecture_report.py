@@ -1,5 +1,6 @@
 """The architecture diagram of `semprobe run`: its files, its colours, and the report page in a real browser."""
 
+import math
 import os
 import shutil
 import xml.etree.ElementTree as ET
@@ -23,8 +24,8 @@ LAUNCH_ARGS = [
 
 def reference_fill(accuracy: float, accuracies: list[float]) -> str:
     """The colour bar by hand: viridis from min(0.5, lowest rounded down to 0.05) to the best rounded up."""
-    lo = min(0.5, min(int(a * 20) / 20 for a in accuracies))
-    hi = max(lo + 0.1, max(-int(-a * 20) / 20 for a in accuracies))
+    lo = min(0.5, min(math.floor(a * 20) / 20 for a in accuracies))
+    hi = max(lo + 0.1, max(math.ceil(a * 20) / 20 for a in accuracies))
     rgb = matplotlib.colormaps["viridis"]((accuracy - lo) / (hi - lo))[:3]
     return "#" + "".join(f"{round(c * 255):02x}" for c in rgb)
 
