@@ -308,7 +308,7 @@ _SCRIPT = """(function(){var s=document.getElementById('IDENT');var t=s.querySel
 var bg=t.querySelector('rect'),tx=t.querySelector('text');
 s.querySelectorAll('.layer').forEach(function(g){var ti=g.querySelector('title');if(ti)ti.remove();
 g.addEventListener('mouseenter',function(){var lines=g.dataset.tip.split('\\n');tx.textContent='';
-lines.forEach(function(l,i){var sp=document.createElementNS('http://www.w3.org/2000/svg','tspan');
+lines.forEach(function(l,i){var sp=document.createElementNS(s.namespaceURI,'tspan');
 sp.setAttribute('x',8);sp.setAttribute('dy',i?'1.25em':'1.1em');sp.textContent=l;tx.appendChild(sp)});
 var b=g.querySelector('rect'),x=+b.getAttribute('x')+ +b.getAttribute('width')+6,y=+b.getAttribute('y');
 var w=Math.max.apply(null,lines.map(function(l){return l.length}))*6.4+16,h=lines.length*13+10;

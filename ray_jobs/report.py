@@ -102,6 +102,8 @@ def _model_section(cfg, model: str, part: pl.DataFrame, concepts: pl.DataFrame, 
 
 def _architecture(model: str, diagram, alpha: float) -> list[str]:
     """The architecture diagram: the SVG inline (its tooltips need the page), the PNG for papers below it."""
+    # Inline in HTML, <svg> needs no namespace (the parser gives it its own): the report names no URL at all.
+    svg = diagram.svg.replace(' xmlns="http://www.w3.org/2000/svg"', "", 1)
     return [
         f"<h3>{escape(model)}: the architecture, coloured by what each layer knows</h3>",
         f"<p>Each probed layer is a box coloured by its 2 vs. 2 accuracy against {escape(diagram.word_model)} "
@@ -109,7 +111,7 @@ def _architecture(model: str, diagram, alpha: float) -> list[str]:
         "unprobed operations; a line that leaves the main path and rejoins it is a residual connection. Hover a "
         f"layer for its numbers. Files: <code>{escape(diagram.svg_path)}</code>, <code>{escape(diagram.png_path)}"
         "</code>.</p>",
-        f'<div class="architecture-diagram" style="overflow-x:auto">{diagram.svg}</div>',
+        f'<div class="architecture-diagram" style="overflow-x:auto">{svg}</div>',
         f'<details><summary>the PNG, for papers</summary><img alt="architecture of {escape(model)}" '
         f'src="data:image/png;base64,{base64.b64encode(diagram.png).decode()}"></details>',
     ]
