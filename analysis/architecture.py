@@ -227,7 +227,7 @@ def layout(graph: OpGraph, probed: Sequence[str], ranks_per_column: int = 40) ->
     for c in range(len(starts)):
         offset[c] = x0 - lefts[c]
         x0 += rights[c] - lefts[c] + COLUMN_GAP
-    top = 56.0  # room for the title and the edges that enter a column from above
+    top = 66.0  # room for a title of two lines and the edges that enter a column from above
     for n in nodes:
         n.x += offset[n.column]
         n.y = top + (n.rank - starts[n.column]) * RANK
@@ -318,9 +318,15 @@ t.setAttribute('visibility','visible')});
 g.addEventListener('mouseleave',function(){t.setAttribute('visibility','hidden')})})})();"""
 
 
+def _content_width(lay: Layout, title: str) -> float:
+    """The drawing's width: the graph's, or the title's (its longest line, over the key) when a narrow network's
+    title runs longer."""
+    return max(lay.width, 8.0 * max(map(len, title.split("\n"))) - 70)
+
+
 def architecture_svg(lay: Layout, rows: Sequence[dict[str, Any]], title: str, ident: str = "arch") -> str:
     """The diagram as an SVG document: probed layers as labelled boxes filled by accuracy (black outline when
-    significant after BHY), unprobed runs as small grey dots, a colour bar; hovering a layer shows its tooltip
+    significant after BHY), unprobed runs as small grey dots, a colour bar, ``title`` (lines split at ``\\n``); hovering a layer shows its tooltip
     (:func:`tooltip`). ``rows`` are the scores rows of one model and word model, one per probed layer; ``ident``
     is the SVG's id and prefixes the others (letters, digits, ``-`` and ``_``), so several diagrams can sit in one
     HTML page. Without scripts, each layer's ``<title>``
@@ -332,7 +338,7 @@ def architecture_svg(lay: Layout, rows: Sequence[dict[str, Any]], title: str, id
         raise InputError(f"diagram id '{ident}' must be a letter then letters, digits, '-' or '_'")
     by_layer, colours = _check(rows, lay), layer_colours(rows)
     norm = accuracy_norm([r["accuracy"] for r in rows])
-    content = max(lay.width, 8.0 * len(title) - 70)  # the title fits (over the key), however narrow the network
+    content = _content_width(lay, title)
     bar_w = 16.0
     width, height = content + 110.0, max(lay.height, 260.0)
     out = [
@@ -349,7 +355,9 @@ def architecture_svg(lay: Layout, rows: Sequence[dict[str, Any]], title: str, id
         )
         + "</linearGradient></defs>",
         f'<rect width="{width:.0f}" height="{height:.0f}" fill="white"/>',
-        f'<text x="20" y="22" font-size="13" font-weight="bold">{escape(title)}</text>',
+        '<text x="20" y="8" font-size="13" font-weight="bold">'
+        + "".join(f'<tspan x="20" dy="1.25em">{escape(line)}</tspan>' for line in title.split("\n"))
+        + "</text>",
         '<g class="edges" fill="none" stroke="#888" stroke-width="1">',
     ]
     for points in lay.edges:
@@ -411,7 +419,7 @@ def architecture_figure(lay: Layout, rows: Sequence[dict[str, Any]], title: str)
 
     by_layer, colours = _check(rows, lay), layer_colours(rows)
     norm = accuracy_norm([r["accuracy"] for r in rows])
-    content = max(lay.width, 8.0 * len(title) - 70)  # the title fits (over the key), however narrow the network
+    content = _content_width(lay, title)
     scale = 100.0
     fig = Figure(figsize=((content + 90) / scale, max(lay.height, 260) / scale))
     ax = fig.add_axes((0, 0, content / (content + 90), 1))
@@ -450,7 +458,7 @@ def architecture_figure(lay: Layout, rows: Sequence[dict[str, Any]], title: str)
         )
         ink = "white" if norm(r["accuracy"]) < 0.55 else "black"
         ax.text(n.x, n.y, n.label, ha="center", va="center", fontsize=font, color=ink, zorder=4)
-    ax.text(20, 22, title, fontsize=13 * 72 / scale, weight="bold", va="baseline")
+    ax.text(20, 10, title, fontsize=13 * 72 / scale, weight="bold", va="top", linespacing=1.25)
     cax = fig.add_axes((1 - 60 / (content + 90), 0.55, 14 / (content + 90), 0.35))
     fig.colorbar(matplotlib.cm.ScalarMappable(norm, CMAP), cax=cax, label="2 vs. 2 accuracy")
     cax.tick_params(labelsize=6)

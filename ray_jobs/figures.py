@@ -43,7 +43,7 @@ def save_architecture(
     rows = [r for r in scores if r["model"] == model and r["word_model"] == word_model]
     rows.sort(key=lambda r: r["layer_index"])
     lay = layout(graph, [r["layer"] for r in rows])
-    title = f"{model}: 2 vs. 2 accuracy against {word_model}"
+    title = f"{model}\n2 vs. 2 accuracy against {word_model}"  # two lines: a narrow network stays compact
     svg = architecture_svg(lay, rows, title, ident="arch-" + re.sub(r"[^A-Za-z0-9_-]", "-", key))
     svg_path, png_path = (posixpath.join("figures", f"{key}_architecture.{ext}") for ext in ("svg", "png"))
     output.write_bytes(svg.encode(), "figures", f"{key}_architecture.svg")

@@ -101,7 +101,7 @@ def test_layout_ranks_branches_side_by_side_and_routes_the_residual_beside_the_b
     for b in range(len(nodes)):
         rank[b] = max([rank[a] + 1 for a, bb in edges if bb == b], default=0)
     assert [n.rank for n in real] == rank
-    assert all(n.y == pytest.approx(56 + 30 * n.rank) for n in real)  # one column: y follows the rank
+    assert all(n.y == pytest.approx(66 + 30 * n.rank) for n in real)  # one column: y follows the rank
     # the branches share a rank, side by side, boxes apart
     left, right = by["b1_relu"], by["b2_relu"]
     assert left.rank == right.rank and right.x - left.x >= (left.width + right.width) / 2
