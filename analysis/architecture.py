@@ -326,11 +326,11 @@ def _content_width(lay: Layout, title: str) -> float:
 
 def architecture_svg(lay: Layout, rows: Sequence[dict[str, Any]], title: str, ident: str = "arch") -> str:
     """The diagram as an SVG document: probed layers as labelled boxes filled by accuracy (black outline when
-    significant after BHY), unprobed runs as small grey dots, a colour bar, ``title`` (lines split at ``\\n``); hovering a layer shows its tooltip
-    (:func:`tooltip`). ``rows`` are the scores rows of one model and word model, one per probed layer; ``ident``
-    is the SVG's id and prefixes the others (letters, digits, ``-`` and ``_``), so several diagrams can sit in one
-    HTML page. Without scripts, each layer's ``<title>``
-    gives the same text as the browser's own tooltip."""
+    significant after BHY), unprobed runs as small grey dots, a colour bar, ``title`` (lines split at newlines);
+    hovering a layer shows its tooltip (:func:`tooltip`). ``rows`` are the scores rows of one model and word model,
+    one per probed layer; ``ident`` is the SVG's id and prefixes the others (letters, digits, ``-`` and ``_``), so
+    several diagrams can sit in one HTML page. Without scripts, each layer's ``<title>`` gives the same text as the
+    browser's own tooltip."""
     import matplotlib
     from matplotlib.colors import to_hex
 
