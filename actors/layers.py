@@ -57,6 +57,7 @@ from torch.nn import functional as F
 from torchvision.models.feature_extraction import NodePathTracer
 
 from semprobe.actors.fractalnet import FractalBlock, FractalNet
+from semprobe.analysis.architecture import OpGraph
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.similarity import zscore_rows
 
@@ -362,6 +363,27 @@ class LayerCatalog:
     def names(self) -> list[str]:
         """Every layer name, in execution order: the nodes, then the softmax computed after them."""
         return [*self._qualname.values(), self._softmax]
+
+    def graph(self) -> OpGraph:
+        """The traced operations in execution order, named as layers are, with the data edges between them; the
+        softmax follows the logits (for the architecture diagram)."""
+        nodes = list(self._qualname)
+        index = {node: i for i, node in enumerate(nodes)}
+        modules = dict(self.module.named_modules())
+        ops = [
+            type(modules[n.target]).__name__
+            if n.op == "call_module"
+            else "input"
+            if n.op == "placeholder"
+            else getattr(n.target, "__name__", str(n.target))
+            for n in nodes
+        ]
+        edges = [(index[a], i) for i, n in enumerate(nodes) for a in n.all_input_nodes if a in index]
+        return OpGraph(
+            (*self._qualname.values(), self._softmax),
+            (*ops, "softmax"),
+            (*edges, (index[self._logits], len(nodes))),
+        )
 
     def select(self, spec: str | Sequence[str], tokens: str = "all") -> list[Layer]:
         """Resolve a layer spec: comma-separated kinds and/or node or module names.

@@ -42,6 +42,7 @@ import ray.data
 from semprobe.actors.extractor import ActivationExtractor
 from semprobe.actors.layers import Layer, LayerCatalog
 from semprobe.actors.zoo import Preprocess, load_model
+from semprobe.analysis.architecture import OpGraph
 from semprobe.analysis.errors import InputError
 from semprobe.datasets import schema
 from semprobe.datasets.concepts import ConceptMatch, match_concepts
@@ -73,6 +74,7 @@ class ExtractionPlan:
     preprocess: Preprocess
     layers: list[Layer]
     weights: str  # the weights loaded (LoadedModel.weights), for config.json and the report
+    graph: OpGraph | None = None  # the traced operations, for the architecture diagram
 
     @property
     def model_key(self) -> str:
@@ -113,9 +115,11 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
     shard = pa.array(np.arange(images.num_rows) // cfg.shard_size, pa.int32())
     manifest = images.append_column("shard", shard).select(schema.MANIFEST.names).cast(schema.MANIFEST)
     loaded = load_model(cfg.model)
-    layers = LayerCatalog(loaded.module, loaded.preprocess.size).select(cfg.layers, cfg.tokens)
+    catalog = LayerCatalog(loaded.module, loaded.preprocess.size)
+    layers = catalog.select(cfg.layers, cfg.tokens)
+    graph = catalog.graph()
     return ExtractionPlan(
-        cfg, source, concepts, dropped, manifest, loaded.name, loaded.preprocess, layers, loaded.weights
+        cfg, source, concepts, dropped, manifest, loaded.name, loaded.preprocess, layers, loaded.weights, graph
     )
 
 

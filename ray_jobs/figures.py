@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import io
+import posixpath
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from matplotlib.figure import Figure
 
+from semprobe.analysis.architecture import OpGraph, architecture_figure, architecture_svg, layout
 from semprobe.ray_jobs.storage import Output
 
 
@@ -15,3 +21,31 @@ def save_figure(output: Output, figure: Figure, *parts: str, dpi: int = 110) -> 
     figure.savefig(buf, format="png", dpi=dpi)
     output.write_bytes(buf.getvalue(), *parts)
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Diagram:
+    """One model's architecture diagram as written: the SVG text (the report inlines it, for its tooltips), the
+    PNG's bytes, their paths under OUT, and the word model whose accuracies colour it."""
+
+    svg: str
+    png: bytes
+    svg_path: str
+    png_path: str
+    word_model: str
+
+
+def save_architecture(
+    output: Output, graph: OpGraph, scores: Sequence[dict[str, Any]], model: str, key: str, word_model: str
+) -> Diagram:
+    """Draw ``model``'s architecture coloured by its 2 vs. 2 accuracy against ``word_model`` (``scores`` rows) and
+    write ``figures/<key>_architecture.svg`` and ``.png``."""
+    rows = [r for r in scores if r["model"] == model and r["word_model"] == word_model]
+    rows.sort(key=lambda r: r["layer_index"])
+    lay = layout(graph, [r["layer"] for r in rows])
+    title = f"{model}\n2 vs. 2 accuracy against {word_model}"  # two lines: a narrow network stays compact
+    svg = architecture_svg(lay, rows, title, ident="arch-" + re.sub(r"[^A-Za-z0-9_-]", "-", key))
+    svg_path, png_path = (posixpath.join("figures", f"{key}_architecture.{ext}") for ext in ("svg", "png"))
+    output.write_bytes(svg.encode(), "figures", f"{key}_architecture.svg")
+    png = save_figure(output, architecture_figure(lay, rows, title), "figures", f"{key}_architecture.png", dpi=200)
+    return Diagram(svg, png, svg_path, png_path, word_model)

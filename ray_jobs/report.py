@@ -100,6 +100,23 @@ def _model_section(cfg, model: str, part: pl.DataFrame, concepts: pl.DataFrame, 
     return html
 
 
+def _architecture(model: str, diagram, alpha: float) -> list[str]:
+    """The architecture diagram: the SVG inline (its tooltips need the page), the PNG for papers below it."""
+    # Inline in HTML, <svg> needs no namespace (the parser gives it its own): the report names no URL at all.
+    svg = diagram.svg.replace(' xmlns="http://www.w3.org/2000/svg"', "", 1)
+    return [
+        f"<h3>{escape(model)}: the architecture, coloured by what each layer knows</h3>",
+        f"<p>Each probed layer is a box coloured by its 2 vs. 2 accuracy against {escape(diagram.word_model)} "
+        f"(mean over image sets), outlined in black when significant after BHY at {alpha}; grey dots are runs of "
+        "unprobed operations; a line that leaves the main path and rejoins it is a residual connection. Hover a "
+        f"layer for its numbers. Files: <code>{escape(diagram.svg_path)}</code>, <code>{escape(diagram.png_path)}"
+        "</code>.</p>",
+        f'<div class="architecture-diagram" style="overflow-x:auto">{svg}</div>',
+        f'<details><summary>the PNG, for papers</summary><img alt="architecture of {escape(model)}" '
+        f'src="data:image/png;base64,{base64.b64encode(diagram.png).decode()}"></details>',
+    ]
+
+
 # What one BHY family is, per --family (analysis.scores.FAMILIES), in the words of each job.
 FAMILY_WORDS = {
     "run": {
@@ -224,12 +241,14 @@ def write_report(
     figures: dict[str, bytes],
     coverage: dict[str, tuple[Any, list[str], pa.Table]],
     families: list[Any] = (),
+    diagrams: dict[str, Any] | None = None,
 ) -> str:
     """Write OUT/report.html and return its path or URI.
 
     ``figures`` maps each model to its PNG; ``coverage`` maps it to (extraction
     plan, concepts left out after image errors, its errors table); ``families`` are the BHY families
-    (``analysis.scores.Family``) of ``scores``.
+    (``analysis.scores.Family``) of ``scores``; ``diagrams`` maps models to their architecture diagrams
+    (``ray_jobs.figures.Diagram``).
     """
     df, concepts = pl.from_arrow(scores), pl.from_arrow(concept_scores)
     statement, warnings = family_notes("run", cfg.family, list(families), cfg.alpha)
@@ -246,6 +265,8 @@ def write_report(
     ]
     for model, png in figures.items():
         html += _model_section(cfg, model, df.filter(pl.col("model") == model), concepts, png, coverage[model][0])
+        if diagrams and model in diagrams:
+            html += _architecture(model, diagrams[model], cfg.alpha)
     html.append("<h2>Coverage: what was skipped and why</h2>")
     for model, item in coverage.items():
         html += _coverage(model, *item)

@@ -21,6 +21,7 @@ Layout under OUT (besides the extractions under ``extract/<model>/``)::
     concept_scores.parquet                        per concept: its pairs passed, mean over sets
     concept_scores_by_set.parquet                 the same per image set
     figures/<model>.png, report.html, summary.json
+    figures/<model>_architecture.svg and .png     the architecture coloured by 2 vs. 2 (the first word model)
 
 Every file is published atomically and is a unit of resume: a rerun recomputes
 only what is missing, and every number downstream is computed from the files
@@ -41,7 +42,7 @@ from semprobe.analysis.scores import family_columns
 from semprobe.datasets import schema
 from semprobe.ray_jobs.config import RunConfig
 from semprobe.ray_jobs.extraction import plan_extraction
-from semprobe.ray_jobs.figures import save_figure
+from semprobe.ray_jobs.figures import save_architecture, save_figure
 from semprobe.ray_jobs.fused import run_extraction
 from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.report import family_summary, write_report
@@ -112,6 +113,12 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         )
         for model in cfg.models
     }
+    diagrams = {
+        plans[model].model: save_architecture(
+            output, plans[model].graph, scores.to_pylist(), plans[model].model, plans[model].model_key, cfg.words[0]
+        )
+        for model in cfg.models
+    }
     coverage = {
         plans[model].model: (
             plans[model],
@@ -120,7 +127,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         )
         for model in cfg.models
     }
-    report = write_report(output, cfg, scores, concept_scores, figures, coverage, reduced.families)
+    report = write_report(output, cfg, scores, concept_scores, figures, coverage, reduced.families, diagrams)
     summary = {
         "experiment_id": exp,
         "models": cfg.models,
