@@ -224,12 +224,14 @@ def write_report(
     figures: dict[str, bytes],
     coverage: dict[str, tuple[Any, list[str], pa.Table]],
     families: list[Any] = (),
+    panels: dict[str, list[tuple[str, bytes]]] | None = None,
 ) -> str:
     """Write OUT/report.html and return its path or URI.
 
     ``figures`` maps each model to its PNG; ``coverage`` maps it to (extraction
     plan, concepts left out after image errors, its errors table); ``families`` are the BHY families
-    (``analysis.scores.Family``) of ``scores``.
+    (``analysis.scores.Family``) of ``scores``; ``panels`` maps a model to more figures, each (heading, PNG),
+    shown after its tables.
     """
     df, concepts = pl.from_arrow(scores), pl.from_arrow(concept_scores)
     statement, warnings = family_notes("run", cfg.family, list(families), cfg.alpha)
@@ -246,6 +248,11 @@ def write_report(
     ]
     for model, png in figures.items():
         html += _model_section(cfg, model, df.filter(pl.col("model") == model), concepts, png, coverage[model][0])
+        for heading, more in (panels or {}).get(model, []):
+            html.append(
+                f'<h3>{escape(heading)}</h3><img alt="{escape(model)}: {escape(heading)}" '
+                f'src="data:image/png;base64,{base64.b64encode(more).decode()}">'
+            )
     html.append("<h2>Coverage: what was skipped and why</h2>")
     for model, item in coverage.items():
         html += _coverage(model, *item)
