@@ -53,6 +53,7 @@ def _layer_axis(ax, layers: Sequence[str], x: str) -> list[float]:
         return relative_depth(len(layers))
     ticks = thinned_ticks(len(layers))
     ax.set_xticks(ticks, [short(layers[i]) for i in ticks], rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
+    ax.set_xticks(range(len(layers)), minor=True)  # a small tick at every layer, named or not
     ax.set_xlabel(
         "layer (input to output" + (f"; {len(ticks)} of {len(layers)} named" if len(ticks) < len(layers) else "") + ")"
     )
@@ -212,7 +213,7 @@ def similarity_heatmaps(
     """
     order = np.asarray(order)
     w = len(order)
-    cols = min(len(panels), 3)
+    cols = min(len(panels), 4)  # first, best, last and one word model: one row
     rows = -(-len(panels) // cols)
     fig = Figure(figsize=(3.6 * cols + 0.6, 3.5 * rows + 0.5), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -283,6 +284,8 @@ def concept_heatmap(rows: Sequence[dict[str, Any]], title: str, n: int = 20, x: 
             ticks = thinned_ticks(len(layers))
             ax.set_xticks(ticks, [short(layers[j]) for j in ticks], rotation=45, ha="right", rotation_mode="anchor",
                           fontsize=7)  # fmt: skip
+            ax.set_xticks(range(len(layers)), minor=True)
+            ax.set_xlabel("layer (input to output)", fontsize=8)
         fig.colorbar(image, ax=ax, label="pass rate", shrink=0.9)
     axes[0].set_title(f"{title}\nconcepts ranked by their mean pass rate over the layers; chance 0.5", fontsize=9)
     return fig

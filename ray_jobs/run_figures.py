@@ -44,8 +44,9 @@ def similarity_figure(output: Output, model_plan, scores: Sequence[dict[str, Any
         panels,
         model_plan.words[words[0]],
         cluster_order(word_matrices[0]),
-        f"{model_plan.model}: concept x concept Pearson r, {len(ids)} concepts (CNN: mean over "
-        f"{len(model_plan.set_indices)} image set(s)); order: average-linkage clustering of {words[0]} on 1 - r",
+        f"{model_plan.model}: concept x concept Pearson r over {len(ids)} concepts (CNN layers: mean over "
+        f"{len(model_plan.set_indices)} image set(s))\nconcepts ordered by average-linkage clustering of the "
+        f"{words[0]} matrix (distance 1 - r)",
     )
 
 

@@ -181,7 +181,8 @@ def concept_rows(w=50, layers=7, seed=0):
     rng = np.random.default_rng(seed)
     rates = rng.uniform(0, 1, size=(w, layers)).round(3)
     rows = [
-        {"layer": f"L{j}", "layer_index": j, "concept_id": f"n{i:03d}", "word": f"w{i}", "pass_rate": float(rates[i, j])}
+        {"layer": f"L{j}", "layer_index": j, "concept_id": f"n{i:03d}", "word": f"w{i}",
+         "pass_rate": float(rates[i, j])}
         for i in range(w) for j in range(layers)
     ]  # fmt: skip
     return rows, rates
