@@ -16,6 +16,7 @@ from semprobe.analysis.errors import InputError
 MAX_TICKS = 15  # layer names on an axis: more than this overlap, even rotated, at a paper's column width
 MAX_LABEL = 28  # characters of a tick label; longer names keep their head and tail
 X_AXES = ("names", "depth")  # --x: what a layer curve's x axis shows
+DEPTH_LABEL = "relative depth (layer position / (number of layers - 1))"
 
 
 def short(name: str, limit: int = MAX_LABEL) -> str:
@@ -49,7 +50,7 @@ def _layer_axis(ax, layers: Sequence[str], x: str) -> list[float]:
         raise InputError(f"unknown x axis '{x}': choose one of {', '.join(X_AXES)}")
     if x == "depth":
         ax.set_xlim(-0.02, 1.02)
-        ax.set_xlabel("relative depth (layer position / (number of layers - 1))")
+        ax.set_xlabel(DEPTH_LABEL)
         return relative_depth(len(layers))
     ticks = thinned_ticks(len(layers))
     ax.set_xticks(ticks, [short(layers[i]) for i in ticks], rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
@@ -58,6 +59,11 @@ def _layer_axis(ax, layers: Sequence[str], x: str) -> list[float]:
         "layer (input to output" + (f"; {len(ticks)} of {len(layers)} named" if len(ticks) < len(layers) else "") + ")"
     )
     return list(range(len(layers)))
+
+
+def _footnote(ax, text: str) -> None:
+    """A small grey note in the axes' lower right corner: how to read the figure."""
+    ax.text(0.99, 0.01, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="dimgrey")
 
 
 def _significance_markers(ax, x, y, significant, colour, label: str, size: float = 18) -> None:
@@ -122,16 +128,7 @@ def layer_curves(scores: Sequence[dict[str, Any]], model: str, alpha: float, x: 
     ax.set_ylabel("2 vs. 2 accuracy (mean over image sets)")
     ax.grid(axis="y", color="0.92", lw=0.6)
     ax.legend(fontsize=8, loc="upper left")
-    ax.text(
-        0.99,
-        0.01,
-        f"band: +-1 std over sets; grey: permutation null +-2 std; filled: significant after BHY at {alpha}",
-        transform=ax.transAxes,
-        ha="right",
-        va="bottom",
-        fontsize=7,
-        color="dimgrey",
-    )
+    _footnote(ax, f"band: +-1 std over sets; grey: permutation null +-2 std; filled: significant after BHY at {alpha}")
     return fig
 
 
@@ -153,21 +150,12 @@ def compare_curves(curves: Sequence[dict[str, Any]], title: str = "2 vs. 2 throu
         _significance_markers(ax, xs, curve["accuracy"], curve["significant"], colour, curve["label"], size=16)
     ax.axhline(0.5, color="black", lw=0.6, ls=":", label="chance")
     ax.set_xlim(-0.02, 1.02)
-    ax.set_xlabel("relative depth (layer position / (number of layers - 1))")
+    ax.set_xlabel(DEPTH_LABEL)
     ax.set_ylabel("2 vs. 2 accuracy (mean over image sets)")
     ax.set_title(title)
     ax.grid(axis="y", color="0.92", lw=0.6)
     ax.legend(fontsize=7, loc="upper left", ncol=1 if len(curves) < 6 else 2)
-    ax.text(
-        0.99,
-        0.01,
-        "filled: significant after BHY (each run's own family and alpha); hollow: not",
-        transform=ax.transAxes,
-        ha="right",
-        va="bottom",
-        fontsize=7,
-        color="dimgrey",
-    )
+    _footnote(ax, "filled: significant after BHY (each run's own family and alpha); hollow: not")
     return fig
 
 
@@ -353,16 +341,7 @@ def one_vs_two_figure(
     ax.set_title(title, fontsize=10)
     ax.set_ylabel(f"1 vs. 2 accuracy ({sides})")
     ax.legend(fontsize=8)
-    ax.text(
-        0.99,
-        0.01,
-        "filled: significant after BHY",
-        transform=ax.transAxes,
-        ha="right",
-        va="bottom",
-        fontsize=7,
-        color="dimgrey",
-    )
+    _footnote(ax, "filled: significant after BHY")
     return fig
 
 
