@@ -28,6 +28,19 @@ def short(name: str, limit: int = MAX_LABEL) -> str:
     return f"{name[:head]}...{name[len(name) - (limit - 3 - head) :]}"
 
 
+def short_layer(name: str, limit: int = MAX_LABEL) -> str:
+    """A layer's name cut to ``limit`` characters from the front, at a dot where it can: the tail holds the stage,
+    block and operation that tell layers apart ('...stage3.block7.conv_pwl.bn')."""
+    if len(name) <= limit:
+        return name
+    parts = name.split(".")
+    for k in range(1, len(parts)):
+        tail = ".".join(parts[k:])
+        if len(tail) + 3 <= limit:
+            return f"...{tail}"
+    return f"...{name[len(name) - (limit - 3) :]}"
+
+
 def thinned_ticks(n: int, max_ticks: int = MAX_TICKS) -> list[int]:
     """Positions (0..n-1) of the layers whose names label an axis: every layer up to ``max_ticks``, else
     ``max_ticks`` evenly spaced ones, the first and the last included (position i * (n - 1) / (max_ticks - 1),
@@ -53,7 +66,9 @@ def _layer_axis(ax, layers: Sequence[str], x: str) -> list[float]:
         ax.set_xlabel(DEPTH_LABEL)
         return relative_depth(len(layers))
     ticks = thinned_ticks(len(layers))
-    ax.set_xticks(ticks, [short(layers[i]) for i in ticks], rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
+    ax.set_xticks(
+        ticks, [short_layer(layers[i]) for i in ticks], rotation=45, ha="right", rotation_mode="anchor", fontsize=7
+    )
     ax.set_xticks(range(len(layers)), minor=True)  # a small tick at every layer, named or not
     ax.set_xlabel(
         "layer (input to output" + (f"; {len(ticks)} of {len(layers)} named" if len(ticks) < len(layers) else "") + ")"
@@ -263,18 +278,21 @@ def concept_heatmap(rows: Sequence[dict[str, Any]], title: str, n: int = 20, x: 
         image = ax.imshow(grid, cmap="RdBu_r", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
         ax.set_yticks(range(len(concepts)), [short(f"{word[c]} ({c})", 24) for c in concepts], fontsize=6)
         ax.set_ylabel(f"{name} concepts", fontsize=8)
+        ax.set_xticks(range(len(layers)), minor=True)  # a small tick at every layer
         if x == "depth":
             ticks = thinned_ticks(len(layers), 6)
             depth = relative_depth(len(layers))
             ax.set_xticks(ticks, [f"{depth[j]:.2f}" for j in ticks], fontsize=7)
-            ax.set_xlabel("relative depth")
+            ax.set_xlabel("relative depth", fontsize=8)
         else:
             ticks = thinned_ticks(len(layers))
-            ax.set_xticks(ticks, [short(layers[j]) for j in ticks], rotation=45, ha="right", rotation_mode="anchor",
-                          fontsize=7)  # fmt: skip
-            ax.set_xticks(range(len(layers)), minor=True)
+            ax.set_xticks(ticks, [short_layer(layers[j]) for j in ticks], rotation=45, ha="right",
+                          rotation_mode="anchor", fontsize=7)  # fmt: skip
             ax.set_xlabel("layer (input to output)", fontsize=8)
-        fig.colorbar(image, ax=ax, label="pass rate", shrink=0.9)
+    for ax in axes[:-1]:  # one layer axis, under the last panel
+        ax.tick_params(labelbottom=False)
+        ax.set_xlabel("")
+    fig.colorbar(image, ax=list(axes), label="pass rate (fraction of the concept's pairs passed)", shrink=0.9)
     axes[0].set_title(f"{title}\nconcepts ranked by their mean pass rate over the layers; chance 0.5", fontsize=9)
     return fig
 

@@ -21,6 +21,7 @@ from semprobe.analysis.figures import (
     one_vs_two_figure,
     relative_depth,
     short,
+    short_layer,
     similarity_heatmaps,
     thinned_ticks,
 )
@@ -80,14 +81,31 @@ def test_short_keeps_head_and_tail():
     assert short(name) == name[:12] + "..." + name[-13:] and len(short(name)) == 28
 
 
+def reference_layer_label(name: str) -> str:
+    """A long layer name loses whole leading components ('features.', ...) until it fits 28 characters with '...'."""
+    parts = name.split(".")
+    while len(name) > 28 and len(parts) > 1 and len(".".join(parts)) + 3 > 28:
+        parts = parts[1:]
+    tail = ".".join(parts)
+    if len(name) <= 28:
+        return name
+    return "..." + tail if len(tail) + 3 <= 28 else "..." + name[-25:]
+
+
+def test_long_layer_names_keep_their_tail():
+    for name in ["features.stage3.block7.conv_pwl.bn", "a" * 40, "x." + "b" * 30, "blocks.1.0.bn3"]:
+        assert short_layer(name) == reference_layer_label(name) and len(short_layer(name)) <= 28
+    assert short_layer("features.stage3.block7.conv_pwl.bn") == "...stage3.block7.conv_pwl.bn"
+
+
 @pytest.mark.parametrize("n", [6, 40])
 def test_layer_curve_names_the_layers_thinned_and_fills_exactly_the_significant(n):
-    names = [f"stage{i // 4}.block{i % 4}.act" for i in range(n)]
+    names = [f"features.denseblock{i // 4}.denselayer{i % 4}.conv2" for i in range(n)]
     rows = fake_scores("cnn", names, ["glove-50d", "w2v"])
     ax = layer_curves(rows, "cnn", 0.05).axes[0]
     expected = reference_ticks(n)
     assert list(ax.get_xticks()) == expected
-    assert [t.get_text() for t in ax.get_xticklabels()] == [names[i] for i in expected]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [reference_layer_label(names[i]) for i in expected]
     for wm in ("glove-50d", "w2v"):
         line = [r for r in rows if r["word_model"] == wm]
         assert points(ax, f"{wm}:significant") == [(i, r["accuracy"]) for i, r in enumerate(line) if r["significant"]]
@@ -200,7 +218,8 @@ def test_concepts_figure_shows_the_20_best_and_20_worst_by_mean_pass_rate():
         drawn = np.asarray(ax.images[0].get_array())
         np.testing.assert_array_equal(drawn, np.array([rates[int(c[1:])] for c in concepts]))
         assert [t.get_text() for t in ax.get_yticklabels()] == [f"w{int(c[1:])} ({c})" for c in concepts]
-        assert [t.get_text() for t in ax.get_xticklabels()] == [f"L{j}" for j in range(7)]
+        assert list(ax.get_xticks()) == list(range(7))
+    assert [t.get_text() for t in axes[-1].get_xticklabels()] == [f"L{j}" for j in range(7)]  # under the last panel
     small, _ = concept_rows(w=13)
     assert concept_ranking(small) == (sorted({r["concept_id"] for r in small}, key=lambda c: (
         -np.mean([r["pass_rate"] for r in small if r["concept_id"] == c]), c)), [])  # fmt: skip
