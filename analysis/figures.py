@@ -279,11 +279,10 @@ def concept_heatmap(rows: Sequence[dict[str, Any]], title: str, n: int = 20, x: 
         ax.set_yticks(range(len(concepts)), [short(f"{word[c]} ({c})", 24) for c in concepts], fontsize=6)
         ax.set_ylabel(f"{name} concepts", fontsize=8)
         ax.set_xticks(range(len(layers)), minor=True)  # a small tick at every layer
-        if x == "depth":
-            ticks = thinned_ticks(len(layers), 6)
-            depth = relative_depth(len(layers))
-            ax.set_xticks(ticks, [f"{depth[j]:.2f}" for j in ticks], fontsize=7)
-            ax.set_xlabel("relative depth", fontsize=8)
+        if x == "depth":  # column j sits at depth j / (n - 1): ticks at round depths, between columns if need be
+            depths = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0] if len(layers) > 1 else [0.0]
+            ax.set_xticks([d * (len(layers) - 1) for d in depths], [f"{d:.1f}" for d in depths], fontsize=7)
+            ax.set_xlabel(DEPTH_LABEL, fontsize=8)
         else:
             ticks = thinned_ticks(len(layers))
             ax.set_xticks(ticks, [short_layer(layers[j]) for j in ticks], rotation=45, ha="right",

@@ -220,6 +220,9 @@ def test_concepts_figure_shows_the_20_best_and_20_worst_by_mean_pass_rate():
         assert [t.get_text() for t in ax.get_yticklabels()] == [f"w{int(c[1:])} ({c})" for c in concepts]
         assert list(ax.get_xticks()) == list(range(7))
     assert [t.get_text() for t in axes[-1].get_xticklabels()] == [f"L{j}" for j in range(7)]  # under the last panel
+    deep = [ax for ax in concept_heatmap(rows, "t", x="depth").axes if ax.images][-1]
+    assert list(deep.get_xticks()) == pytest.approx([0, 1.2, 2.4, 3.6, 4.8, 6])  # depth d at column d (n - 1)
+    assert [t.get_text() for t in deep.get_xticklabels()] == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
     small, _ = concept_rows(w=13)
     assert concept_ranking(small) == (sorted({r["concept_id"] for r in small}, key=lambda c: (
         -np.mean([r["pass_rate"] for r in small if r["concept_id"] == c]), c)), [])  # fmt: skip
