@@ -347,3 +347,15 @@ LAYERS = pa.schema(
         ("dim", pa.int64()),  # features: the product of shape
     ]
 )
+
+# ``semprobe compare``'s compare.parquet: one row per point of its figure, (run, model, word model, layer), as read
+# from each run's scores.parquet, with the layer's relative depth (layer position / (number of layers - 1)).
+COMPARE = pa.schema(
+    [
+        ("run", pa.string()),  # the run's folder, as given (absolute)
+        ("label", pa.string()),  # the curve's name in the figure's legend
+        *[SCORES.field(name) for name in ("model", "layer", "layer_index", "word_model")],
+        ("depth", pa.float64()),
+        *[SCORES.field(name) for name in ("accuracy", "std", "p_bhy", "significant")],
+    ]
+)

@@ -63,12 +63,16 @@ JOBS = {
 }
 
 
-def _job(args: argparse.Namespace) -> int:
-    module, runner, cls = JOBS[args.command]
-    cls = getattr(config, cls)
+def _resolved(args: argparse.Namespace, cls: type, **given):
+    """The config of ``cls``: defaults, then --config, then the flags given (and ``given``, e.g. positionals)."""
     flags = {f.name for f in config.options(cls) if f.metadata["flag"]}
     overrides = {k: config.parse_flag(cls, k, v) for k, v in vars(args).items() if k in flags and v is not None}
-    cfg = config.load_config(cls, args.config, overrides)
+    return config.load_config(cls, args.config, {**overrides, **given})
+
+
+def _job(args: argparse.Namespace) -> int:
+    module, runner, cls = JOBS[args.command]
+    cfg = _resolved(args, getattr(config, cls))
     if args.print_config:
         print(config.dumps(cfg))
         return 0
@@ -87,6 +91,23 @@ def _job(args: argparse.Namespace) -> int:
             f"cannot write to {cfg.out}: {os.strerror(cause.errno)}; free space (or fix the permissions) "
             "and run the same command again to resume, or choose another --out"
         ) from None
+    return 0
+
+
+COMPARE_HELP = (
+    "overlay the layer curves of finished runs (every CNN and word model in them) on relative depth in one figure, "
+    "significant layers filled; reads the runs, writes only under --out"
+)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from semprobe.ray_jobs.compare import run_compare
+
+    cfg = _resolved(args, config.CompareConfig, runs=args.runs or None)  # RUN... over a config file's runs
+    if args.print_config:
+        print(config.dumps(cfg))
+        return 0
+    run_compare(cfg, log=lambda m: print(m, file=sys.stderr))
     return 0
 
 
@@ -164,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(command, help=JOB_HELP[command], description=JOB_HELP[command])
         add_options(p, getattr(config, cls))
         p.set_defaults(func=_job)
+    c = sub.add_parser("compare", help=COMPARE_HELP, description=COMPARE_HELP)
+    c.add_argument("runs", nargs="*", metavar="RUN", help="output folders of finished semprobe runs")
+    add_options(c, config.CompareConfig)
+    c.set_defaults(func=_compare)
     b = sub.add_parser(
         "bench", help="benchmarks, each figure beside its floor (the bare operation, measured in the same run)"
     )

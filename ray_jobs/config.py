@@ -40,6 +40,7 @@ TARGET_SIMILARITIES = ("pearson", "cosine")
 TOKENS = ("all", "class")  # actors.layers.TOKENS (config imports no torch)
 PRECISIONS = ("fp64", "fp32")  # analysis.kernels.PRECISIONS (config imports no torch)
 STORE_MODES = ("auto", "activations", "similarity")  # ray_jobs.fused: where an extraction's results go
+X_AXES = ("names", "depth")  # analysis.figures.X_AXES (config imports no matplotlib)
 AUTO_TASK_GPUS = 0.25  # an analysis task's share of a GPU when the cluster has GPUs and --task-gpus is unset
 MODEL_HELP = (
     "efficientnet_lite0|1|2, torchvision:NAME, timm:NAME, timm:hf-hub:ORG/NAME, NAME:checkpoint=PATH, each optionally "
@@ -524,6 +525,13 @@ class RunConfig(_TwoVsTwoJob):
     )
     out: str | None = option(None, OUT_HELP, none="runs/<experiment id>, so the same command resumes")
     alpha: float = redefault(_ExtractingJob, "alpha", 0.05, help=f"{BHY} within each --family")
+    x: str = option(
+        "names",
+        "the x axis of the layer figures: names (the layers' names, at most 15 of them, evenly thinned) or depth "
+        "(relative depth: layer position / (number of layers - 1)); changes the figures only",
+        choices=X_AXES,
+        noun="x axis",
+    )
 
     def check(self) -> None:
         super().check()
@@ -865,6 +873,31 @@ class TrainConfig(_Options):
             if getattr(self, k) is not None
         }
         return DynamicsConfig(runs=[self.out], words=self.words, seed=self.seed, follow=True, **chosen).validate()
+
+
+@dataclass
+class CompareConfig(_Options):
+    """``semprobe compare RUN...``: the layer curves of finished runs on one axis of relative depth."""
+
+    COMMAND = "compare"
+
+    # Positional on the command line (semprobe compare RUN...), a list in a config file.
+    runs: list[str] = option([], "finished semprobe run output folders", minimum=1, identity=True, flag=False)
+    words: list[str] | None = option(
+        None, "the word models to draw, comma-separated", identity=True, none="every word model the runs scored"
+    )
+    out: str | None = option(None, OUT_HELP, none="runs/compare-<experiment id>")
+
+    def check(self) -> None:
+        super().check()
+        self.runs = [absolute(r) for r in self.runs]
+        repeated = sorted({r for r in self.runs if self.runs.count(r) > 1})
+        if repeated:
+            raise InputError(f"semprobe compare names the run {repeated[0]} twice: name each run once")
+        self.out = absolute(self.out or os.path.join("runs", f"compare-{self.experiment_id()}"))
+        inside = [r for r in self.runs if posixpath.join(self.out, "").startswith(posixpath.join(r, ""))]
+        if inside:  # compare only reads its runs: its outputs never land in one
+            raise InputError(f"--out {self.out} lies inside the run {inside[0]}: choose a folder outside the runs")
 
 
 def dumps(cfg: _Options) -> str:

@@ -242,13 +242,15 @@ def write_report(
     coverage: dict[str, tuple[Any, list[str], pa.Table]],
     families: list[Any] = (),
     diagrams: dict[str, Any] | None = None,
+    panels: dict[str, list[tuple[str, bytes]]] | None = None,
 ) -> str:
     """Write OUT/report.html and return its path or URI.
 
     ``figures`` maps each model to its PNG; ``coverage`` maps it to (extraction
     plan, concepts left out after image errors, its errors table); ``families`` are the BHY families
     (``analysis.scores.Family``) of ``scores``; ``diagrams`` maps models to their architecture diagrams
-    (``ray_jobs.figures.Diagram``).
+    (``ray_jobs.figures.Diagram``); ``panels`` maps a model to more figures, each (heading, PNG), shown after its
+    tables.
     """
     df, concepts = pl.from_arrow(scores), pl.from_arrow(concept_scores)
     statement, warnings = family_notes("run", cfg.family, list(families), cfg.alpha)
@@ -267,6 +269,11 @@ def write_report(
         html += _model_section(cfg, model, df.filter(pl.col("model") == model), concepts, png, coverage[model][0])
         if diagrams and model in diagrams:
             html += _architecture(model, diagrams[model], cfg.alpha)
+        for heading, more in (panels or {}).get(model, []):
+            html.append(
+                f'<h3>{escape(heading)}</h3><img alt="{escape(model)}: {escape(heading)}" '
+                f'src="data:image/png;base64,{base64.b64encode(more).decode()}">'
+            )
     html.append("<h2>Coverage: what was skipped and why</h2>")
     for model, item in coverage.items():
         html += _coverage(model, *item)

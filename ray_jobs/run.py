@@ -20,8 +20,11 @@ Layout under OUT (besides the extractions under ``extract/<model>/``)::
     scores_by_set.parquet                         one row per (model, layer, word model, image set)
     concept_scores.parquet                        per concept: its pairs passed, mean over sets
     concept_scores_by_set.parquet                 the same per image set
-    figures/<model>.png, report.html, summary.json
+    figures/<model>.png                           the layer curves (--x names or depth)
     figures/<model>_architecture.svg and .png     the architecture coloured by 2 vs. 2 (the first word model)
+    figures/<model>_similarity.png                first, best and last layer's matrices and the word matrices
+    figures/<model>_concepts_<word model>.png     per-concept pass rates: the 20 best and the 20 worst concepts
+    report.html, summary.json
 
 Every file is published atomically and is a unit of resume: a rerun recomputes
 only what is missing, and every number downstream is computed from the files
@@ -46,6 +49,7 @@ from semprobe.ray_jobs.figures import save_architecture, save_figure
 from semprobe.ray_jobs.fused import run_extraction
 from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.report import family_summary, write_report
+from semprobe.ray_jobs.run_figures import concept_figures, similarity_figure
 from semprobe.ray_jobs.scheduler import TwoVsTwoScheduler, plan_model, reduce_scores, test_file
 from semprobe.ray_jobs.startup import connect, open_output, store_mode, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
@@ -58,6 +62,19 @@ def _name_concepts(concept_scores: pa.Table, concepts: pa.Table) -> pa.Table:
     keys = zip(concept_scores["concept_id"].to_pylist(), concept_scores["word_model"].to_pylist())
     named = pa.array([words[key] for key in keys], pa.string())
     return concept_scores.set_column(concept_scores.schema.get_field_index("word"), "word", named)
+
+
+def _model_panels(output: Output, cfg: RunConfig, model_plan, scores: pa.Table, concept_scores: pa.Table) -> list:
+    """The report's figures of one model beyond its curves, each (heading, PNG): the similarity matrices, then the
+    concepts through the layers per word model; saved as figures/<model>_similarity.png and
+    figures/<model>_concepts_<word model>.png."""
+    key = model_plan.key
+    matrices = similarity_figure(output, model_plan, scores.to_pylist(), cfg.words)
+    panels = [("Similarity matrices", save_figure(output, matrices, "figures", f"{key}_similarity.png"))]
+    for word_model, figure in concept_figures(concept_scores.to_pylist(), model_plan.model, cfg.words, cfg.x).items():
+        png = save_figure(output, figure, "figures", f"{key}_concepts_{model_key(word_model)}.png")
+        panels.append((f"Concepts through the layers, against {word_model}", png))
+    return panels
 
 
 @holding_lease
@@ -107,7 +124,7 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     figures = {
         plans[model].model: save_figure(
             output,
-            layer_curves(scores.to_pylist(), plans[model].model, cfg.alpha),
+            layer_curves(scores.to_pylist(), plans[model].model, cfg.alpha, x=cfg.x),
             "figures",
             f"{plans[model].model_key}.png",
         )
@@ -119,6 +136,10 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         )
         for model in cfg.models
     }
+    panels = {
+        plans[model].model: _model_panels(output, cfg, model_plans[model], scores, concept_scores)
+        for model in cfg.models
+    }
     coverage = {
         plans[model].model: (
             plans[model],
@@ -127,7 +148,9 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         )
         for model in cfg.models
     }
-    report = write_report(output, cfg, scores, concept_scores, figures, coverage, reduced.families, diagrams)
+    report = write_report(
+        output, cfg, scores, concept_scores, figures, coverage, reduced.families, diagrams, panels=panels
+    )
     summary = {
         "experiment_id": exp,
         "models": cfg.models,

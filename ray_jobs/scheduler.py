@@ -51,7 +51,7 @@ from semprobe.ray_jobs.fused import matrix_source
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.startup import analysis_options, task_device
 from semprobe.ray_jobs.storage import Output, model_key
-from semprobe.ray_jobs.store import layer_folder, layer_views, similarity_file, similarity_table
+from semprobe.ray_jobs.store import layer_folder, layer_views, similarity_file, similarity_table, word_similarity_file
 from semprobe.ray_jobs.store import matrices as _matrices
 
 # --- Ray tasks ------------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def plan_model(
 def stored_word_matrix(output: Output, model_plan: ModelPlan, word_model: str, cache: str | None = None) -> np.ndarray:
     """The word model's w x w matrix over the model's concepts, as stored (float32); ``cache``: the job's word
     cache (the planning's reader, already loaded)."""
-    parts = ("similarity", model_plan.key, "words", f"{model_key(word_model)}.parquet")
+    parts = word_similarity_file(model_plan.key, word_model)
     if not output.exists(*parts):
         vectors = load_word_model(word_model, cache=cache).vectors(model_plan.words[word_model])
         output.write_table(similarity_table(word_matrix(vectors), model_plan.concept_ids, word_model), *parts)

@@ -89,12 +89,14 @@ def task_device() -> str:
     return "cuda" if ray.get_gpu_ids() else "cpu"
 
 
-def write_resolved(output, cfg, **extra: Any) -> None:
+def write_resolved(output, cfg, check_storage: bool = True, **extra: Any) -> None:
     """OUT/config.json: the fully resolved config, its identity and experiment id; unwritable output is bad input.
-    The job's first write: before it, every node of a cluster must see the job's storage as the driver does."""
+    The job's first write: before it, every node of a cluster must see the job's storage as the driver does
+    (``check_storage``; False for a command whose driver alone reads and writes, such as ``compare``)."""
     from semprobe.datasets.schema import SCHEMA_VERSION
 
-    check_shared_storage(cfg)
+    if check_storage:
+        check_shared_storage(cfg)
 
     resolved = {
         "identity": cfg.identity(),

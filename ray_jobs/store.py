@@ -161,6 +161,11 @@ def similarity_file(key: str, layer: str, set_index: int) -> tuple[str, ...]:
     return "similarity", key, model_key(layer), f"set-{set_index:03d}.parquet"
 
 
+def word_similarity_file(key: str, word_model: str) -> tuple[str, ...]:
+    """Where a run keeps a word model's matrix over the concepts of the model stored under ``key``."""
+    return "similarity", key, "words", f"{model_key(word_model)}.parquet"
+
+
 def matrices(table: pa.Table) -> np.ndarray:
     """The (n, w, w) matrices of a similarity table."""
     return table["matrix"].combine_chunks().to_numpy_ndarray()

@@ -22,7 +22,7 @@ ALLOWED = {
 }
 # The jobs the CLI dispatches to, each one command; `semprobe extract` runs the extraction stage that every
 # extracting job shares (ray_jobs/extraction.py), so that module is machinery, not a job.
-JOBS = {"run", "affine", "misclassified", "adversarial", "train", "dynamics"}
+JOBS = {"run", "affine", "misclassified", "adversarial", "train", "dynamics", "compare"}
 
 
 def module_name(path: Path) -> str:

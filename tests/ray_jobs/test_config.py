@@ -190,6 +190,15 @@ def test_input_spaces_are_the_attacks():
     assert INPUT_SPACES == tuple(SPACES)
 
 
+def test_x_axes_are_the_figures():
+    from semprobe.analysis.figures import X_AXES as DRAWN
+
+    assert config.X_AXES == DRAWN
+    assert RunConfig(x="depth").validate().experiment_id() == RunConfig().validate().experiment_id()  # figures only
+    with pytest.raises(InputError, match="unknown x axis 'deep': choose one of names, depth"):
+        RunConfig(x="deep").validate()
+
+
 @pytest.mark.parametrize(
     "cfg, message",
     [

@@ -454,3 +454,64 @@ def test_two_models_with_options_and_their_own_layers(ray_session, tmp_path):
     report = (out / "report.html").read_text()
     assert "Weights <code>untrained (seed 0)</code> · layers <code>pool,logits</code> · input 64x64" in report
     assert "layers <code>pixels,softmax</code> · input 224x224 crops of images resized to 256" in report
+
+
+def test_report_figures_draw_the_stored_matrices_in_the_word_clustering_order(two_sets):
+    """The similarity figure of a real run: the first, best and last layer's matrices (mean over the two sets) and
+    the word matrix, each in the order of scipy's average linkage on the word matrix's 1 - r; and the report
+    embeds it, with the concepts figure, as the PNGs under figures/."""
+    import base64
+    import re
+    from types import SimpleNamespace
+
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    from semprobe.ray_jobs.run_figures import similarity_figure
+    from semprobe.ray_jobs.storage import Output
+
+    cfg, out, _ = two_sets
+    model, key = cfg.models[0], model_key(cfg.models[0])
+    scores = pq.read_table(out / "scores.parquet").to_pylist()
+    words_table = pq.read_table(out / "similarity" / key / "words" / "glove-50d.parquet")
+    ids = words_table["concept_ids"][0].as_py()
+    word = stored_matrices(out, "similarity", key, "words", "glove-50d.parquet")[0]
+    distance = 1 - (word + word.T) / 2
+    np.fill_diagonal(distance, 0)
+    order = leaves_list(linkage(squareform(distance), method="average"))
+    accuracy = {r["layer"]: r["accuracy"] for r in scores}
+    best = max(LAYERS, key=lambda name: accuracy[name])
+    roles = {}
+    for role, layer in (("first", LAYERS[0]), ("best", best), ("last", LAYERS[-1])):
+        roles.setdefault(layer, []).append(role)  # a layer in two roles is drawn once
+    expected = []
+    for layer in LAYERS:
+        if layer in roles:
+            sets = stored_matrices(out, "similarity", key, layer)
+            expected.append((", ".join(roles[layer]), layer, (sets[0] + sets[1]) / 2))
+    expected.append(("word model", "glove-50d", word))
+    concepts = pq.read_table(out / "concept_scores.parquet").to_pylist()
+    lemma = {r["concept_id"]: r["word"] for r in concepts}
+    plan = SimpleNamespace(
+        model=model,
+        key=key,
+        layers=[(r["layer"], r["layer_index"]) for r in scores],
+        concept_ids=ids,
+        set_indices=[0, 1],
+        words={"glove-50d": [lemma[c] for c in ids]},
+    )
+    figure = similarity_figure(Output(str(out)), plan, scores, ["glove-50d"])
+    axes = [ax for ax in figure.axes if ax.images]
+    assert len(axes) == len(expected) == len(roles) + 1
+    for ax, (role, name, matrix) in zip(axes, expected):
+        assert ax.get_title().startswith(f"{role}: {name}")
+        np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), matrix[np.ix_(order, order)], atol=1e-12)
+        assert [t.get_text() for t in ax.get_xticklabels()] == [lemma[ids[i]] for i in order]
+    report = (out / "report.html").read_text()
+    embedded = re.findall(r'<h3>([^<]+)</h3><img alt="[^"]*" src="data:image/png;base64,([^"]+)"', report)
+    assert [heading for heading, _ in embedded] == [
+        "Similarity matrices",
+        "Concepts through the layers, against glove-50d",
+    ]
+    files = [f"{key}_similarity.png", f"{key}_concepts_glove-50d.png"]
+    assert [base64.b64decode(png) for _, png in embedded] == [(out / "figures" / f).read_bytes() for f in files]
