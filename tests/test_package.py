@@ -238,7 +238,6 @@ def test_a_wheel_of_the_checkout_installs_into_a_fresh_venv_and_runs(tmp_path):
 
 def test_citation_and_license_agree_with_the_package():
     import tomllib
-
     import yaml
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
