@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from semprobe.ray_jobs import bench
 from semprobe.ray_jobs.bench import settle
 from semprobe.ray_jobs.cli import main
 
@@ -59,8 +60,11 @@ def test_bench_words(capsys):
     assert r["ratio"] == pytest.approx(report["scan_s"] / report["mapped_s"], rel=1e-3)
 
 
-def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path):
-    assert main(["bench", "all", "--quick", "--results", str(tmp_path)]) == 0
+def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path, monkeypatch):
+    # Between benchmarks bench waits up to a minute each for the CPUs to go quiet, which on a shared test machine
+    # they never do (test_settle_waits_while_the_cpus_are_busy covers the wait); the figures here mean nothing.
+    monkeypatch.setattr(bench, "settle", lambda busy=0.2, limit=60.0: 0.0)
+    assert main(["bench", "all", "--quick", "--words-mb", "0.3", "--results", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     by_name = {r["benchmark"]: r for r in report["results"]}
     assert list(by_name) == ["extract", "twovtwo", "permutations", "analysis", "affine", "attack", "train", "words"]

@@ -69,11 +69,29 @@ def reference_pool(out, seed=0):
     return manifest, pool, [int(c) for c in np.random.default_rng(seed).permutation(sorted(pool))]
 
 
+@pytest.fixture(scope="module")
+def rows_run(ray_session, tmp_path_factory):
+    """The default job (the rows null) with 50 permutations: its output folder and summary. The other default-config
+    runs here resume its extraction (the same images, model and layers) rather than extracting again."""
+    out = tmp_path_factory.mktemp("misclassified") / "out"
+    summary = run_misclassified(MisclassifiedConfig(out=str(out), permutations=50).validate(), log=lambda m: None)
+    return out, summary
+
+
+def _with_extraction_of(run: tuple, out):
+    """``out`` holding a copy of ``run``'s extraction, which a job on it resumes: nothing is extracted again."""
+    shutil.copytree(run[0] / "extract", out / "extract")
+    return out
+
+
 @pytest.mark.parametrize("null", ["rows", "columns"])
-def test_severity_and_one_vs_two_through_the_layers(ray_session, tmp_path, null):
-    out = tmp_path / "out"
-    cfg = MisclassifiedConfig(out=str(out), permutations=50, null=null).validate()
-    summary = run_misclassified(cfg, log=lambda m: None)
+def test_severity_and_one_vs_two_through_the_layers(rows_run, tmp_path, null):
+    if null == "rows":
+        out, summary = rows_run
+    else:
+        out = _with_extraction_of(rows_run, tmp_path / "out")
+        cfg = MisclassifiedConfig(out=str(out), permutations=50, null=null).validate()
+        summary = run_misclassified(cfg, log=lambda m: None)
     assert (summary["n_misclassified"], summary["n_correct"], summary["references"]) == (2, 12, 10)
     glove = load_word_model("glove-50d")
     words = {
@@ -145,14 +163,12 @@ def test_classes_that_share_a_word_are_one_concept_so_no_mistake_pairs_a_word_wi
     assert "n03594945" not in {c["concept_id"] for c in concepts}
 
 
-def test_precision_fp32_writes_the_fp64_tables(ray_session, tmp_path):
+def test_precision_fp32_writes_the_fp64_tables(rows_run, tmp_path):
     """--precision fp32 (on this CPU: float32 correlations and margins, near-threshold decisions recomputed in
     float64) writes the same 1 vs. 2 table as fp64, accuracy and p-values alike, and records its precision."""
     tables, logs = {}, {}
     for precision in ("fp64", "fp32"):
-        out = tmp_path / precision
-        if precision == "fp32":  # the same extraction: resumed, not rerun
-            shutil.copytree(tmp_path / "fp64" / "extract", out / "extract")
+        out = _with_extraction_of(rows_run, tmp_path / precision)  # the same extraction: resumed, not rerun
         cfg = MisclassifiedConfig(out=str(out), permutations=40, precision=precision).validate()
         logs[precision] = []
         run_misclassified(cfg, log=logs[precision].append)
