@@ -374,15 +374,7 @@ def stream(
         batch_size=1,
         batch_format="pyarrow",
         num_cpus=resources["decode_cpus"],
-        fn_kwargs={
-            "size": pre.size,
-            "resize_size": pre.resize_size,
-            "interpolation": pre.interpolation,
-            "crop_mode": pre.crop_mode,
-            "fill": pre.fill,
-            "precropped": cfg.precropped,
-            "out": cfg.out,
-        },
+        fn_kwargs={**pre.decode_args(), "precropped": cfg.precropped, "out": cfg.out},
     )
     ds = ds.map_batches(
         actor,

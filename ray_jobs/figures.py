@@ -45,7 +45,7 @@ def save_architecture(
     lay = layout(graph, [r["layer"] for r in rows])
     title = f"{model}\n2 vs. 2 accuracy against {word_model}"  # two lines: a narrow network stays compact
     svg = architecture_svg(lay, rows, title, ident="arch-" + re.sub(r"[^A-Za-z0-9_-]", "-", key))
-    svg_path, png_path = (posixpath.join("figures", f"{key}_architecture.{ext}") for ext in ("svg", "png"))
-    output.write_bytes(svg.encode(), "figures", f"{key}_architecture.svg")
-    png = save_figure(output, architecture_figure(lay, rows, title), "figures", f"{key}_architecture.png", dpi=200)
-    return Diagram(svg, png, svg_path, png_path, word_model)
+    svg_name, png_name = f"{key}_architecture.svg", f"{key}_architecture.png"
+    output.write_bytes(svg.encode(), "figures", svg_name)
+    png = save_figure(output, architecture_figure(lay, rows, title), "figures", png_name, dpi=200)
+    return Diagram(svg, png, posixpath.join("figures", svg_name), posixpath.join("figures", png_name), word_model)

@@ -35,14 +35,18 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _img(png: bytes, alt: str) -> str:
+    """A PNG inlined in the page (the report is one self-contained file)."""
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
 def _model_section(cfg, model: str, part: pl.DataFrame, concepts: pl.DataFrame, png: bytes, plan) -> list[str]:
     pre = plan.preprocess
     html = [
         f"<h2>{escape(model)}</h2>",
         f"<p>Weights <code>{escape(plan.weights)}</code> · layers <code>{escape(plan.config.layers)}</code> · "
         f"input {pre.size}x{pre.size} crops of images resized to {pre.resize_size} (shorter side)</p>",
-        f'<img alt="2 vs. 2 through the layers of {escape(model)}" '
-        f'src="data:image/png;base64,{base64.b64encode(png).decode()}">',
+        _img(png, f"2 vs. 2 through the layers of {model}"),
     ]
     for (word_model,), rows in part.sort("layer_index").group_by(["word_model"], maintain_order=True):
         first, last = rows.row(0, named=True), rows.row(-1, named=True)
@@ -112,8 +116,7 @@ def _architecture(model: str, diagram, alpha: float) -> list[str]:
         f"layer for its numbers. Files: <code>{escape(diagram.svg_path)}</code>, <code>{escape(diagram.png_path)}"
         "</code>.</p>",
         f'<div class="architecture-diagram" style="overflow-x:auto">{svg}</div>',
-        f'<details><summary>the PNG, for papers</summary><img alt="architecture of {escape(model)}" '
-        f'src="data:image/png;base64,{base64.b64encode(diagram.png).decode()}"></details>',
+        f"<details><summary>the PNG, for papers</summary>{_img(diagram.png, f'architecture of {model}')}</details>",
     ]
 
 
@@ -270,10 +273,7 @@ def write_report(
         if diagrams and model in diagrams:
             html += _architecture(model, diagrams[model], cfg.alpha)
         for heading, more in (panels or {}).get(model, []):
-            html.append(
-                f'<h3>{escape(heading)}</h3><img alt="{escape(model)}: {escape(heading)}" '
-                f'src="data:image/png;base64,{base64.b64encode(more).decode()}">'
-            )
+            html.append(f"<h3>{escape(heading)}</h3>{_img(more, f'{model}: {heading}')}")
     html.append("<h2>Coverage: what was skipped and why</h2>")
     for model, item in coverage.items():
         html += _coverage(model, *item)
@@ -322,7 +322,7 @@ def write_failure_report(
         _table(["", "value"], [[k, _f(v, ".4g") if isinstance(v, float) else v] for k, v in summary.items()]),
     ]
     for name, png in figures.items():
-        html.append(f'<img alt="{escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+        html.append(_img(png, name))
     if rows:
         html.append(
             "<h2>1 vs. 2 through the layers</h2><p>An image passes when its layer activation, correlated with the "

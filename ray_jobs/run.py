@@ -64,12 +64,12 @@ def _name_concepts(concept_scores: pa.Table, concepts: pa.Table) -> pa.Table:
     return concept_scores.set_column(concept_scores.schema.get_field_index("word"), "word", named)
 
 
-def _model_panels(output: Output, cfg: RunConfig, model_plan, scores: pa.Table, concept_scores: pa.Table) -> list:
+def _model_panels(output: Output, cfg: RunConfig, model_plan, scores: list[dict], concept_scores: pa.Table) -> list:
     """The report's figures of one model beyond its curves, each (heading, PNG): the similarity matrices, then the
     concepts through the layers per word model; saved as figures/<model>_similarity.png and
     figures/<model>_concepts_<word model>.png."""
     key = model_plan.key
-    matrices = similarity_figure(output, model_plan, scores.to_pylist(), cfg.words)
+    matrices = similarity_figure(output, model_plan, scores, cfg.words)
     panels = [("Similarity matrices", save_figure(output, matrices, "figures", f"{key}_similarity.png"))]
     for word_model, figure in concept_figures(concept_scores.to_pylist(), model_plan.model, cfg.words, cfg.x).items():
         png = save_figure(output, figure, "figures", f"{key}_concepts_{model_key(word_model)}.png")
@@ -121,10 +121,11 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
         (concept_scores_by_set, "concept_scores_by_set.parquet"),
     ]:
         output.write_table(schema.stamp(table, exp), name)
+    rows = scores.to_pylist()
     figures = {
         plans[model].model: save_figure(
             output,
-            layer_curves(scores.to_pylist(), plans[model].model, cfg.alpha, x=cfg.x),
+            layer_curves(rows, plans[model].model, cfg.alpha, x=cfg.x),
             "figures",
             f"{plans[model].model_key}.png",
         )
@@ -132,13 +133,12 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     }
     diagrams = {
         plans[model].model: save_architecture(
-            output, plans[model].graph, scores.to_pylist(), plans[model].model, plans[model].model_key, cfg.words[0]
+            output, plans[model].graph, rows, plans[model].model, plans[model].model_key, cfg.words[0]
         )
         for model in cfg.models
     }
     panels = {
-        plans[model].model: _model_panels(output, cfg, model_plans[model], scores, concept_scores)
-        for model in cfg.models
+        plans[model].model: _model_panels(output, cfg, model_plans[model], rows, concept_scores) for model in cfg.models
     }
     coverage = {
         plans[model].model: (
