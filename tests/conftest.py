@@ -29,7 +29,9 @@ def ray_session():
     """One Ray instance for the whole test session (starting one takes ~10 s)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a cluster another test started
+    # never a cluster another test started; idle workers are kept (the default keeps num_cpus), so a test's tasks
+    # find workers that have imported torch already rather than each job paying ~10 s of imports again
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _system_config={"num_workers_soft_limit": 8})
     yield ray
     ray.shutdown()
 
