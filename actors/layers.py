@@ -34,36 +34,30 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib
 import inspect
 import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import timm.layers
-import timm.models._efficientnet_blocks as timm_blocks
-import timm.models.resnet as timm_resnet
 import torch
-import torchvision
-import torchvision.models.efficientnet as tv_efficientnet
-import torchvision.models.inception as tv_inception
-import torchvision.models.mobilenetv2 as tv_mobilenetv2
-import torchvision.models.mobilenetv3 as tv_mobilenetv3
-import torchvision.models.resnet as tv_resnet
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
-from torchvision.models.feature_extraction import NodePathTracer
 
 from semprobe.actors.fractalnet import FractalBlock, FractalNet
 from semprobe.analysis.architecture import OpGraph
 from semprobe.analysis.errors import InputError
 from semprobe.analysis.similarity import zscore_rows
 
-# timm.models.inception_v3 is also the name of a function, which shadows the module as an attribute
-timm_inception = importlib.import_module("timm.models.inception_v3")
-tv_googlenet = importlib.import_module("torchvision.models.googlenet")  # likewise
+if TYPE_CHECKING:
+    from torchvision.models.feature_extraction import NodePathTracer
+
+# timm and torchvision (5 s of imports on top of torch's) are imported on first use: a Ray worker that only
+# reads Layer records (a Gram or 2 vs. 2 task) never pays for them; tracing a model does.
 
 TOKENS = ("all", "class")  # how a transformer's token sequence (tokens, features) is flattened: see select()
 LAYER_KINDS = ("pixels", "activations", "concat", "mixed", "blocks", "pool", "logits", "softmax", "deepest")
@@ -86,38 +80,66 @@ ACTIVATION_FUNCTIONS = {
 }
 ACTIVATION_METHODS = {"relu", "relu_"}
 CONCAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
-POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, timm.layers.SelectAdaptivePool2d)
 POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, torch.mean}
 POOL_METHODS = {"mean"}
-INCEPTION_MODULES = (
-    tv_inception.InceptionA,
-    tv_inception.InceptionB,
-    tv_inception.InceptionC,
-    tv_inception.InceptionD,
-    tv_inception.InceptionE,
-    timm_inception.InceptionA,
-    timm_inception.InceptionB,
-    timm_inception.InceptionC,
-    timm_inception.InceptionD,
-    timm_inception.InceptionE,
-    tv_googlenet.Inception,
-)
-BLOCK_MODULES = (
-    tv_resnet.BasicBlock,
-    tv_resnet.Bottleneck,
-    tv_mobilenetv2.InvertedResidual,
-    tv_mobilenetv3.InvertedResidual,
-    tv_efficientnet.MBConv,
-    tv_efficientnet.FusedMBConv,
-    *INCEPTION_MODULES,
-    timm_resnet.BasicBlock,
-    timm_resnet.Bottleneck,
-    timm_blocks.DepthwiseSeparableConv,
-    timm_blocks.InvertedResidual,
-    timm_blocks.EdgeResidual,
-    timm_blocks.CondConvResidual,
-    FractalBlock,
-)
+
+
+@functools.cache
+def pool_modules() -> tuple[type[nn.Module], ...]:
+    """The modules whose output is a pooled feature map (a global pool outside the blocks is kind ``pool``)."""
+    import timm.layers
+
+    return (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, timm.layers.SelectAdaptivePool2d)
+
+
+@functools.cache
+def inception_modules() -> tuple[type[nn.Module], ...]:
+    """torchvision's and timm's Inception blocks: the output of one is kind ``mixed``."""
+    # timm.models.inception_v3 is also the name of a function, which shadows the module as an attribute
+    timm_inception = importlib.import_module("timm.models.inception_v3")
+    tv_googlenet = importlib.import_module("torchvision.models.googlenet")  # likewise
+    tv_inception = importlib.import_module("torchvision.models.inception")
+    return (
+        tv_inception.InceptionA,
+        tv_inception.InceptionB,
+        tv_inception.InceptionC,
+        tv_inception.InceptionD,
+        tv_inception.InceptionE,
+        timm_inception.InceptionA,
+        timm_inception.InceptionB,
+        timm_inception.InceptionC,
+        timm_inception.InceptionD,
+        timm_inception.InceptionE,
+        tv_googlenet.Inception,
+    )
+
+
+@functools.cache
+def block_modules() -> tuple[type[nn.Module], ...]:
+    """The block classes of torchvision, timm and semprobe that :func:`block_paths` falls back on."""
+    import timm.models._efficientnet_blocks as timm_blocks
+    import timm.models.resnet as timm_resnet
+    import torchvision.models.efficientnet as tv_efficientnet
+    import torchvision.models.mobilenetv2 as tv_mobilenetv2
+    import torchvision.models.mobilenetv3 as tv_mobilenetv3
+    import torchvision.models.resnet as tv_resnet
+
+    return (
+        tv_resnet.BasicBlock,
+        tv_resnet.Bottleneck,
+        tv_mobilenetv2.InvertedResidual,
+        tv_mobilenetv3.InvertedResidual,
+        tv_efficientnet.MBConv,
+        tv_efficientnet.FusedMBConv,
+        *inception_modules(),
+        timm_resnet.BasicBlock,
+        timm_resnet.Bottleneck,
+        timm_blocks.DepthwiseSeparableConv,
+        timm_blocks.InvertedResidual,
+        timm_blocks.EdgeResidual,
+        timm_blocks.CondConvResidual,
+        FractalBlock,
+    )
 
 
 BODY_CONTAINERS = ("blocks", "stages", "layers", "features")  # where networks keep their repeated units
@@ -141,7 +163,7 @@ def _blocks_in(module: nn.Module, path: str) -> list[str]:
 def _unit(m: nn.Module, path: str) -> list[str]:
     """``m`` as blocks: itself when it is one, the blocks inside it when it is a stage, none when it is a single
     layer (a stem or head conv, a downsampling step, a norm)."""
-    if isinstance(m, BLOCK_MODULES):
+    if isinstance(m, block_modules()):
         return [path]
     if _weights(m) < 2:
         return []
@@ -194,10 +216,10 @@ def block_paths(model: nn.Module) -> list[str]:
        ``features`` of EfficientNet, MobileNet, ConvNeXt, Swin);
     2. else the modules of the body timm's ``feature_info`` marks (its stage outputs, e.g. RegNet's ``s1``..``s4``):
        the children of their parent from the first marked to the last;
-    3. else every module of the fixed list ``BLOCK_MODULES`` (torchvision's ResNet, Inception, GoogLeNet).
+    3. else every module of the fixed list :func:`block_modules` (torchvision's ResNet, Inception, GoogLeNet).
 
     In 1 and 2 a stage is descended into (see :func:`_unit`); a child with fewer than two weight tensors is a
-    single layer, not a block (a stem, a downsampling step, a final 1x1 conv); a module of ``BLOCK_MODULES`` is a
+    single layer, not a block (a stem, a downsampling step, a final 1x1 conv); a module of :func:`block_modules` is a
     block wherever it is met.
     """
     modules = dict(model.named_modules())
@@ -207,7 +229,7 @@ def block_paths(model: nn.Module) -> list[str]:
     if not found:
         found = _feature_info_blocks(model, modules)
     if not found:
-        found = [p for p, m in modules.items() if isinstance(m, BLOCK_MODULES)]
+        found = [p for p, m in modules.items() if isinstance(m, block_modules())]
     return found
 
 
@@ -227,8 +249,12 @@ class Layer:
 
 
 def _tracer() -> NodePathTracer:
+    import timm.layers
+    import torchvision
+    from torchvision.models import feature_extraction
+
     leaves = [m for _, m in vars(torchvision.ops).items() if isinstance(m, type) and issubclass(m, nn.Module)]
-    return NodePathTracer(
+    return feature_extraction.NodePathTracer(
         autowrap_modules=(math, torchvision.ops),
         autowrap_functions=tuple(f for f in timm.layers.get_notrace_functions() if callable(f)),
         leaf_modules=leaves + list(timm.layers.get_notrace_modules()),
@@ -300,7 +326,7 @@ class LayerCatalog:
         kinds: dict[str, list[str]] = {k: [] for k in LAYER_KINDS if k != "deepest"}
         block_outputs = {self._module_output(path) for path in blocks}
         inception_outputs = {
-            self._module_output(path) for path, m in modules.items() if isinstance(m, INCEPTION_MODULES)
+            self._module_output(path) for path, m in modules.items() if isinstance(m, inception_modules())
         }
         for node, qual in self._qualname.items():
             shape = self._shape(node)
@@ -309,7 +335,7 @@ class LayerCatalog:
             target = node.target
             if node.op == "call_module":
                 m = modules[target]
-                is_act, is_pool = _is_activation_module(m), isinstance(m, POOL_MODULES)
+                is_act, is_pool = _is_activation_module(m), isinstance(m, pool_modules())
             elif node.op == "call_function":
                 is_act, is_pool = target in ACTIVATION_FUNCTIONS, target in POOL_FUNCTIONS
             elif node.op == "call_method":

@@ -43,10 +43,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import timm
-import timm.data
 import torch
-import torchvision
 from torch import nn
 
 from semprobe.actors.fractalnet import FractalNet
@@ -63,6 +60,10 @@ MODEL_CHOICES = (
     "NAME?weights=TAG&pretrained=false&input_size=N"
 )
 UNTRAINED = "untrained (seed 0)"  # the weights of a network built with torch.manual_seed(0) and nothing loaded
+
+# timm and torchvision (5 s of imports on top of torch's) are imported inside the functions that build or look up
+# their models: a Ray worker that only needs Preprocess or LoadedModel (a task's module imports this one) never
+# pays for them.
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,9 @@ def _lite_weights(name: str, spec: ModelSpec) -> str:
 
 
 def _lite(name: str, spec: ModelSpec) -> LoadedModel:
+    import timm
+    import timm.data
+
     weights = _lite_weights(name, spec)
     package, file_class, arch = _LITE[name]
     model = timm.create_model(arch, pretrained=False)
@@ -301,6 +305,8 @@ _GOOGLE_PORTS = {"aux_logits": True, "transform_input": True, "init_weights": Fa
 
 def _torchvision_member(name: str, spec: ModelSpec):
     """The weights enum member ``weights=`` names (DEFAULT without it)."""
+    import torchvision
+
     enum = torchvision.models.get_model_weights(name)
     tags = [w.name for w in enum] + ["DEFAULT"]
     tag = spec.weights or "DEFAULT"
@@ -315,6 +321,8 @@ def _torchvision_weights(name: str, spec: ModelSpec) -> str:
 
 
 def _torchvision(name: str, spec: ModelSpec) -> LoadedModel:
+    import torchvision
+
     weights = _torchvision_member(name, spec)
     # Inception-v1 and -v3, ported from Google's TensorFlow models, re-normalise their input as the originals did
     # (torchvision's builders switch this on with pretrained weights; ours builds with weights=None).
@@ -346,6 +354,8 @@ def _is_hub_name(name: str) -> bool:
 
 
 def _timm_has(name: str) -> bool:
+    import timm
+
     return _is_hub_name(name) or timm.is_model(name)
 
 
@@ -381,6 +391,8 @@ def _hub_or_cache():
 
 def _timm_arch(name: str, spec: ModelSpec) -> str:
     """``NAME.TAG`` for ``weights=TAG``; a tag, given either way, checked against timm's list."""
+    import timm
+
     if _is_hub_name(name):
         if spec.weights is not None:
             raise InputError(f"model '{spec.name}': a {HF_HUB}ORG/NAME repository holds its weights; drop weights=")
@@ -399,6 +411,8 @@ def _timm_arch(name: str, spec: ModelSpec) -> str:
 
 
 def _timm_weights(name: str, spec: ModelSpec) -> str:
+    import timm
+
     name = _timm_arch(name, spec)
     if not spec.pretrained:
         return UNTRAINED
@@ -409,6 +423,9 @@ def _timm_weights(name: str, spec: ModelSpec) -> str:
 
 
 def _timm(name: str, spec: ModelSpec) -> LoadedModel:
+    import timm
+    import timm.data
+
     arch = _timm_arch(name, spec)
     with _hub_or_cache():
         try:  # a Hub model's architecture is in its config.json, on the Hub
@@ -436,6 +453,8 @@ def _timm(name: str, spec: ModelSpec) -> LoadedModel:
 
 @functools.cache
 def _torchvision_names() -> frozenset[str]:
+    import torchvision
+
     return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 

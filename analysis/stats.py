@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from statsmodels.stats.multitest import multipletests
 
 # Accuracies are counts over pairs (at least 1 / (K n_pairs) apart); this absorbs
 # the last-bit difference between two ways of averaging the same counts.
@@ -26,6 +25,10 @@ def bhy(p_values, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     under any dependence between the tests (the layers of one CNN are far from
     independent).
     """
+    # statsmodels (and the polars and pandas it pulls in) is imported here, by the reducer that corrects a family,
+    # not by every Ray worker whose task module imports this one for the permutation p-value.
+    from statsmodels.stats.multitest import multipletests
+
     p = np.asarray(p_values, np.float64)
     if p.size == 0:
         return np.zeros(0, bool), np.zeros(0)

@@ -7,8 +7,9 @@ offline; the lemma lists keep WordNet's order, which concept matching relies on.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 
 # The CIFAR-100 fine label names in label-index order, as in the dataset's `meta` pickle.
 CIFAR100_CLASSES = (
@@ -34,7 +35,10 @@ class ClassInfo:
 
 
 def _timm_info(name: str) -> str:
-    return resources.files("timm.data").joinpath("_info", name).read_text()
+    # timm's folder found, not imported: importing timm (with torchvision) takes 5 s, and the class list needs no
+    # model (importlib.resources.files would import the package)
+    folder = importlib.util.find_spec("timm").submodule_search_locations[0]
+    return Path(folder, "data", "_info", name).read_text()
 
 
 @functools.cache

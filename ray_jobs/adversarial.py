@@ -46,9 +46,7 @@ import ray
 from PIL import Image
 from ray.util import ActorPool
 
-from semprobe.actors.attack import TargetedAttacker
 from semprobe.analysis.errors import InputError
-from semprobe.analysis.figures import adversarial_panel, one_vs_two_figure
 from semprobe.datasets import schema
 from semprobe.datasets.classes import imagenet_classes
 from semprobe.datasets.decode import ImageError, decode_image, read_bytes
@@ -65,7 +63,6 @@ from semprobe.ray_jobs.failure_analysis import (
 from semprobe.ray_jobs.figures import save_figure
 from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.progress import Progress
-from semprobe.ray_jobs.report import write_failure_report
 from semprobe.ray_jobs.startup import model_actors
 from semprobe.ray_jobs.storage import Output
 from semprobe.ray_jobs.store import shard_file
@@ -117,6 +114,9 @@ class AttackWorker:
         batch_size: int,
         threads: int | None,
     ):
+        # foolbox is the actor's: imported here, not by every worker that imports this module
+        from semprobe.actors.attack import TargetedAttacker
+
         if threads is None and not ray.get_gpu_ids():
             threads = len(os.sched_getaffinity(0))  # a CPU-only attack wants the node
         self.attacker = TargetedAttacker(model, space, eps, step, steps, momentum, threads=threads)
@@ -267,6 +267,11 @@ def _attack(cfg: AdversarialConfig, output: Output, pairs: list[Pair], log) -> d
 @holding_lease
 def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
     """Choose pairs, attack, extract the adversarial images, 1 vs. 2 through the layers by target rank; report."""
+    # The figures (matplotlib) and the report (polars) are the driver's: imported here, not by the workers that
+    # import this module for its actor
+    from semprobe.analysis.figures import one_vs_two_figure
+    from semprobe.ray_jobs.report import write_failure_report
+
     output = Output(cfg.out)
     requested = _read_pairs(cfg.pairs) if cfg.pairs else None
     ctx = prepare(cfg, output, log)
@@ -378,6 +383,8 @@ def run_adversarial(cfg: AdversarialConfig, log=print) -> dict[str, Any]:
 
 def _examples(ctx: FailureContext, rows: list[dict[str, Any]], n_sources: int = 3) -> Any:
     """The first sources with at least one success: the clean image, then each target's adversarial image."""
+    from semprobe.analysis.figures import adversarial_panel  # matplotlib: the driver's (see run_adversarial)
+
     pre = ctx.plan.preprocess
     panel = []
     for image_id in dict.fromkeys(row["image_id"] for row in rows if row["status"] == "success"):

@@ -49,7 +49,6 @@ from semprobe.analysis.affine import (
     naive_map,
 )
 from semprobe.analysis.errors import InputError
-from semprobe.analysis.figures import affine_heatmap
 from semprobe.datasets import schema
 from semprobe.datasets.decode import ImageError, decode_image, read_bytes
 from semprobe.datasets.images import resolve_images, shared_images
@@ -247,6 +246,8 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     output.write_table(schema.stamp(maps, exp), "affine_maps", "manifest.parquet")
     errors = sorted(errors + totals.errors, key=lambda e: e["image_id"])
     output.write_table(schema.stamp(pa.Table.from_pylist(errors, schema=schema.ERRORS), exp), "errors.parquet")
+    from semprobe.analysis.figures import affine_heatmap  # matplotlib: the driver's, not the workers'
+
     for method in METHODS:
         save_figure(output, affine_heatmap(scores.to_pylist(), names, method), "figures", f"affine_{method}.png")
     summary = {

@@ -36,8 +36,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
-import ray.data
 
 from semprobe.actors.extractor import ActivationExtractor
 from semprobe.actors.layers import Layer, LayerCatalog
@@ -366,6 +364,10 @@ def stream(
     devices, built with the extraction's options and ``actor_kwargs``. Returns (time, images) per finished unit."""
     if not pending.num_rows:
         return []
+    # Imported here, by the driver that builds the pipeline: a worker that imports this module (for a task of a
+    # module that needs ExtractionPlan or the actor classes) need not load Ray Data.
+    import ray.data
+
     cfg, pre, completions = plan.config, plan.preprocess, []
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_arrow([pending.slice(i, 1) for i in range(pending.num_rows)])

@@ -46,7 +46,7 @@ from semprobe.datasets.classes import imagenet_classes
 from semprobe.datasets.concepts import ConceptMatch, match_concepts
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.extraction import ExtractionPlan, plan_extraction, run_extract
-from semprobe.ray_jobs.fused import references_file, run_fused_references
+from semprobe.ray_jobs.fused import run_fused_references
 from semprobe.ray_jobs.startup import (
     analysis_options,
     check_same_experiment,
@@ -56,7 +56,7 @@ from semprobe.ray_jobs.startup import (
     write_resolved,
 )
 from semprobe.ray_jobs.storage import Output
-from semprobe.ray_jobs.store import layer_views
+from semprobe.ray_jobs.store import layer_views, references_file
 
 MIN_REFERENCES = 5
 

@@ -7,12 +7,13 @@ import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from semprobe.analysis.architecture import OpGraph, architecture_figure, architecture_svg, layout
 from semprobe.ray_jobs.storage import Output
+
+if TYPE_CHECKING:  # matplotlib is imported by the functions that draw (analysis.figures, architecture_figure)
+    from matplotlib.figure import Figure
 
 
 def save_figure(output: Output, figure: Figure, *parts: str, dpi: int = 110) -> bytes:

@@ -70,8 +70,8 @@ from semprobe.ray_jobs.extraction import (
 )
 from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.progress import Progress
-from semprobe.ray_jobs.storage import Output, model_key
-from semprobe.ray_jobs.store import similarity_file, similarity_table
+from semprobe.ray_jobs.storage import Output
+from semprobe.ray_jobs.store import references_file, similarity_file, similarity_table
 
 UNITS = "units"
 ITEMSIZE = {"float16": 2, "float32": 4}
@@ -252,19 +252,9 @@ def run_extraction(cfg: ExtractConfig, plan: ExtractionPlan, store: str, job, lo
     return run_extract(cfg, log=log, plan=plan)
 
 
-def matrix_source(model: str, layer: str, set_index: int) -> tuple[str, ...]:
-    """Where a similarity-mode extraction keeps one layer's matrix of one set, relative to its OUT."""
-    return similarity_file(model_key(model), layer, set_index)
-
-
 # --- misclassified --store similarity: each misclassified image against its reference images ------------------
 
 REFERENCE_UNITS = "reference_units"
-
-
-def references_file(key: str, layer: str) -> tuple[str, ...]:
-    """Where the second pass keeps one layer's image-reference correlations, relative to the extraction's OUT."""
-    return "reference_correlations", key, f"{model_key(layer)}.parquet"
 
 
 def references_record(layers: list[Layer]) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import posixpath
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,13 +46,21 @@ from semprobe.analysis.scores import (
 )
 from semprobe.datasets import schema
 from semprobe.datasets.words import load_word_model
-from semprobe.ray_jobs.extraction import ExtractionPlan
-from semprobe.ray_jobs.fused import matrix_source
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.startup import analysis_options, task_device
 from semprobe.ray_jobs.storage import Output, model_key
-from semprobe.ray_jobs.store import layer_folder, layer_views, similarity_file, similarity_table, word_similarity_file
+from semprobe.ray_jobs.store import (
+    layer_folder,
+    layer_views,
+    matrix_source,
+    similarity_file,
+    similarity_table,
+    word_similarity_file,
+)
 from semprobe.ray_jobs.store import matrices as _matrices
+
+if TYPE_CHECKING:  # a worker running this module's tasks imports neither the model code nor Ray Data
+    from semprobe.ray_jobs.extraction import ExtractionPlan
 
 # --- Ray tasks ------------------------------------------------------------------------------------
 

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from semprobe.actors.layers import Layer
 from semprobe.datasets import schema
 from semprobe.ray_jobs.storage import STORE_FORMATS, Output, TableFileWriter, model_key
+
+if TYPE_CHECKING:  # the Gram and 1 vs. 2 tasks import this module: not the model code
+    from semprobe.actors.layers import Layer
 
 
 def layer_folder(model: str, layer: str) -> tuple[str, ...]:
@@ -159,6 +161,18 @@ def similarity_table(
 
 def similarity_file(key: str, layer: str, set_index: int) -> tuple[str, ...]:
     return "similarity", key, model_key(layer), f"set-{set_index:03d}.parquet"
+
+
+def matrix_source(model: str, layer: str, set_index: int) -> tuple[str, ...]:
+    """Where a similarity-mode extraction (:mod:`semprobe.ray_jobs.fused`) keeps one layer's matrix of one set,
+    relative to its OUT."""
+    return similarity_file(model_key(model), layer, set_index)
+
+
+def references_file(key: str, layer: str) -> tuple[str, ...]:
+    """Where ``misclassified --store similarity``'s second pass keeps one layer's image-reference correlations,
+    relative to the extraction's OUT."""
+    return "reference_correlations", key, f"{model_key(layer)}.parquet"
 
 
 def word_similarity_file(key: str, word_model: str) -> tuple[str, ...]:
