@@ -163,6 +163,10 @@ def _shards(table: pa.Table, size: int, label: str) -> list[tuple[int, list[list
 @holding_lease
 def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     """Fit and score every ordered pair of maps; returns the summary it also writes."""
+    # The figures (matplotlib) are the driver's: imported here, not by the workers that import this module for
+    # its actor
+    from semprobe.analysis.figures import affine_heatmap
+
     output = open_output(cfg)
     train, val = resolve_images(cfg.train).images, resolve_images(cfg.val).images
     if val["class_index"].null_count:
@@ -246,8 +250,6 @@ def run_affine(cfg: AffineConfig, log=print) -> dict[str, Any]:
     output.write_table(schema.stamp(maps, exp), "affine_maps", "manifest.parquet")
     errors = sorted(errors + totals.errors, key=lambda e: e["image_id"])
     output.write_table(schema.stamp(pa.Table.from_pylist(errors, schema=schema.ERRORS), exp), "errors.parquet")
-    from semprobe.analysis.figures import affine_heatmap  # matplotlib: the driver's, not the workers'
-
     for method in METHODS:
         save_figure(output, affine_heatmap(scores.to_pylist(), names, method), "figures", f"affine_{method}.png")
     summary = {
