@@ -4,7 +4,10 @@
 Each checkpoint is a model of the zoo (``fractalnet:checkpoint=.../model.pt``), so it goes
 through the main job's machinery: per image split (K sets of CIFAR-100 training images, one
 per class each, and K of test images) an extraction, Gram tasks, 2 vs. 2 and
-permutation-shard tasks (:mod:`semprobe.ray_jobs.scheduler`). BHY runs within each family
+permutation-shard tasks (:mod:`semprobe.ray_jobs.scheduler`). The extractions of a batch of checkpoints share
+one Ray Data pipeline and actor pool (:func:`semprobe.ray_jobs.extraction.stream_all`): each actor loads a
+checkpoint's model on its first unit of it, rather than a new actor process starting per checkpoint and split,
+while every extraction keeps its own files, resume records and progress. BHY runs within each family
 ``--family`` names: ``model`` (the default) one training run, the network whose checkpoints these
 are (its checkpoints x splits x layers x word models); ``model,word_model`` one run against one word
 model; ``all`` every run x checkpoint x split x layer x word model. Following, the analysis
@@ -31,7 +34,7 @@ from semprobe.ray_jobs.checkpoints import TrainingRun, open_runs
 from semprobe.ray_jobs.config import DynamicsConfig
 from semprobe.ray_jobs.extraction import plan_extraction
 from semprobe.ray_jobs.figures import save_figure
-from semprobe.ray_jobs.fused import run_extraction
+from semprobe.ray_jobs.fused import run_extractions
 from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.report import family_notes, family_summary
 from semprobe.ray_jobs.scheduler import ModelPlan, TwoVsTwoScheduler, plan_model, reduce_scores, test_file
@@ -82,22 +85,27 @@ class CheckpointAnalysis:
         return [c for c in found if c.key not in self.done]
 
     def analyse(self, checkpoints: list[Checkpoint]) -> None:
-        """Extract each checkpoint on its split's images, then run its tests; each extraction's tests start as
-        it ends."""
+        """Extract each checkpoint on its split's images, then run its tests. The extractions share one pipeline
+        and actor pool (their model actors start once for the batch); each extraction's tests start as it ends."""
         cfg = self.cfg
         scheduler = TwoVsTwoScheduler(cfg, self.output, self.log)
+        extractions = []
         for n, checkpoint in enumerate(checkpoints, 1):
             images = split_source(cfg.images or checkpoint.run.data, checkpoint.split)
             out = posixpath.join(cfg.out, "extract", checkpoint.key)
             extraction = cfg.extract_config(checkpoint.model, out, cfg.words, cfg.sets, images=images)
             self.log(f"dynamics: checkpoint {n}/{len(checkpoints)}: {checkpoint.key}")
             quiet = n > 1 or self.done  # the concept coverage is the same for every checkpoint: say it once
-            plan = plan_extraction(extraction)
-            run_extraction(extraction, plan, self.store, cfg, log=(lambda m: None) if quiet else self.log)
+            extractions.append((extraction, plan_extraction(extraction), (lambda m: None) if quiet else self.log))
+
+        def extracted(i: int, _summary: dict[str, Any]) -> None:
+            checkpoint, plan = checkpoints[i], extractions[i][1]
             checkpoint.model_plan = plan_model(
                 self.output, checkpoint.key, plan, self.log, key=checkpoint.key, store=self.store
             )
             scheduler.submit(checkpoint.model_plan)
+
+        run_extractions(extractions, self.store, cfg, finished=extracted)
         scheduler.wait()
         self.tests_computed += scheduler.computed
         self.gram_tasks += len(scheduler.grams) + len(scheduler.matrix_tasks)

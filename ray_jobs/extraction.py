@@ -4,7 +4,8 @@ Ray Data pipeline over shards of the manifest (the unit of work, retry, resume
 and output file): CPU ``map_batches`` decode -> ``map_batches(ExtractShards,
 compute=ActorPoolStrategy)`` on the model's devices. Each actor streams the
 shard's layers straight into their files, so the activations (megabytes per
-image) never travel through the object store.
+image) never travel through the object store. Several extractions (``semprobe dynamics``' checkpoints x splits)
+can share one pipeline and actor pool (:func:`stream_all`), each with its own OUT as below.
 
 Layout under OUT::
 
@@ -26,9 +27,12 @@ rest, so an interrupted job resumes and ends with the same bytes.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -287,7 +291,15 @@ def run_extract(
     ``predictions_only``: only the top-1 predictions of every image (:class:`PredictShards`), no activation; a
     shard that a full extraction already completed counts as done.
     """
-    plan = plan or plan_extraction(cfg)
+    (summary,) = stream_all([prepare_extract(cfg, plan or plan_extraction(cfg), log, predictions_only)])
+    return summary
+
+
+def prepare_extract(
+    cfg: ExtractConfig, plan: ExtractionPlan, log=print, predictions_only: bool = False
+) -> PendingExtraction:
+    """What :func:`run_extract` does before its pipeline (open OUT, write the plan, find the shards still to
+    compute), and, as the extraction's ``finish``, what it does once they are all computed."""
     output, resources = begin(plan, log, **({"store": "similarity"} if predictions_only else {}))
     shards = plan.shards()
     folders = ("shards", PREDICTED) if predictions_only else ("shards",)
@@ -298,28 +310,31 @@ def run_extract(
     progress.done = total - sum(pending["n"].to_pylist())
     if done:
         log(f"resuming: {len(done)} of {shards.num_rows} shards already complete, {pending.num_rows} to go")
-    started = time.monotonic()
     actor_kwargs = {"store_format": cfg.store_format, "compression": cfg.compression}
+
+    def finished(completions: list[tuple[float, int]], elapsed: float) -> dict[str, Any]:
+        records = None  # finish's default: the full extraction's
+        if predictions_only:
+            records = [output.read_json(*where) for where in _completed(output, plan.model_key, folders).values()]
+        summary = finish(output, plan, computed=pending.num_rows, elapsed=elapsed, records=records)
+        if predictions_only:
+            summary["store"] = "similarity"
+        if len(completions) > 1:  # the rate once actors are up: images after the first shard over the time since it
+            (t0, _), (t1, _) = completions[0], completions[-1]
+            summary["steady_images_per_second"] = round(sum(n for _, n in completions[1:]) / (t1 - t0), 3)
+        what = f"{summary['n_layers']} layers"
+        if predictions_only:
+            what = "top-1 predictions, no layer (--store similarity)"
+        log(
+            f"extracted {summary['n_images']} images x {what} of {plan.model} into {cfg.out} "
+            f"({summary['n_errors']} skipped, {summary['shards_computed']}/{summary['n_shards']} shards computed"
+            + (f", top-1 {summary['top1_correct']}/{summary['n_labelled']}" if summary["n_labelled"] else "")
+            + ")"
+        )
+        return summary
+
     actor = PredictShards if predictions_only else ExtractShards
-    completions = stream(pending, plan, resources, actor, actor_kwargs, progress)
-    elapsed = time.monotonic() - started
-    records = None  # finish's default: the full extraction's
-    if predictions_only:
-        records = [output.read_json(*where) for where in _completed(output, plan.model_key, folders).values()]
-    summary = finish(output, plan, computed=pending.num_rows, elapsed=elapsed, records=records)
-    if predictions_only:
-        summary["store"] = "similarity"
-    if len(completions) > 1:  # the rate once actors are up: images after the first shard over the time since it
-        (t0, _), (t1, _) = completions[0], completions[-1]
-        summary["steady_images_per_second"] = round(sum(n for _, n in completions[1:]) / (t1 - t0), 3)
-    what = "top-1 predictions, no layer (--store similarity)" if predictions_only else f"{summary['n_layers']} layers"
-    log(
-        f"extracted {summary['n_images']} images x {what} of {plan.model} into {cfg.out} "
-        f"({summary['n_errors']} skipped, {summary['shards_computed']}/{summary['n_shards']} shards computed"
-        + (f", top-1 {summary['top1_correct']}/{summary['n_labelled']}" if summary["n_labelled"] else "")
-        + ")"
-    )
-    return summary
+    return PendingExtraction(plan, resources, pending, actor, actor_kwargs, progress, finished)
 
 
 def _completed(output: Output, key: str, folders: tuple[str, ...]) -> dict[int, tuple[str, str, str]]:
@@ -351,32 +366,126 @@ def begin(plan: ExtractionPlan, log, **extra: Any) -> tuple[Output, dict[str, An
     return output, resources
 
 
-def stream(
-    pending: pa.Table,
-    plan: ExtractionPlan,
-    resources: dict[str, Any],
-    actor: type,
-    actor_kwargs: dict[str, Any],
-    progress: Progress,
-) -> list[tuple[float, int]]:
-    """Run the Ray Data pipeline over the ``pending`` units of work (one row each, as :meth:`ExtractionPlan.shards`
-    makes them: ``shard`` numbers the unit, ``images`` its images): CPU decode, then ``actor`` on the model's
-    devices, built with the extraction's options and ``actor_kwargs``. Returns (time, images) per finished unit."""
-    if not pending.num_rows:
-        return []
+@dataclass
+class PendingExtraction:
+    """An extraction ready for its pipeline: its ``units`` still to compute (one row each, as
+    :meth:`ExtractionPlan.shards` makes them: ``shard`` numbers the unit, ``images`` its images), the ``actor`` stage
+    that computes them (built with the extraction's options and ``actor_kwargs``), its ``progress``, and
+    ``finish(completions, elapsed)``, called once every unit is computed, with (time, images) per unit."""
+
+    plan: ExtractionPlan
+    resources: dict[str, Any]
+    units: pa.Table
+    actor: type
+    actor_kwargs: dict[str, Any]
+    progress: Progress
+    finish: Callable[[list[tuple[float, int]], float], Any]
+
+    def decode_kwargs(self) -> dict[str, Any]:
+        cfg = self.plan.config
+        return {**self.plan.preprocess.decode_args(), "precropped": cfg.precropped, "out": cfg.out}
+
+    def actor_args(self) -> dict[str, Any]:
+        cfg, resources = self.plan.config, self.resources
+        return {
+            "out": cfg.out,
+            "model": cfg.model,
+            "layers": cfg.layers,
+            "tokens": cfg.tokens,
+            "dtype": cfg.dtype,
+            "batch_size": cfg.batch_size,
+            "gpus": resources["gpus_per_actor"],
+            "torch_threads": resources["torch_threads"],
+            **self.actor_kwargs,
+        }
+
+
+# The models one actor of a shared pipeline keeps built: its rows come roughly in extraction order, so two
+# cover the overlap of one extraction's last units with the next one's first, without holding every model.
+MODELS_KEPT = 2
+
+
+def decode_units(batch: pa.Table, decode: dict[int, dict[str, Any]]) -> dict[str, np.ndarray]:
+    """CPU stage of a shared pipeline: :func:`decode_shard` with the options of the row's extraction (``plan``)."""
+    (plan,) = batch["plan"].to_pylist()
+    return {**decode_shard(batch, **decode[plan]), "plan": np.array([plan], np.int32)}
+
+
+class ExtractPlans:
+    """Actor stage of several extractions sharing one pipeline (:func:`stream_all`): each row names its extraction
+    (``plan``), whose own stage (``stages[plan]``: its actor class and constructor arguments) this actor builds on
+    first use and keeps among the :data:`MODELS_KEPT` most recently used: one actor process, and its imports, serve
+    every extraction, and each model loads once per actor, not once per unit."""
+
+    def __init__(self, stages: dict[int, tuple[type, dict[str, Any]]]):
+        self.stages, self.built = stages, OrderedDict()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        parts = []
+        for plan in dict.fromkeys(batch["plan"].tolist()):
+            rows = batch["plan"] == plan
+            done = self.stage(plan)({k: v[rows] for k, v in batch.items() if k != "plan"})
+            parts.append({**done, "plan": np.full(len(done["shard"]), plan, np.int64)})
+        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+    def stage(self, plan: int):
+        if plan not in self.built:
+            if len(self.built) >= MODELS_KEPT:
+                self.built.popitem(last=False)
+                gc.collect()  # the evicted model's memory, before the next one loads onto the device
+            cls, kwargs = self.stages[plan]
+            self.built[plan] = cls(**kwargs)
+        self.built.move_to_end(plan)
+        return self.built[plan]
+
+
+def stream_all(jobs: list[PendingExtraction], finished: Callable[[int, Any], None] | None = None) -> list[Any]:
+    """Run the extractions ``jobs`` (which share their resources) through one Ray Data pipeline: CPU decode, then
+    the actor stage on the models' devices. Each job's ``finish`` runs as its last unit lands (at once for a job with
+    nothing to compute), then ``finished(index, result)``; returns the results in job order.
+
+    One job runs its own actor stage; several share one actor pool (:class:`ExtractPlans`), so that a batch of
+    checkpoints starts its actor processes once rather than once per checkpoint and split."""
+    resources = jobs[0].resources
+    if any(job.resources != resources for job in jobs):
+        raise ValueError("extractions that share a pipeline must share their resources")
+    results: list[Any] = [None] * len(jobs)
+    completions: list[list[tuple[float, int]]] = [[] for _ in jobs]
+    remaining = [job.units.num_rows for job in jobs]
+    mark = [time.monotonic()]  # when the previous job finished: a job's elapsed time counts from there
+
+    def close(i: int) -> None:
+        jobs[i].progress.close()
+        results[i] = jobs[i].finish(completions[i], time.monotonic() - mark[0])
+        mark[0] = time.monotonic()
+        if finished is not None:
+            finished(i, results[i])
+
+    todo = [i for i, n in enumerate(remaining) if n]
+    for i in (i for i, n in enumerate(remaining) if not n):
+        close(i)
+    if not todo:
+        return results
     # Imported here, by the driver that builds the pipeline: a worker that imports this module (for a task of a
     # module that needs ExtractionPlan or the actor classes) need not load Ray Data.
     import ray.data
 
-    cfg, pre, completions = plan.config, plan.preprocess, []
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.from_arrow([pending.slice(i, 1) for i in range(pending.num_rows)])
+    if len(todo) == 1:
+        job = jobs[todo[0]]
+        blocks = [job.units.slice(r, 1) for r in range(job.units.num_rows)]
+        decode, decode_kwargs, actor, actor_kwargs = decode_shard, job.decode_kwargs(), job.actor, job.actor_args()
+    else:
+        blocks = [
+            jobs[i].units.slice(r, 1).append_column("plan", pa.array([i], pa.int32()))
+            for i in todo
+            for r in range(jobs[i].units.num_rows)
+        ]
+        decode, decode_kwargs = decode_units, {"decode": {i: jobs[i].decode_kwargs() for i in todo}}
+        actor, actor_kwargs = ExtractPlans, {"stages": {i: (jobs[i].actor, jobs[i].actor_args()) for i in todo}}
+    ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
-        decode_shard,
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=resources["decode_cpus"],
-        fn_kwargs={**pre.decode_args(), "precropped": cfg.precropped, "out": cfg.out},
+        decode, batch_size=1, batch_format="pyarrow", num_cpus=resources["decode_cpus"], fn_kwargs=decode_kwargs
     )
     ds = ds.map_batches(
         actor,
@@ -386,28 +495,38 @@ def stream(
         num_gpus=resources["gpus_per_actor"],
         num_cpus=resources["cpus_per_actor"],
         resources=resources["actor_resources"],
-        fn_constructor_kwargs={
-            "out": cfg.out,
-            "model": cfg.model,
-            "layers": cfg.layers,
-            "tokens": cfg.tokens,
-            "dtype": cfg.dtype,
-            "batch_size": cfg.batch_size,
-            "gpus": resources["gpus_per_actor"],
-            "torch_threads": resources["torch_threads"],
-            **actor_kwargs,
-        },
+        fn_constructor_kwargs=actor_kwargs,
     )
     rows = iter(ds.iter_rows())
     try:
         for row in rows:
-            progress.update(int(row["n_images"] + row["n_errors"]))
-            completions.append((time.monotonic(), int(row["n_images"])))
+            i = int(row["plan"]) if "plan" in row else todo[0]
+            jobs[i].progress.update(int(row["n_images"] + row["n_errors"]))
+            completions[i].append((time.monotonic(), int(row["n_images"])))
+            remaining[i] -= 1
+            if not remaining[i]:
+                close(i)
     finally:
         # On a failure too: stops the execution and releases its actors at once, not when the
         # traceback (which holds this frame) is collected.
         getattr(rows, "close", lambda: None)()
-    progress.close()
+    for i in (i for i in todo if remaining[i]):  # as a lone extraction always did: finish from the records found
+        close(i)
+    return results
+
+
+def stream(
+    pending: pa.Table,
+    plan: ExtractionPlan,
+    resources: dict[str, Any],
+    actor: type,
+    actor_kwargs: dict[str, Any],
+    progress: Progress,
+) -> list[tuple[float, int]]:
+    """Run the Ray Data pipeline over the ``pending`` units of work of one extraction (:func:`stream_all`, with
+    :class:`PendingExtraction`'s fields). Returns (time, images) per finished unit."""
+    job = PendingExtraction(plan, resources, pending, actor, actor_kwargs, progress, lambda done, _: done)
+    (completions,) = stream_all([job])
     return completions
 
 

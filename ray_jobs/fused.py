@@ -43,8 +43,9 @@ only the misclassified images and their references (:class:`FuseReferences`), un
 
 from __future__ import annotations
 
+import contextlib
 import json
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,14 +62,16 @@ from semprobe.ray_jobs.config import ExtractConfig
 from semprobe.ray_jobs.extraction import (
     ExtractionPlan,
     ExtractShards,
+    PendingExtraction,
     begin,
     extraction_resources,
     finish,
     predictions_table,
-    run_extract,
+    prepare_extract,
     stream,
+    stream_all,
 )
-from semprobe.ray_jobs.lease import holding_lease
+from semprobe.ray_jobs.lease import hold, holding_lease
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.storage import Output
 from semprobe.ray_jobs.store import references_file, similarity_file, similarity_table
@@ -181,18 +184,22 @@ def plan_units(plan: ExtractionPlan, done: dict[int, set[str]], budget: int) -> 
     return units
 
 
-def run_fused_extract(
+def prepare_fused(
     cfg: ExtractConfig,
     plan: ExtractionPlan,
     memory_mb: int | None = None,
     compute: str = "float32",
     gram_memory_mb: int = 256,
     log=print,
-) -> dict[str, Any]:
-    """Run (or resume) an extraction in similarity mode; returns the summary it also writes to OUT/summary.json.
+    budget: dict[str, int] | None = None,
+) -> PendingExtraction:
+    """An extraction in similarity mode, ready for its pipeline (:func:`stream_all`, which runs or resumes it and
+    returns the summary it also writes to OUT/summary.json): its OUT opened, its plan written, the (set, layer)
+    matrices still missing chunked into units; its ``finish`` gathers the records once they are computed.
 
     ``memory_mb``: the chunking budget (None: from the device); ``compute`` and ``gram_memory_mb``: the Gram
-    product's precision and feature chunk, as ``--gram-compute`` and ``--gram-memory-mb`` set them for Gram tasks.
+    product's precision and feature chunk, as ``--gram-compute`` and ``--gram-memory-mb`` set them for Gram tasks;
+    ``budget``: a cache of the budget measured, shared by extractions on the same resources (one probe for all).
     """
     if cfg.sets is None:
         raise InputError("--store similarity needs image sets (--sets): its matrices are per image set")
@@ -205,7 +212,12 @@ def run_fused_extract(
     set_indices = set(plan.manifest["set_index"].to_pylist())
     n_sets = len(set_indices)
     missing = any(len(done.get(k, ())) < len(plan.layers) for k in set_indices)
-    units = plan_units(plan, done, resident_budget(memory_mb, resources)) if missing else []
+    units = []
+    if missing:
+        budget = {} if budget is None else budget
+        if "bytes" not in budget:
+            budget["bytes"] = resident_budget(memory_mb, resources)
+        units = plan_units(plan, done, budget["bytes"])
     if done:
         log(f"resuming: {sum(len(v) for v in done.values())} of {n_sets * len(plan.layers)} (set, layer) matrices "
             f"already complete, {len(units)} unit(s) to go")  # fmt: skip
@@ -218,38 +230,60 @@ def run_fused_extract(
         [[rows[c][r] for c in rows] for r in range(m.num_rows) if rows["set_index"][r] == unit.set_index]
         for unit in units
     ]
-    pending = pending_units(members)
     progress = Progress(sum(len(images) for images in members), "images", f"extract {plan.model} (similarity)")
-    started = time.monotonic()
     actor_kwargs = {
         "units": {i: (u.set_index, [layer.name for layer in u.layers]) for i, u in enumerate(units)},
         "compute": compute,
         "gram_memory_mb": gram_memory_mb,
     }
-    stream(pending, plan, resources, FuseSets, actor_kwargs, progress)
-    elapsed = time.monotonic() - started
-    per_set = {}
-    for name in output.list(UNITS, key, suffix=".json"):
-        record = output.read_json(UNITS, key, name)
-        per_set.setdefault(record["set_index"], record)  # every unit of a set saw the same images and errors
-    summary = finish(output, plan, computed=len(units), elapsed=elapsed, records=list(per_set.values()))
-    summary.update(store="similarity", units_computed=len(units))
-    log(
-        f"extracted {summary['n_images']} images x {summary['n_layers']} layers of {plan.model} into w x w matrices "
-        f"in {cfg.out} ({summary['n_errors']} skipped, {len(units)} (set, layer chunk) unit(s) computed"
-        + (f", top-1 {summary['top1_correct']}/{summary['n_labelled']}" if summary["n_labelled"] else "")
-        + ")"
-    )
-    return summary
+
+    def finished(completions: list[tuple[float, int]], elapsed: float) -> dict[str, Any]:
+        per_set = {}
+        for name in output.list(UNITS, key, suffix=".json"):
+            record = output.read_json(UNITS, key, name)
+            per_set.setdefault(record["set_index"], record)  # every unit of a set saw the same images and errors
+        summary = finish(output, plan, computed=len(units), elapsed=elapsed, records=list(per_set.values()))
+        summary.update(store="similarity", units_computed=len(units))
+        log(
+            f"extracted {summary['n_images']} images x {summary['n_layers']} layers of {plan.model} into w x w "
+            f"matrices in {cfg.out} ({summary['n_errors']} skipped, {len(units)} (set, layer chunk) unit(s) computed"
+            + (f", top-1 {summary['top1_correct']}/{summary['n_labelled']}" if summary["n_labelled"] else "")
+            + ")"
+        )
+        return summary
+
+    return PendingExtraction(plan, resources, pending_units(members), FuseSets, actor_kwargs, progress, finished)
 
 
 @holding_lease
 def run_extraction(cfg: ExtractConfig, plan: ExtractionPlan, store: str, job, log=print) -> dict[str, Any]:
     """The extraction a 2 vs. 2 job (``job``: its RunConfig or DynamicsConfig) runs for one model, in the resolved
     ``store`` mode: into the activation store, or fused with the Gram into w x w matrices."""
-    if store == "similarity":
-        return run_fused_extract(cfg, plan, job.similarity_memory_mb, job.gram_compute, job.gram_memory_mb, log=log)
-    return run_extract(cfg, log=log, plan=plan)
+    (summary,) = run_extractions([(cfg, plan, log)], store, job)
+    return summary
+
+
+def run_extractions(
+    extractions: list[tuple[ExtractConfig, ExtractionPlan, Any]],
+    store: str,
+    job,
+    finished: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Several extractions of a 2 vs. 2 job (``job``: its RunConfig or DynamicsConfig), each (config, plan, log),
+    in the resolved ``store`` mode, through one pipeline (:func:`stream_all`: one actor pool for all). Each
+    extraction's OUT is leased for the whole pipeline; ``finished(index, summary)`` runs as each one completes,
+    so that its tests can start while the others go on. Returns the summaries in order."""
+    budget: dict[str, int] = {}
+    with contextlib.ExitStack() as leases:
+        jobs = []
+        for cfg, plan, log in extractions:
+            leases.enter_context(hold(cfg.out))
+            if store == "similarity":
+                memory, compute, gram = job.similarity_memory_mb, job.gram_compute, job.gram_memory_mb
+                jobs.append(prepare_fused(cfg, plan, memory, compute, gram, log=log, budget=budget))
+            else:
+                jobs.append(prepare_extract(cfg, plan, log=log))
+        return stream_all(jobs, finished)
 
 
 # --- misclassified --store similarity: each misclassified image against its reference images ------------------

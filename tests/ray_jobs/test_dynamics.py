@@ -24,15 +24,29 @@ TINY = {"model": "fractalnet_tiny", "batch_size": 50, "lr": 0.05}
 LAYERS = ["blocks.0.columns.2.0.relu", "blocks.1.columns.2.3.relu", "blocks.3.columns.2.3.relu", "fc"]
 
 
+# the analysis that `semprobe train --words` runs beside the trainer: the last layer, one set, 10 permutations
+WITH_WORDS = {"words": "glove-50d", "sets": 1, "layers": "fc", "permutations": 10}
+
+
 @pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
+def training(ray_session, tmp_path_factory):
     """A tiny FractalNet trained 1 epoch (checkpoints at 0 and 1: the initial and a trained model) on 4 training and
-    2 test images per class. Each checkpoint costs every test here an extraction per split, so two, not more."""
+    2 test images per class, with --words: its checkpoints analysed as they come. Each checkpoint costs every test
+    here an extraction per split, so two, not more; and every training costs a Ray Train start, so this one run is
+    both the normal run of every test and the run of the training-with-words test. Returns (root, summary, logs)."""
     root = tmp_path_factory.mktemp("dynamics")
     write_cifar100(root / "data", n_train=400, n_test=200)
-    cfg = TrainConfig(data=f"cifar100:{root / 'data'}", epochs=1, every=1, out=str(root / "run"), **TINY).validate()
-    run_train(cfg, log=lambda m: None)
-    return root
+    logs = []
+    cfg = TrainConfig(
+        data=f"cifar100:{root / 'data'}", epochs=1, every=1, out=str(root / "run"), **WITH_WORDS, **TINY
+    ).validate()
+    summary = run_train(cfg, log=logs.append)
+    return root, summary, logs
+
+
+@pytest.fixture(scope="module")
+def trained(training):
+    return training[0]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +59,10 @@ def analysed(trained):
         permutation_shard=12,
         seed=5,
         dtype="float32",
+        out=str(trained / "analysis"),  # RUN/dynamics holds the analysis beside training
     ).validate()
     summary = run_dynamics(cfg, log=lambda m: None)
-    return cfg, trained / "run" / "dynamics", summary
+    return cfg, trained / "analysis", summary
 
 
 def test_every_checkpoint_and_split_is_scored_against_a_reference(analysed, trained):
@@ -134,22 +149,10 @@ def test_rerun_resumes_what_is_missing_and_ends_identical(analysed):
     }
 
 
-def test_training_with_words_analyses_its_checkpoints_as_they_come(ray_session, trained):
-    logs = []
-    cfg = TrainConfig(
-        data=f"cifar100:{trained / 'data'}",
-        epochs=1,
-        every=1,
-        out=str(trained / "with-words"),
-        words="glove-50d",
-        sets=1,
-        layers="fc",
-        permutations=10,
-        **TINY,
-    ).validate()
-    summary = run_train(cfg, log=logs.append)
+def test_training_with_words_analyses_its_checkpoints_as_they_come(training):
+    trained, summary, logs = training
     assert summary["dynamics"]["checkpoints"] == 2 and summary["dynamics"]["n_tests"] == 2 * 2
-    rows = pq.read_table(trained / "with-words" / "dynamics" / "dynamics.parquet").to_pylist()
+    rows = pq.read_table(trained / "run" / "dynamics" / "dynamics.parquet").to_pylist()
     assert sorted({(r["epoch"], r["split"]) for r in rows}) == [(0, "test"), (0, "train"), (1, "test"), (1, "train")]
     assert any(m.startswith("dynamics: ") for m in logs)
 
