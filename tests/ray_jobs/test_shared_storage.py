@@ -331,6 +331,8 @@ class Nodes:
             "RAY_ADDRESS": "",
             "RAY_AUTH_MODE": "token",  # the head's default; a driver joining by address must say so too
             "RAY_agent_register_timeout_ms": "180000",  # a loaded test machine starts a node's agent slowly
+            # stop() stops a node at once: by default SIGTERM first drains it for up to 30 s (for Ray Serve's proxies)
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
             # the semprobe this test imports, for the nodes' workers and the drivers
             "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")])),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

@@ -38,17 +38,29 @@ def cifar(tmp_path_factory):
     return f"cifar100:{root}"
 
 
-def test_training_reports_checkpoints_and_learns(ray_session, cifar, tmp_path):
-    cfg = TrainConfig(data=cifar, epochs=6, every=3, out=str(tmp_path / "run"), **TINY).validate()
-    summary = run_train(cfg, log=lambda m: None)
-    out = Output(cfg.out)
-    done = checkpoints(out, "normal")
-    assert [c["epoch"] for c in done] == [0, 3, 6] and summary["checkpoints"] == 3
-    assert not (tmp_path / "run" / ".lease.json").exists(), "the finished job released its lease"
-    history = pq.read_table(tmp_path / "run" / "training.parquet").to_pylist()
-    assert [h["epoch"] for h in history] == list(range(7))
+# One whole run feeds the learning test and the reference of the interrupted one: 4 epochs, a checkpoint every 2
+# (so `every` skips epochs), the learning rate dropped at epochs 2 and 3 (lr_drops(4)).
+WHOLE = dict(epochs=4, every=2, **TINY)
+
+
+@pytest.fixture(scope="module")
+def whole(ray_session, cifar, tmp_path_factory) -> tuple[dict, Path]:
+    """A finished training run: its summary and output folder."""
+    out = tmp_path_factory.mktemp("train") / "whole"
+    summary = run_train(TrainConfig(data=cifar, out=str(out), **WHOLE).validate(), log=lambda m: None)
+    return summary, out
+
+
+def test_training_reports_checkpoints_and_learns(whole):
+    summary, run = whole
+    done = checkpoints(Output(str(run)), "normal")
+    assert [c["epoch"] for c in done] == [0, 2, 4] and summary["checkpoints"] == 3
+    assert not (run / ".lease.json").exists(), "the finished job released its lease"
+    history = pq.read_table(run / "training.parquet").to_pylist()
+    assert [h["epoch"] for h in history] == list(range(5))
+    assert lr_drops(4) == [2, 3]
     assert [h["lr"] for h in history[1:]] == pytest.approx(
-        [0.05 * 0.1 ** sum(e >= d for d in lr_drops(6)) for e in range(6)]
+        [0.05 * 0.1 ** sum(e >= d for d in lr_drops(4)) for e in range(4)]
     )
     assert history[0]["train_error"] > 0.95 and history[-1]["train_error"] < history[1]["train_error"]
     # a checkpoint is a model of the zoo
@@ -68,56 +80,40 @@ def same_checkpoints(run: Path, reference: Path) -> list[int]:
     return [c["epoch"] for c in kept]
 
 
-def test_an_interrupted_run_resumes_to_the_same_model(ray_session, cifar, tmp_path):
-    args = dict(data=cifar, epochs=3, every=1, **TINY)
-    whole = run_train(TrainConfig(out=str(tmp_path / "whole"), **args).validate(), log=lambda m: None)
-    # the same run in its own process and Ray instance, killed once epoch 1's checkpoint has landed
+def test_an_interrupted_run_resumes_to_the_same_model(ray_session, cifar, whole, tmp_path):
+    summary, reference = whole
+    # the same run as `semprobe train` in a driver of its own, on the tests' Ray (as a cluster user's driver joins
+    # a running cluster), killed once a checkpoint past the initial model (epoch 2) has landed
     cut = tmp_path / "cut"
-    cmd = [
-        sys.executable,
-        "-m",
-        "semprobe.ray_jobs.cli",
-        "train",
-        "--data",
-        cifar,
-        "--model",
-        "fractalnet_tiny",
-        "--epochs",
-        "3",
-        "--every",
-        "1",
-        "--batch-size",
-        "50",
-        "--lr",
-        "0.05",
-        "--out",
-        str(cut),
-    ]
-    env = {**os.environ, "RAY_ADDRESS": "local"}
+    cmd = [sys.executable, "-m", "semprobe.ray_jobs.cli", "train", "--data", cifar, "--model", "fractalnet_tiny",
+           "--epochs", "4", "--every", "2", "--batch-size", "50", "--lr", "0.05", "--out", str(cut)]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 300
         while not any(c["epoch"] >= 1 for c in checkpoints(Output(str(cut)), "normal")):
             assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    epochs = same_checkpoints(cut, tmp_path / "whole")
+    # Ray ends the dead driver's trainer and its worker: once the worker's CPU is back, nothing writes to cut
+    while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, "the killed driver's training worker did not end"
+        time.sleep(0.2)
+    epochs = same_checkpoints(cut, reference)
     reached = epochs[-1]
-    assert epochs == list(range(reached + 1)) and 1 <= reached < 3, (
-        "killed mid-training, with every epoch so far (0: the initial model)"
+    assert epochs == list(range(0, reached + 1, 2)) and 2 <= reached < 4, (
+        "killed mid-training, with every checkpoint so far (0: the initial model)"
     )
     assert (cut / ".lease.json").exists(), "the killed driver's lease is left behind"
     logs = []
-    resumed = run_train(TrainConfig(out=str(cut), **args).validate(), log=logs.append)  # takes it over at once
-    assert resumed["resumed_from"] == reached and f"train: resuming normal from epoch {reached} of 3" in logs
-    timeless = [
-        pq.read_table(folder / "training.parquet").drop(["epoch_seconds"]) for folder in (cut, tmp_path / "whole")
-    ]
+    resumed = run_train(TrainConfig(data=cifar, out=str(cut), **WHOLE).validate(), log=logs.append)  # takes it over
+    assert resumed["resumed_from"] == reached and f"train: resuming normal from epoch {reached} of 4" in logs
+    timeless = [pq.read_table(folder / "training.parquet").drop(["epoch_seconds"]) for folder in (cut, reference)]
     assert timeless[0].equals(timeless[1])  # every number but the wall time
-    assert same_checkpoints(cut, tmp_path / "whole") == [0, 1, 2, 3]
-    assert (resumed["train_error"], resumed["test_error"]) == (whole["train_error"], whole["test_error"])
+    assert same_checkpoints(cut, reference) == [0, 2, 4]
+    assert (resumed["train_error"], resumed["test_error"]) == (summary["train_error"], summary["test_error"])
 
 
 def test_bad_training_input_is_a_clear_error(tmp_path):
