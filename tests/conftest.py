@@ -88,12 +88,19 @@ def shared_sample() -> Path:
 
 # A line a Ray worker or actor printed, forwarded to the driver (e.g. Ray Train's placement-group
 # cleaner, which warns while no dashboard serves the State API); it may land in any later test's capture.
-_FORWARDED = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+(, ip=[\d.]+)?\)")
+# The raylet's own warnings (e.g. that many worker processes have started, with the session's idle workers kept)
+# come the same way, on stdout, as "(raylet) ...".
+_FORWARDED = re.compile(r"^(\x1b\[\d+m)?\((raylet|\w+ pid=\d+)(, ip=[\d.]+)?\)")
+
+
+def own_lines(text: str) -> str:
+    """``text`` without the lines Ray forwarded from its workers and raylets."""
+    return "".join(line for line in text.splitlines(keepends=True) if not _FORWARDED.match(line))
 
 
 def cli_stderr(capsys) -> str:
     """What the command itself wrote to stderr since the last read, without lines forwarded from Ray workers."""
-    return "".join(line for line in capsys.readouterr().err.splitlines(keepends=True) if not _FORWARDED.match(line))
+    return own_lines(capsys.readouterr().err)
 
 
 def free_ports(n: int) -> list[int]:

@@ -8,17 +8,20 @@ import sys
 import time
 
 import pytest
+from conftest import own_lines
 
 from semprobe.ray_jobs import bench
 from semprobe.ray_jobs.bench import settle
 from semprobe.ray_jobs.cli import main
 
+HEADER = "| benchmark | device | figure | floor | ratio | target | met |"
+
 
 def _report(capsys, argv: list[str]) -> dict:
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out = own_lines(capsys.readouterr().out)
     report, end = json.JSONDecoder().raw_decode(out)
-    assert out[end:].strip().startswith("| benchmark | device | figure | floor | ratio | target | met |")
+    assert out[end:].strip().startswith(HEADER)
     return report
 
 
@@ -112,7 +115,7 @@ def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path, 
     header, table, projection = (tmp_path / "bench.md").read_text().split("\n\n", 2)
     assert "--quick" in header and table.count("\n| ") == len(report["rows"])  # the rows under the header line
     assert "1 x p5.48xlarge: 8 x H100 SXM" in projection and projection.count("total (cost)") == 3
-    assert capsys.readouterr().out.startswith("| benchmark | device | figure | floor | ratio | target | met |")
+    assert own_lines(capsys.readouterr().out).startswith(HEADER)
 
 
 def test_settle_waits_while_the_cpus_are_busy():
