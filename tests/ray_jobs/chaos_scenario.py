@@ -172,8 +172,6 @@ class Cluster(Nodes):
              f"--dashboard-port={self.dashboard}", f"--ray-client-server-port={client}", *_node_args(temp)]
         )  # fmt: skip
         self.temp, self.revived = temp, 0
-        for _ in range(2):
-            self.start([f"--address={self.address}", *_node_args(temp)])
 
     def revive(self) -> None:
         """Start again, on fresh ports, a worker node whose ``ray start`` gave up while the cluster came up (on a
@@ -189,8 +187,9 @@ class Cluster(Nodes):
         return f"http://127.0.0.1:{self.dashboard}"
 
     def join(self, timeout: float = 300) -> None:
-        """Join the cluster from this process once its three nodes are alive (on a loaded machine a worker node's
-        agent may start too slowly and its ``ray start`` give up: it is started again)."""
+        """Join the head from this process, then start the two worker nodes one after the other, each once the
+        nodes before it are alive: ``ray start``s racing in one temp dir can draw the same socket names
+        (``raylet.1``), and one of them fails (a worker node that fails even so is started again)."""
         deadline = time.monotonic() + timeout
         while not ray.is_initialized():
             try:
@@ -199,11 +198,13 @@ class Cluster(Nodes):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
-        while sum(n["Alive"] for n in ray.nodes()) < 3:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the 3-node cluster did not come up in {timeout:g} s")
-            self.revive()
-            time.sleep(1)
+        for nodes in (2, 3):
+            self.start([f"--address={self.address}", *_node_args(self.temp)])
+            while sum(n["Alive"] for n in ray.nodes()) < nodes:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the 3-node cluster did not come up in {timeout:g} s")
+                self.revive()
+                time.sleep(0.2)
 
     def processes(self, node: int) -> list[int]:
         """Every process a node's ``ray start --block`` started (its raylet, the raylet's workers, ...), by pid."""
