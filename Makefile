@@ -4,15 +4,11 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 / torchvision 0.29.1 install from local files on our machines; a newer torch downloads gigabytes.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-# --no-compile: Python compiles a module when it is first imported; compiling all ~17,000 installed modules up front
-# costs ~1.5 CPU-minutes, most of them for modules semprobe never imports.
-PIP := $(PY) -m pip install --quiet --no-compile
-
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PIP) --upgrade pip
-	$(PIP) $(TORCH)
-	$(PIP) -e '.[attacks,demo,test]'
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[attacks,demo,test]'
 	touch $@
 
 install: $(VENV)/.installed
