@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import ray
+import ray.data
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
@@ -126,6 +127,10 @@ def main(config: str, root: str) -> None:
         result = {"worker_nodes": sorted(n.node_id for n in workers), "head_node": cluster.head_node.node_id}
 
         cfg = RunConfig(**{**base, "out": os.path.join(root, "faults")}).validate()
+        # The pool's actors start together but not in step (on two busy cores, one can take half a minute more): the
+        # pipeline waits for both before its first shard, so that the faults find both up (the default starts with
+        # the first ready, which may then compute every shard alone).
+        ray.data.DataContext.get_current().wait_for_min_actors_s = 600
 
         def kill_one_remove_the_others_node() -> dict:
             killed, removed = _both_actors_up(cfg.out)
