@@ -40,6 +40,9 @@ WORKER = {"num_cpus": 2, "resources": {"accelerator": 1}}
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
 EXTRACTOR = "ExtractShards"
 T0 = time.monotonic()
+# The State API of this cluster's dashboard (unnamed, the State API would ask the latest Ray started on this machine,
+# which may be another's)
+STATE_API = {}
 
 
 def log(message: str) -> None:
@@ -55,7 +58,11 @@ def _free_port() -> int:
 
 def _extraction_actors(state: str | None = "ALIVE") -> list:
     actors = list_actors(
-        filters=[("state", "=", state)] if state else None, detail=True, limit=10_000, raise_on_missing_output=False
+        **STATE_API,
+        filters=[("state", "=", state)] if state else None,
+        detail=True,
+        limit=10_000,
+        raise_on_missing_output=False,
     )
     return [a for a in actors if EXTRACTOR in (a.class_name or "")]
 
@@ -78,7 +85,9 @@ ANALYSIS_TASKS = ("gram_task", "stacked_task")
 
 
 def _analysis_tasks() -> list:
-    tasks = list_tasks(filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000, raise_on_missing_output=False)
+    tasks = list_tasks(
+        **STATE_API, filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000, raise_on_missing_output=False
+    )
     return [t for t in tasks if t.name in ANALYSIS_TASKS]
 
 
@@ -122,7 +131,8 @@ def main(config: str, root: str) -> None:
         workers = [cluster.add_node(**WORKER) for _ in range(3)]
         cluster.wait_for_nodes()
         log("cluster up")
-        ray.init(address=cluster.address)
+        context = ray.init(address=cluster.address)
+        STATE_API["address"] = f"http://{context.dashboard_url}"
         log("driver connected")
         result = {"worker_nodes": sorted(n.node_id for n in workers), "head_node": cluster.head_node.node_id}
 
