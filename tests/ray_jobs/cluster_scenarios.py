@@ -1,19 +1,17 @@
-"""The main job on a simulated multi-node Ray cluster (``ray.cluster_utils.Cluster``), with faults.
+"""The main job on a simulated multi-node Ray cluster (``ray.cluster_utils.Cluster``), under faults.
 
 Run by tests/test_cluster.py in a process of its own (the tests' own Ray instance lives in the pytest
 process): ``python tests/cluster_scenarios.py CONFIG.json OUT_ROOT``, which writes OUT_ROOT/result.json.
-A head that runs no work and two worker nodes, each declaring one ``accelerator`` (the stand-in for a GPU:
-the model actors ask for it); then, one after another, into OUT_ROOT/<scenario>:
+A head that runs no work and three worker nodes, each declaring one ``accelerator`` (the stand-in for a GPU:
+the two model actors ask for it, so they start on two different workers and the third is free). One run, into
+OUT_ROOT/faults: once the first shard is stored and both extraction actors are up, one actor's process is killed
+(SIGKILL) and the node holding the other is removed (``cluster.remove_node``), at the same moment. Both actors
+must restart (the killed one on its own node or the free one, the removed node's on a node that stayed) and the
+job carry on; the analysis then runs on the two workers left. One run shows both faults and how the work spreads:
+each run costs two actor start-ups, and a fault two more restarts' worth of them, whatever the faults share.
 
-- ``kill-actor``: an extraction actor's process is killed (SIGKILL) once the first shard is stored. It also
-  shows how the job spreads: the killed actor can restart only on its own node (the other worker's accelerator
-  is held by the other actor until the extraction ends), and the analysis runs after the extraction on the same
-  two nodes as it would undisturbed; so no undisturbed run is needed (each run costs two actor start-ups).
-- ``remove-node``: a third worker joins, and the node holding an extraction actor is removed once the
-  first shard is stored.
-
-The result: per scenario, the nodes of the extraction actors and of the analysis tasks, the actors'
-restarts, and what was done to it.
+The result: the nodes, and for the run each extraction actor's node when the faults struck and at the end, its
+restarts, the nodes of the analysis tasks, and what was done to which actor.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ import time
 from pathlib import Path
 
 import ray
+import ray.data
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 
@@ -40,6 +39,15 @@ WORKER = {"num_cpus": 2, "resources": {"accelerator": 1}}
 # 10 s to answer each of the 3 checks.
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
 EXTRACTOR = "ExtractShards"
+T0 = time.monotonic()
+# The State API of this cluster's dashboard (unnamed, the State API would ask the latest Ray started on this machine,
+# which may be another's)
+STATE_API = {}
+
+
+def log(message: str) -> None:
+    """The scenarios' progress on stderr (which the test shows when it fails), with seconds since the start."""
+    print(f"[{time.monotonic() - T0:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def _free_port() -> int:
@@ -50,7 +58,11 @@ def _free_port() -> int:
 
 def _extraction_actors(state: str | None = "ALIVE") -> list:
     actors = list_actors(
-        filters=[("state", "=", state)] if state else None, detail=True, limit=10_000, raise_on_missing_output=False
+        **STATE_API,
+        filters=[("state", "=", state)] if state else None,
+        detail=True,
+        limit=10_000,
+        raise_on_missing_output=False,
     )
     return [a for a in actors if EXTRACTOR in (a.class_name or "")]
 
@@ -73,28 +85,26 @@ ANALYSIS_TASKS = ("gram_task", "stacked_task")
 
 
 def _analysis_tasks() -> list:
-    tasks = list_tasks(filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000, raise_on_missing_output=False)
+    tasks = list_tasks(
+        **STATE_API, filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000, raise_on_missing_output=False
+    )
     return [t for t in tasks if t.name in ANALYSIS_TASKS]
 
 
-def _scenario(cfg: RunConfig, fault=None) -> dict:
-    before_actors = {a.actor_id for a in _extraction_actors(None)}
-    before_tasks = {t.task_id for t in _analysis_tasks()}
+def _faulty_run(cfg: RunConfig, fault) -> dict:
     done = {}
-    watcher = _when_first_shard_lands(cfg.out, lambda: done.update(at=time.monotonic(), **fault())) if fault else None
-    summary = run(cfg, log=lambda m: print(m, file=sys.stderr))
+    watcher = _when_first_shard_lands(cfg.out, lambda: done.update(at=time.monotonic(), **fault()))
+    summary = run(cfg, log=log)
     ended = time.monotonic()
-    if watcher:
-        watcher.join()  # removing a node can outlast the rest of the job
-        assert done and done.pop("at") < ended, "the fault was not injected mid-job"
+    log("job done")
+    watcher.join()  # removing a node can outlast the rest of the job
+    assert done and done.pop("at") < ended, "the faults were not injected mid-job"
     # where the work ran, from the State API (the dashboard keeps finished tasks and dead actors)
     time.sleep(2)  # task events reach the dashboard in batches
-    actors = [a for a in _extraction_actors(None) if a.actor_id not in before_actors]
-    tasks = [t for t in _analysis_tasks() if t.task_id not in before_tasks]
+    log("state API queried")
+    actors, tasks = _extraction_actors(None), _analysis_tasks()
     return {
-        "actor_nodes": sorted(a.node_id for a in actors if a.node_id),
-        "actor_states": sorted(a.state for a in actors),
-        "actor_restarts": sum(a.num_restarts or 0 for a in actors),
+        "actors": {a.actor_id: {"node": a.node_id, "restarts": a.num_restarts or 0} for a in actors},
         "task_nodes": {
             name: sorted({t.node_id for t in tasks if t.name == name and t.node_id}) for name in ANALYSIS_TASKS
         },
@@ -103,37 +113,51 @@ def _scenario(cfg: RunConfig, fault=None) -> dict:
     }
 
 
+def _both_actors_up(out: str) -> list:
+    """The two extraction actors, once both are alive (the first shard may land before the second has loaded)."""
+    ended = Path(out, "extract", "efficientnet_lite0", "summary.json")  # written when the extraction ends
+    while len(actors := _extraction_actors()) < 2:
+        if ended.exists():
+            raise RuntimeError("the extraction ended before both actors were up")  # no fault: the run says so
+        time.sleep(0.2)
+    return actors
+
+
 def main(config: str, root: str) -> None:
     base = json.loads(Path(config).read_text())
     head = {"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port(), "_system_config": HEALTH_CHECKS}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
-        workers = [cluster.add_node(**WORKER) for _ in range(2)]
+        workers = [cluster.add_node(**WORKER) for _ in range(3)]
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
+        log("cluster up")
+        context = ray.init(address=cluster.address)
+        STATE_API["address"] = f"http://{context.dashboard_url}"
+        log("driver connected")
         result = {"worker_nodes": sorted(n.node_id for n in workers), "head_node": cluster.head_node.node_id}
 
-        def cfg(name: str) -> RunConfig:
-            return RunConfig(**{**base, "out": os.path.join(root, name)}).validate()
+        cfg = RunConfig(**{**base, "out": os.path.join(root, "faults")}).validate()
+        # The pool's actors start together but not in step (on two busy cores, one can take half a minute more): the
+        # pipeline waits for both before its first shard, so that the faults find both up (the default starts with
+        # the first ready, which may then compute every shard alone).
+        ray.data.DataContext.get_current().wait_for_min_actors_s = 600
 
-        def kill_actor() -> dict:
-            (victim, *_) = _extraction_actors()
-            os.kill(victim.pid, signal.SIGKILL)
-            return {"killed_actor_pid": victim.pid, "on_node": victim.node_id}
-
-        result["kill-actor"] = _scenario(cfg("kill-actor"), kill_actor)
-
-        third = cluster.add_node(**WORKER)
-        cluster.wait_for_nodes()
-        result["worker_nodes"].append(third.node_id)
-
-        def remove_node() -> dict:
-            (victim, *_) = _extraction_actors()
-            (node,) = [n for n in cluster.worker_nodes if n.node_id == victim.node_id]
+        def kill_one_remove_the_others_node() -> dict:
+            killed, removed = _both_actors_up(cfg.out)
+            placed = {a.actor_id: a.node_id for a in (killed, removed)}
+            os.kill(killed.pid, signal.SIGKILL)
+            (node,) = [n for n in cluster.worker_nodes if n.node_id == removed.node_id]
             cluster.remove_node(node, allow_graceful=False)
-            return {"removed_node": node.node_id}
+            log(f"killed actor pid {killed.pid}, removed node {node.node_id}")
+            return {
+                "placed": placed,
+                "killed_actor": killed.actor_id,
+                "killed_actor_pid": killed.pid,
+                "removed_actor": removed.actor_id,
+                "removed_node": node.node_id,
+            }
 
-        result["remove-node"] = _scenario(cfg("remove-node"), remove_node)
+        result["faults"] = _faulty_run(cfg, kill_one_remove_the_others_node)
         Path(root, "result.json").write_text(json.dumps(result))  # not stdout: Ray forwards workers' output there
     finally:
         ray.shutdown()
