@@ -47,7 +47,8 @@ def bare_forward(model: str, images: str, batch_size: int, min_images: int = 128
 
 
 def bench_extract(args: argparse.Namespace) -> dict:
-    forward_rate, n_images = bare_forward(args.model, args.images, args.batch_size)
+    # --quick: the floor is one pass over the images, as the extraction makes (the full run repeats them to 128)
+    forward_rate, n_images = bare_forward(args.model, args.images, args.batch_size, min_images=0 if args.quick else 128)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or os.path.join(tmp, "extract")
         cfg = ExtractConfig(
@@ -610,11 +611,16 @@ def real_matrices(images: str, model: str = "efficientnet_lite0", word_model: st
     return matrices, word_matrix(words.vectors([lemma[c] for c in concepts])).astype(np.float64)
 
 
-def _timed_run(images: str, store: str, out: str, permutations: int) -> float:
+# --quick: the end-to-end runs at three of Lite0's blocks (early, middle, late) rather than all 16
+QUICK_RUN_LAYERS = "blocks.1.0.bn3,blocks.3.1.add,blocks.5.1.add"
+
+
+def _timed_run(images: str, store: str, out: str, permutations: int, layers: str | None = None) -> float:
     from semprobe.ray_jobs.config import RunConfig
     from semprobe.ray_jobs.run import run
 
-    cfg = RunConfig(images=images, out=out, store=store, permutations=permutations).validate()
+    given = {"layers": layers} if layers else {}
+    cfg = RunConfig(images=images, out=out, store=store, permutations=permutations, **given).validate()
     start = time.perf_counter()
     run(cfg, log=lambda m: None)
     return time.perf_counter() - start
@@ -671,15 +677,17 @@ def bench_analysis(args: argparse.Namespace) -> dict:
                  "rechecked": fp32.rechecked, "decided": fp32.decided, "fraction": fraction, "agree": agree},
     }  # fmt: skip
     settle()
+    layers = QUICK_RUN_LAYERS if args.quick else None
     with tempfile.TemporaryDirectory() as tmp:
         seconds = {
-            store: _timed_run(images, store, os.path.join(tmp, store), 20 if args.quick else 1000)
+            store: _timed_run(images, store, os.path.join(tmp, store), 20 if args.quick else 1000, layers)
             for store in ("activations", "similarity")
         }
-    result["store_seconds"] = seconds
+    result["store_seconds"], result["run_layers"] = seconds, layers  # None: the run's default layers
     table.append(
         row(
-            f"semprobe run --images {images}, --store similarity against activations (end to end, "
+            f"semprobe run --images {images}{' --layers ' + layers if layers else ''}, --store similarity against "
+            f"activations (end to end, "
             f"{torch.cuda.device_count()} GPU)",
             f"{seconds['similarity']:.1f} s",
             f"{seconds['activations']:.1f} s (--store activations)",

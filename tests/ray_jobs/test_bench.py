@@ -111,6 +111,9 @@ def test_bench_all_writes_one_json_and_one_table(capsys, ray_session, tmp_path, 
     assert all(_positive(k["tflops"]) and _positive(k["plain_tflops"]) for k in analysis["kernels"])
     assert analysis["real"]["agree"] and 0 <= analysis["real"]["fraction"] < 0.05
     assert set(analysis["store_seconds"]) == {"activations", "similarity"}
+    assert analysis["run_layers"] == bench.QUICK_RUN_LAYERS and f"--layers {bench.QUICK_RUN_LAYERS}," in next(
+        r["benchmark"] for r in analysis["rows"] if r["benchmark"].startswith("semprobe run")
+    )
     assert [r["figure"] for r in report["rows"] if r["device"] == "GPU"] == ["no GPU"] * 2
     header, table, projection = (tmp_path / "bench.md").read_text().split("\n\n", 2)
     assert "--quick" in header and table.count("\n| ") == len(report["rows"])  # the rows under the header line
