@@ -1,8 +1,6 @@
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,47 +22,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_session" in item.fixturenames:
             item.add_marker(pytest.mark.ray)
-
-
-CHAOS_SCENARIO = Path(__file__).parent / "ray_jobs" / "chaos_scenario.py"
-CHAOS_SEED = 17
-
-
-@pytest.fixture(scope="session", autouse=True)
-def chaos_run(request, tmp_path_factory):
-    """The chaos scenario (tests/ray_jobs/chaos_scenario.py: a 3-node cluster of its own and minutes of work, in a
-    process of its own), started with the session when a selected test is marked ``chaos``, so that it runs beside
-    the tests that come first, which mostly leave one of the two cores idle. Yields a function that waits for it and
-    returns its exit code, the end of its output and its root folder (None when no chaos test is selected)."""
-    if not any(item.get_closest_marker("chaos") for item in request.session.items):
-        yield None
-        return
-    root = tmp_path_factory.mktemp("chaos")
-    import semprobe
-
-    package = str(Path(semprobe.__file__).parent.parent)  # the semprobe these tests import
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package, os.environ.get("PYTHONPATH")]))}
-    with (root / "scenario.log").open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(CHAOS_SCENARIO), str(root), str(CHAOS_SEED)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-    def wait(timeout: float = 900) -> tuple[int, str, Path]:
-        try:
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        return code, (root / "scenario.log").read_text()[-5000:], root
-
-    yield wait
-    if proc.poll() is None:  # the session ended first: the scenario stops its cluster on an interrupt
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="session")
