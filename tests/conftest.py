@@ -2,6 +2,7 @@ import os
 import re
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,14 @@ def own_lines(text: str) -> str:
 def cli_stderr(capsys) -> str:
     """What the command itself wrote to stderr since the last read, without lines forwarded from Ray workers."""
     return own_lines(capsys.readouterr().err)
+
+
+def until_cpus_free(ray_session, deadline: float, why: str) -> None:
+    """Wait until every CPU of the session's Ray is free again (e.g. once Ray has ended a killed driver's actors and
+    tasks, so that nothing of it writes any more); ``why`` is the failure's message past ``deadline``."""
+    while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.2)
 
 
 def free_ports(n: int) -> list[int]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BASE, cli_stderr, tables
+from conftest import BASE, cli_stderr, tables, until_cpus_free
 
 from semprobe.ray_jobs.cli import main
 from semprobe.ray_jobs.config import RunConfig
@@ -125,9 +125,7 @@ def test_a_killed_driver_resumes_recomputing_only_what_was_missing(ray_session, 
         driver.wait()
     # Ray ends the dead driver's job, its extraction actor and decode tasks with it: once their CPUs are back,
     # nothing writes to out any more
-    while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
-        assert time.monotonic() < deadline, "the killed driver's actor and tasks did not end"
-        time.sleep(0.2)
+    until_cpus_free(ray_session, deadline, "the killed driver's actor and tasks did not end")
     stored = _shard_records(out)
     assert 0 < stored < 7 and not (out / "scores.parquet").exists(), "the driver was killed mid-extraction"
     # a shard record is written last: every recorded shard has all its layers' files, whole

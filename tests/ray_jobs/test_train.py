@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import until_cpus_free
 from test_cifar import write_cifar100
 
 from semprobe.actors.trainer import learning_rate, lr_drops
@@ -100,9 +101,7 @@ def test_an_interrupted_run_resumes_to_the_same_model(ray_session, cifar, whole,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     # Ray ends the dead driver's trainer and its workers: once their CPUs are back, nothing writes to cut
-    while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"]:
-        assert time.monotonic() < deadline, "the killed driver's training worker did not end"
-        time.sleep(0.2)
+    until_cpus_free(ray_session, deadline, "the killed driver's training workers did not end")
     epochs = same_checkpoints(cut, reference)
     reached = epochs[-1]
     assert epochs == list(range(0, reached + 1, 2)) and 2 <= reached < 4, (
@@ -151,9 +150,8 @@ def test_two_data_parallel_workers_train_one_model(whole):
     assert history[2]["train_loss"] < history[1]["train_loss"]  # the averaged gradients train it (both at lr 0.05)
     for c in checkpoints(Output(str(run)), "normal"):
         state = torch.load(c["path"] + "/model.pt")
-        assert state and not any(
-            k.startswith("module.") for k in state
-        )  # plain: loadable as fractalnet_tiny:checkpoint=
+        # a plain state dict (no DDP "module." prefix), loadable as fractalnet_tiny:checkpoint=
+        assert state and not any(k.startswith("module.") for k in state)
 
 
 def _trainer_state(epoch: int = 2) -> dict:
