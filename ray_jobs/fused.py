@@ -71,7 +71,7 @@ from semprobe.ray_jobs.extraction import (
     stream,
     stream_all,
 )
-from semprobe.ray_jobs.lease import hold, holding_lease
+from semprobe.ray_jobs.lease import hold
 from semprobe.ray_jobs.progress import Progress
 from semprobe.ray_jobs.storage import Output
 from semprobe.ray_jobs.store import references_file, similarity_file, similarity_table
@@ -253,14 +253,6 @@ def prepare_fused(
         return summary
 
     return PendingExtraction(plan, resources, pending_units(members), FuseSets, actor_kwargs, progress, finished)
-
-
-@holding_lease
-def run_extraction(cfg: ExtractConfig, plan: ExtractionPlan, store: str, job, log=print) -> dict[str, Any]:
-    """The extraction a 2 vs. 2 job (``job``: its RunConfig or DynamicsConfig) runs for one model, in the resolved
-    ``store`` mode: into the activation store, or fused with the Gram into w x w matrices."""
-    (summary,) = run_extractions([(cfg, plan, log)], store, job)
-    return summary
 
 
 def run_extractions(

@@ -1,6 +1,6 @@
 """``semprobe run``: the main job. Every layer of every CNN against every word model.
 
-extraction per model (:mod:`semprobe.ray_jobs.extraction`) -> Gram tasks, one per (model,
+extraction of every model through one pipeline (:mod:`semprobe.ray_jobs.extraction`) -> Gram tasks, one per (model,
 layer, set): the w x w concept correlations of each image set, from the memory-mapped
 activation store in bounded feature chunks (with ``--store similarity``, the default when the
 model actors get GPUs, the actors compute those matrices themselves and no activation is
@@ -46,7 +46,7 @@ from semprobe.datasets import schema
 from semprobe.ray_jobs.config import RunConfig
 from semprobe.ray_jobs.extraction import plan_extraction
 from semprobe.ray_jobs.figures import save_architecture, save_figure
-from semprobe.ray_jobs.fused import run_extraction
+from semprobe.ray_jobs.fused import run_extractions
 from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.report import family_summary, write_report
 from semprobe.ray_jobs.run_figures import concept_figures, similarity_figure
@@ -92,10 +92,14 @@ def run(cfg: RunConfig, log=print) -> dict[str, Any]:
     write_resolved(output, cfg, weights={model: plans[model].weights for model in cfg.models}, store=store)
     started = time.monotonic()
     scheduler, model_plans = TwoVsTwoScheduler(cfg, output, log), {}
-    for model in cfg.models:
-        run_extraction(extractions[model], plans[model], store, cfg, log=log)
+
+    def extracted(i: int, _summary: dict[str, Any]) -> None:  # a model's tests start while the next one extracts
+        model = cfg.models[i]
         model_plans[model] = plan_model(output, model_key(model), plans[model], log, store=store)
         scheduler.submit(model_plans[model])
+
+    # one pipeline and actor pool for every CNN: each actor process starts (and imports) once, not once per CNN
+    run_extractions([(extractions[m], plans[m], log) for m in cfg.models], store, cfg, finished=extracted)
     if scheduler.pending:
         log(
             f"analysis: {len(scheduler.grams)} Gram task(s), {scheduler.n_todo} of {scheduler.n_tests} tests to run "

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# Ray Train's controller polls its workers every 2 s: each of a run's phases (workers up, training done) waits up to a
+# poll for the next. A tiny test training is a few seconds of steps, so the tests' runs poll 10 times as often (the
+# drivers pass it on to their controllers; subprocess drivers inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 # Tests share their references across rooms (test_dynamics takes test_run's naive 2 vs. 2, test_adversarial
 # test_attack's MIM): every test folder is importable, whichever tests a run selects.
