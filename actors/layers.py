@@ -305,8 +305,9 @@ class LayerCatalog:
         if inputs != 1 or PIXELS not in self._qualname.values():
             raise InputError(f"cannot catalog {model.__class__.__name__}: its forward takes {inputs} inputs, not one")
         self._node = {q: n for n, q in self._qualname.items()}
+        device = next(model.parameters(), torch.empty(0)).device  # the model's own: a GPU's, or "meta" (shapes only)
         with torch.no_grad():
-            ShapeProp(self.module).propagate(torch.zeros(1, 3, input_size, input_size))
+            ShapeProp(self.module).propagate(torch.zeros(1, 3, input_size, input_size, device=device))
         output = next(n for n in self.module.graph.nodes if n.op == "output")
         self._logits = _first_node(output.args[0])
         # computed after the model: no node of it, so a name no node has

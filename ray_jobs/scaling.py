@@ -80,11 +80,13 @@ NODES = (EIGHT_GPU_NODE, FLEET)
 
 @functools.cache
 def architecture(name: str, layers: str = "activations") -> tuple[float, int, int, int]:
-    """(forward GFLOPs per image, chosen layers, their values per image, feature width) of an untrained model."""
-    loaded = untrained(name)
+    """(forward GFLOPs per image, chosen layers, their values per image, feature width) of an untrained model,
+    built on the meta device: shapes and FLOPs without initialising a weight or computing a value."""
+    with torch.device("meta"):
+        loaded = untrained(name)
     module, size = loaded.module.eval(), loaded.preprocess.size
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(torch.zeros(1, 3, size, size))
+        module(torch.zeros(1, 3, size, size, device="meta"))
     chosen = LayerCatalog(module, size).select(layers)
     width = next(m for m in reversed(list(module.modules())) if isinstance(m, torch.nn.Linear)).in_features
     return counter.get_total_flops() / 1e9, len(chosen), sum(layer.dim for layer in chosen), width

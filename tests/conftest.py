@@ -12,6 +12,9 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 # poll for the next. A tiny test training is a few seconds of steps, so the tests' runs poll 10 times as often (the
 # drivers pass it on to their controllers; subprocess drivers inherit it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Nor do they start Ray Train's preemption watcher, an actor process per run that polls for spot instances being
+# reclaimed: a test machine has none.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # Tests share their references across rooms (test_dynamics takes test_run's naive 2 vs. 2, test_adversarial
 # test_attack's MIM): every test folder is importable, whichever tests a run selects.
