@@ -128,3 +128,24 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+# How often a Ray worker sends its task events (state changes, the node it ran on) to the GCS, which the State API
+# reads: Ray's default is every second. The scenario clusters send them ten times as often, so that once a job has
+# ended its events settle within a fraction of a second (:func:`settled`).
+TASK_EVENTS_ENV = {"RAY_task_events_report_interval_ms": "100"}
+
+
+def settled(query, quiet: float = 1.0, limit: float = 30.0) -> list:
+    """``query()`` (a State API listing of tasks) once its answer has not changed for ``quiet`` seconds, at most
+    ``limit`` seconds from now: the task events of a finished job reach the State API in batches."""
+    last, since, deadline = None, time.monotonic(), time.monotonic() + limit
+    while True:
+        found = query()
+        key = sorted((t.task_id, t.attempt_number, t.state, t.node_id) for t in found)
+        now = time.monotonic()
+        if key != last:
+            last, since = key, now
+        elif now - since >= quiet or now > deadline:
+            return found
+        time.sleep(0.2)

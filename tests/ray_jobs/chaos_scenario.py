@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
-from conftest import free_ports, tables  # noqa: E402
+from conftest import TASK_EVENTS_ENV, free_ports, settled, tables  # noqa: E402
 from test_shared_storage import RAY, Nodes, _node_args  # noqa: E402
 
 from semprobe.ray_jobs.config import RunConfig  # noqa: E402
@@ -164,7 +164,7 @@ class Cluster(Nodes):
     def __init__(self, temp: str):
         super().__init__()
         # A dead raylet is noticed in ~3 s rather than Ray's default ~15 s: the test's minutes go to the job.
-        self.env |= {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+        self.env |= {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3", **TASK_EVENTS_ENV}
         gcs, self.dashboard, client = free_ports(3)
         self.address = f"127.0.0.1:{gcs}"
         self.start(
@@ -361,12 +361,13 @@ def task_attempts(cluster: Cluster) -> dict[int, list]:
     """The analysis tasks' attempts, by the pid of the driver that submitted them (the State API keeps them)."""
     from ray.util.state import list_jobs, list_tasks
 
-    time.sleep(5)  # task events reach the dashboard in batches
-    pids = {job.job_id: (job.driver_info.pid if job.driver_info else None) for job in list_jobs(address=cluster.state)}
-    tasks = list_tasks(
-        address=cluster.state, filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000,
-        raise_on_missing_output=False,
+    tasks = settled(
+        lambda: list_tasks(
+            address=cluster.state, filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000,
+            raise_on_missing_output=False,
+        )
     )  # fmt: skip
+    pids = {job.job_id: (job.driver_info.pid if job.driver_info else None) for job in list_jobs(address=cluster.state)}
     by_driver: dict[int, list] = {}
     for task in tasks:
         if task.name in ANALYSIS_TASKS:

@@ -25,13 +25,16 @@ import threading
 import time
 from pathlib import Path
 
-import ray
-import ray.data
-from ray.cluster_utils import Cluster
-from ray.util.state import list_actors, list_tasks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's helpers
 
-from semprobe.ray_jobs.config import RunConfig
-from semprobe.ray_jobs.run import run
+import ray  # noqa: E402
+import ray.data  # noqa: E402
+from conftest import TASK_EVENTS_ENV, settled  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.util.state import list_actors, list_tasks  # noqa: E402
+
+from semprobe.ray_jobs.config import RunConfig  # noqa: E402
+from semprobe.ray_jobs.run import run  # noqa: E402
 
 WORKER = {"num_cpus": 2, "resources": {"accelerator": 1}}
 # A removed node is declared dead after a second or so rather than Ray's default 15 s (5 failed health checks 3 s
@@ -100,9 +103,9 @@ def _faulty_run(cfg: RunConfig, fault) -> dict:
     watcher.join()  # removing a node can outlast the rest of the job
     assert done and done.pop("at") < ended, "the faults were not injected mid-job"
     # where the work ran, from the State API (the dashboard keeps finished tasks and dead actors)
-    time.sleep(2)  # task events reach the dashboard in batches
+    tasks = settled(_analysis_tasks)
+    actors = _extraction_actors(None)
     log("state API queried")
-    actors, tasks = _extraction_actors(None), _analysis_tasks()
     return {
         "actors": {a.actor_id: {"node": a.node_id, "restarts": a.num_restarts or 0} for a in actors},
         "task_nodes": {
@@ -125,6 +128,7 @@ def _both_actors_up(out: str) -> list:
 
 def main(config: str, root: str) -> None:
     base = json.loads(Path(config).read_text())
+    os.environ.update(TASK_EVENTS_ENV)  # the nodes' processes, which the cluster starts, inherit it
     head = {"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port(), "_system_config": HEALTH_CHECKS}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:

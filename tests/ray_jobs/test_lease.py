@@ -155,6 +155,7 @@ def test_of_drivers_taking_one_lease_at_once_exactly_one_wins(tmp_path, start):
         import os, sys, time
         from semprobe.analysis.errors import InputError
         from semprobe.ray_jobs import lease
+        open(os.path.join({str(tmp_path)!r}, f"ready-{{os.getpid()}}"), "w").close()
         while not os.path.exists({str(go)!r}):
             time.sleep(0.001)
         try:
@@ -163,12 +164,20 @@ def test_of_drivers_taking_one_lease_at_once_exactly_one_wins(tmp_path, start):
             print("refused", flush=True)
         else:
             print("won", held.token, flush=True)
-            time.sleep(2)
+            while not os.path.exists({str(go)!r} + ".done"):  # held until the others have tried and left
+                time.sleep(0.01)
         """
     )
     procs = [subprocess.Popen([sys.executable, "-c", racer], stdout=subprocess.PIPE, text=True) for _ in range(4)]
-    time.sleep(2)  # all four started and waiting
+    deadline = time.monotonic() + 60
+    while len(list(tmp_path.glob("ready-*"))) < 4:  # all four started and waiting
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a racer did not start"
+        time.sleep(0.05)
     go.touch()
+    while sum(p.poll() is not None for p in procs) < 3:  # the three refused ones have left (a winner waits)
+        assert time.monotonic() < deadline, "more than one racer holds the lease"
+        time.sleep(0.01)
+    go.with_name("go.done").touch()
     results = [p.communicate(timeout=60)[0].split() for p in procs]
     winners = [r for r in results if r[:1] == ["won"]]
     assert len(winners) == 1 and sum(r == ["refused"] for r in results) == 3, results
