@@ -4,13 +4,19 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 / torchvision 0.29.1 install from local files on our machines; a newer torch downloads gigabytes.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-# pip takes torch from those local files, which uv does not look at; uv installs the rest (about twice as fast), and
-# compiles it as pip would. The checkout's own modules are compiled too: where PYTHONDONTWRITEBYTECODE is set, every
-# Ray worker process would otherwise compile them again.
+# uv installs everything, about twice as fast as pip, from where pip would: uv does not read pip's configuration, so
+# the package sources it names (on our machines, local folders and indexes that hold torch 2.14.1 and torchvision
+# 0.29.1, and the file that caps them) are passed on, and the best match across them all is taken, as pip takes it.
+# With no pip configuration, that is PyPI alone. uv compiles what it installs, as pip does; the checkout's own
+# modules are compiled too: where PYTHONDONTWRITEBYTECODE is set, every Ray worker process would otherwise compile
+# them again.
+PIP_SOURCES := $(shell python3 -m pip config list 2>/dev/null | sed -nE "s/^[^.]*\.(extra-index-url|find-links|constraint)='(.*)'$$/\1 \2/p" | awk '{for (i = 2; i <= NF; i++) print "--" $$1, $$i}' | sort -u)
+
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH) uv
-	$(VENV)/bin/uv pip install --python $(PY) --quiet --compile-bytecode -e '.[attacks,demo,test]'
+	$(PY) -m pip install --quiet uv
+	$(VENV)/bin/uv pip install --python $(PY) --quiet --compile-bytecode --index-strategy unsafe-best-match \
+		$(PIP_SOURCES) $(TORCH) -e '.[attacks,demo,test]'
 	$(PY) -m compileall -q __init__.py actors analysis datasets ray_jobs
 	touch $@
 
