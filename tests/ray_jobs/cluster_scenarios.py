@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest's helpe
 
 import ray  # noqa: E402
 import ray.data  # noqa: E402
-from conftest import TASK_EVENTS_ENV, settled  # noqa: E402
+from conftest import TASK_EVENTS_ENV, free_ports, settled  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.state import list_actors, list_tasks  # noqa: E402
 
@@ -51,12 +50,6 @@ STATE_API = {}
 def log(message: str) -> None:
     """The scenarios' progress on stderr (which the test shows when it fails), with seconds since the start."""
     print(f"[{time.monotonic() - T0:6.1f} s] {message}", file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _extraction_actors(state: str | None = "ALIVE") -> list:
@@ -129,7 +122,8 @@ def _both_actors_up(out: str) -> list:
 def main(config: str, root: str) -> None:
     base = json.loads(Path(config).read_text())
     os.environ.update(TASK_EVENTS_ENV)  # the nodes' processes, which the cluster starts, inherit it
-    head = {"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port(), "_system_config": HEALTH_CHECKS}
+    (dashboard,) = free_ports(1)
+    head = {"num_cpus": 0, "include_dashboard": True, "dashboard_port": dashboard, "_system_config": HEALTH_CHECKS}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         workers = [cluster.add_node(**WORKER) for _ in range(3)]
