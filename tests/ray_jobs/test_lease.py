@@ -164,8 +164,9 @@ def test_of_drivers_taking_one_lease_at_once_exactly_one_wins(tmp_path, start):
             print("refused", flush=True)
         else:
             print("won", held.token, flush=True)
-            while not os.path.exists({str(go)!r} + ".done"):  # held until the others have tried and left
-                time.sleep(0.01)
+            until = time.monotonic() + 60
+            while not os.path.exists({str(go)!r} + ".done") and time.monotonic() < until:
+                time.sleep(0.01)  # held until the others have tried and left (a minute at most)
         """
     )
     procs = [subprocess.Popen([sys.executable, "-c", racer], stdout=subprocess.PIPE, text=True) for _ in range(4)]
