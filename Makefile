@@ -10,7 +10,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 # With no pip configuration, that is PyPI alone. uv compiles what it installs, as pip does; the checkout's own
 # modules are compiled too: where PYTHONDONTWRITEBYTECODE is set, every Ray worker process would otherwise compile
 # them again.
-PIP_SOURCES := $(shell python3 -m pip config list 2>/dev/null | sed -nE "s/^[^.]*\.(extra-index-url|find-links|constraint)='(.*)'$$/\1 \2/p" | awk '{for (i = 2; i <= NF; i++) print "--" $$1, $$i}' | sort -u)
+PIP_SOURCES := $(shell python3 -m pip config list 2>/dev/null | sed -nE "s/^[^.]*\.(index-url|extra-index-url|find-links|constraint)='(.*)'$$/\1 \2/p" | awk '{for (i = 2; i <= NF; i++) print "--" $$1, $$i}' | sort -u)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
