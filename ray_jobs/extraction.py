@@ -48,14 +48,13 @@ from semprobe.analysis.architecture import OpGraph
 from semprobe.analysis.errors import InputError
 from semprobe.datasets import schema
 from semprobe.datasets.concepts import ConceptMatch, match_concepts
-from semprobe.datasets.decode import ImageError, decode_image, read_bytes
 from semprobe.datasets.image_sets import draw_image_sets
 from semprobe.datasets.images import ImageSource, resolve_images
 from semprobe.datasets.words import load_word_model
 from semprobe.ray_jobs.config import ExtractConfig
+from semprobe.ray_jobs.decode_stage import decode_shard, decode_units
 from semprobe.ray_jobs.lease import holding_lease
 from semprobe.ray_jobs.progress import Progress
-from semprobe.ray_jobs.shared_storage import verify_node
 from semprobe.ray_jobs.startup import connect, model_actors, open_output, write_resolved
 from semprobe.ray_jobs.storage import Output, model_key
 from semprobe.ray_jobs.store import ShardWriter, shard_file
@@ -126,37 +125,6 @@ def plan_extraction(cfg: ExtractConfig) -> ExtractionPlan:
 
 
 # --- the two Ray stages -------------------------------------------------------------------------
-
-
-def decode_shard(
-    batch: pa.Table,
-    size: int,
-    resize_size: int,
-    interpolation: str,
-    precropped: bool,
-    out: str | None = None,
-    crop_mode: str = "center",
-    fill: tuple[int, int, int] = (0, 0, 0),
-) -> dict[str, np.ndarray]:
-    """CPU stage: read and decode one shard's images; failures become error records. On a node that joined after
-    the job's storage check, ``out``'s check runs first: images it cannot see must not become error records."""
-    if out is not None:
-        verify_node(out)
-    (shard,), (images,) = batch["shard"].to_pylist(), batch["images"].to_pylist()
-    kept, pixels, errors = [], [], []
-    for image_id, uri, concept_id, set_index in json.loads(images):
-        try:
-            pixels.append(decode_image(read_bytes(uri), size, resize_size, interpolation, precropped, crop_mode, fill))
-            kept.append([image_id, concept_id, set_index])
-        except ImageError as err:
-            errors.append({"image_id": image_id, "uri": uri, "stage": err.stage, "message": str(err)})
-    stacked = np.stack(pixels) if pixels else np.zeros((1, size, size, 3), np.uint8)  # Ray tensors need a row
-    return {
-        "shard": np.array([shard], np.int32),
-        "images": np.array([json.dumps(kept)]),
-        "errors": np.array([json.dumps(errors)]),
-        "pixels": stacked[None],
-    }
 
 
 class ExtractShards:
@@ -403,12 +371,6 @@ class PendingExtraction:
 # The models one actor of a shared pipeline keeps built: its rows come roughly in extraction order, so two
 # cover the overlap of one extraction's last units with the next one's first, without holding every model.
 MODELS_KEPT = 2
-
-
-def decode_units(batch: pa.Table, decode: dict[int, dict[str, Any]]) -> dict[str, np.ndarray]:
-    """CPU stage of a shared pipeline: :func:`decode_shard` with the options of the row's extraction (``plan``)."""
-    (plan,) = batch["plan"].to_pylist()
-    return {**decode_shard(batch, **decode[plan]), "plan": np.array([plan], np.int32)}
 
 
 class ExtractPlans:

@@ -79,3 +79,20 @@ def test_task_modules_import_no_model_code_data_pipeline_figures_or_report():
     assert {name: record[name] for name in modules} == {name: [] for name in modules}
     assert record["imagenet_classes()"] == []
     assert record["semprobe.actors.attack"] == ["foolbox"]  # the probe sees an import when there is one
+
+
+def test_the_decode_stage_imports_no_model_code():
+    """Ray Data's decode tasks run ``decode_shard``/``decode_units`` in CPU workers of their own (unless fused with
+    the model actors): the module they import is this light one, not the extraction's, which imports torch."""
+    from semprobe.ray_jobs import extraction
+
+    assert {extraction.decode_shard.__module__, extraction.decode_units.__module__} == {
+        "semprobe.ray_jobs.decode_stage"
+    }
+    code = (
+        "import sys, semprobe.ray_jobs.decode_stage; "
+        f"print(sorted(m for m in {HEAVY + ('torch',)!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[-2] == "[]"

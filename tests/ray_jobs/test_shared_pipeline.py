@@ -10,7 +10,8 @@ import pyarrow as pa
 from PIL import Image
 
 from semprobe.ray_jobs import extraction
-from semprobe.ray_jobs.extraction import ExtractPlans, PendingExtraction, decode_shard, decode_units, stream_all
+from semprobe.ray_jobs.decode_stage import decode_shard, decode_units
+from semprobe.ray_jobs.extraction import ExtractPlans, PendingExtraction, stream_all
 from semprobe.ray_jobs.progress import Progress
 
 
