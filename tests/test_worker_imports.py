@@ -89,10 +89,7 @@ def test_the_decode_stage_imports_no_model_code():
     assert {extraction.decode_shard.__module__, extraction.decode_units.__module__} == {
         "semprobe.ray_jobs.decode_stage"
     }
-    code = (
-        "import sys, semprobe.ray_jobs.decode_stage; "
-        f"print(sorted(m for m in {HEAVY + ('torch',)!r} if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = PROBE.format(heavy=(*HEAVY, "torch"), modules=["semprobe.ray_jobs.decode_stage"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[-2] == "[]"
+    assert json.loads(out.stdout.splitlines()[-1])["semprobe.ray_jobs.decode_stage"] == []
